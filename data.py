@@ -1,0 +1,267 @@
+"""Tokenizers, prepared-data loading and training batches.
+
+prepare.py writes a folder with meta.json and either train.bin/val.bin (flat token
+arrays) or train.txt/val.txt (raw text splits). This file reads it back:
+
+    meta = load_meta("data/processed/shakespeare_char")
+    tok = tokenizer_from_meta(meta)
+    train = load_tokens("data/processed/shakespeare_char", "train", meta)
+    x, y = get_batch(train, block_size=256, batch_size=64, key=("train", seed, step, micro))
+
+A batch is a pure function of its key, so the batch at a given step does not depend
+on what ran before it: that is what makes resume exact and multi-process runs
+reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+META_VERSION = 1
+# GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
+# r50k_base file means one cached file serves both names offline.
+ENCODING_FILES = {"gpt2": "r50k_base"}
+EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
+
+
+class DataError(Exception):
+    """A problem with the user's data or settings; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted characters of the corpus."""
+
+    kind = "char"
+    eot_token = None
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        # Lookup table from code point to token id (-1: not in the vocabulary), so that
+        # encoding a large text is one numpy indexing operation instead of a Python loop.
+        codes = np.array([ord(c) for c in chars], dtype=np.int64)
+        self.table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int64)
+        self.table[codes] = np.arange(len(codes))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.full(len(codes), -1, dtype=np.int64)
+        known = codes < len(self.table)
+        ids[known] = self.table[codes[known]]
+        if (ids < 0).any():
+            bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
+            raise DataError(f"characters not in the vocabulary: {', '.join(map(repr, bad))}; "
+                            "use text made of the training corpus's characters")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class BPETokenizer:
+    """A tiktoken byte-pair encoding, with its end-of-text token between documents."""
+
+    kind = "bpe"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.enc = load_tiktoken(name)
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        # Ordinary text only: a literal "<|endoftext|>" in a corpus is not a control token.
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken encodes a batch on several threads, outside the GIL.
+        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+
+def load_tiktoken(name: str):
+    import tiktoken
+
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown bpe encoding {name!r}; valid: {', '.join(tiktoken.list_encoding_names())}")
+    try:
+        return tiktoken.get_encoding(ENCODING_FILES.get(name, name))
+    except Exception as e:  # tiktoken raises requests' errors when offline
+        raise DataError(
+            f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads its "
+            "files once; connect to the internet once, or set TIKTOKEN_CACHE_DIR to a folder "
+            "holding its cache files") from None
+
+
+def tokenizer_from_meta(meta: dict):
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"])
+    return BPETokenizer(meta["encoding"])
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned type that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+def load_meta(folder: str | Path) -> dict:
+    path = Path(folder) / "meta.json"
+    fix = f"run: python prepare.py --out {folder} (add --tokenizer/--input as needed)"
+    if not path.exists():
+        raise DataError(f"no prepared data: {path} is missing; {fix}")
+    try:
+        meta = json.loads(path.read_text())
+        version = meta["format_version"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{path} is corrupt; prepare the data again: {fix} --force") from None
+    if version > META_VERSION:
+        raise DataError(f"{path} has format version {version}, newer than this code reads "
+                        f"({META_VERSION}); update the code or prepare again: {fix} --force")
+    return meta
+
+
+def resolve_bin_dir(folder: str | Path) -> Path:
+    """The documented bin layout rule: `data/processed` without train.bin means `data/`."""
+    folder = Path(folder)
+    if folder.name == "processed" and not (folder / "train.bin").exists() \
+            and (folder.parent / "train.bin").exists():
+        return folder.parent
+    return folder
+
+
+def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> np.ndarray:
+    """The token ids of one split: a read-only memmap (bin) or an array encoded now (txt)."""
+    folder = Path(folder)
+    if meta["format"] == "bin":
+        path = folder / f"{split}.bin"
+        if not path.exists():
+            raise DataError(f"{path} is missing; prepare the data again with --force")
+        # memmap: the file is paged in on demand, never read whole into memory.
+        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    text = (folder / f"{split}.txt").read_text(encoding="utf-8")
+    tokenizer = tokenizer or tokenizer_from_meta(meta)
+    # "doc1<|endoftext|>doc2<|endoftext|>" splits into ["doc1", "doc2", ""]: every
+    # piece but the last was followed by an end-of-text token.
+    docs = text.split(EOT_TEXT) if tokenizer.kind == "bpe" else [text]
+    parts = []
+    for i, doc in enumerate(docs):
+        parts.extend(encode_chunks(tokenizer, split_safely(doc)))
+        if i < len(docs) - 1:
+            parts.append(np.array([tokenizer.eot_token], dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def split_safely(text: str, size: int = 1 << 16) -> list[str]:
+    """Cut text into pieces of about `size` characters where BPE cannot merge across.
+
+    A cut just after a single newline between two non-space characters ("x\ny") falls
+    on a pre-tokenizer boundary of tiktoken's encodings, so encoding the pieces
+    separately gives exactly the tokens of encoding the whole text. (After "\n\n" or
+    " \n" it would not: runs of whitespace merge into one token.)
+    """
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = safe_cut(text, start + size)
+        if cut < 0:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def safe_cut(text: str, pos: int) -> int:
+    """The first safe cut at or after pos (see split_safely), or -1 if there is none."""
+    nl = text.find("\n", max(pos - 1, 1))
+    while nl >= 0 and nl + 1 < len(text):
+        if not text[nl - 1].isspace() and not text[nl + 1].isspace():
+            return nl + 1
+        nl = text.find("\n", nl + 1)
+    return -1
+
+
+def encode_chunks(tokenizer, pieces: list[str]):
+    if tokenizer.kind == "bpe":
+        for ids in tokenizer.encode_batch(pieces):
+            yield np.array(ids, dtype=np.int64)
+    else:
+        for piece in pieces:
+            yield tokenizer.encode_array(piece)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_generator(key: tuple) -> torch.Generator:
+    """A generator seeded from a key such as (split, seed, step, micro_step)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
+
+
+def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, key: tuple,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens: x is the window, y the window shifted by one.
+
+    Returns x, y of shape (batch_size, block_size), int64, on `device`.
+    """
+    n = len(tokens) - block_size  # window starts that leave room for block_size + 1 tokens
+    assert n > 0, "split shorter than block_size + 1 (check_split_lengths catches this first)"
+    starts = torch.randint(n, (batch_size,), generator=batch_generator(key)).tolist()
+    windows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    xy = torch.from_numpy(windows)  # (B, T+1)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if torch.device(device).type == "cuda":
+        # Pinned host memory lets the copy run asynchronously with the GPU's work.
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def document_ids(x: torch.Tensor, eot_token: int) -> torch.Tensor:
+    """(B, T) ids of the document each token belongs to; an end-of-text token ends its document."""
+    is_eot = (x == eot_token).long()
+    return torch.cumsum(is_eot, dim=1) - is_eot
+
+
+def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: str) -> str:
+    """data/processed/<corpus>_<tokenizer>[_<encoding>][_txt]: one folder per way of preparing."""
+    path = Path(input_path)
+    corpus = path.parent.name if path.stem == "input" else path.stem
+    name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else "")
+    return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_split_lengths(splits: dict, block_size: int, folder) -> None:
+    for name, tokens in splits.items():
+        if len(tokens) < block_size + 1:
+            raise DataError(
+                f"the {name} split of {folder} has {len(tokens)} tokens, fewer than block_size + 1 "
+                f"= {block_size + 1}; use a longer text, a larger data.val_fraction, or a smaller "
+                "model.block_size")

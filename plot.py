@@ -1,0 +1,199 @@
+"""Plot loss and learning-rate curves from one or more train_log.json files.
+
+    python plot.py checkpoints/train_log.json                  # writes checkpoints/curves.png
+    python plot.py runs/a/train_log.json runs/b --out cmp.png   # overlay two runs
+    python plot.py checkpoints --x tokens --title "char model" --show
+
+A run folder may be given instead of its train_log.json. The figure is written to
+--out (default: curves.png next to the first log) and its path is printed.
+Top panel: loss (faint per-step train loss, train/val loss at each evaluation, the best
+checkpoint as a star, an early stop as a dotted vertical line); bottom: learning rate.
+The log may belong to a run that is still going: it is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+
+LOG_NAME = "train_log.json"
+FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
+DPI = 100
+X_CHOICES = ("step", "tokens")
+# Fields plot.py reads; anything else in the log is ignored.
+REQUIRED = {"log": ("version", "run", "evals", "train"),
+            "evals": ("step", "train_loss", "val_loss", "lr", "tokens"),
+            "train": ("step", "loss", "lr", "tokens")}
+
+
+class PlotError(Exception):
+    """A problem with the input that the user can fix; main() prints it as one line."""
+
+
+def load_log(path: Path | str) -> dict:
+    """Read and check a train log, raising PlotError with the problem and the fix."""
+    path = Path(path)
+    fix = f"pass the {LOG_NAME} that train.py writes in its run folder (training.out_dir)"
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlotError(f"{path} does not exist; {fix}") from None
+    except OSError as e:
+        raise PlotError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8 text
+        raise PlotError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+    if not isinstance(log, dict) or any(key not in log for key in REQUIRED["log"]):
+        raise PlotError(f"{path} is not a train log (it needs the keys "
+                        f"{', '.join(REQUIRED['log'])}); {fix}")
+    # Check every record up front, so a broken log gives a message rather than a KeyError.
+    for kind in ("evals", "train"):
+        for i, record in enumerate(log[kind]):
+            missing = [key for key in REQUIRED[kind] if key not in record]
+            if missing:
+                raise PlotError(f"{path} is not a train log: {kind}[{i}] has no "
+                                f"{', '.join(missing)}; {fix}")
+    if not log["evals"]:
+        raise PlotError(f"no evaluations yet in {path}; wait for the first eval_interval "
+                        f"and run plot.py again")
+    return log
+
+
+def dedupe_by_step(records: list[dict]) -> list[dict]:
+    """Keep the last record for each step, sorted by step.
+
+    A resumed run may have logged a step twice; the later record is the one from
+    the run that carried on, and a curve must never go back in x.
+    """
+    by_step = {record["step"]: record for record in records}  # later records overwrite
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """Name each log by its run folder; fall back to relative paths if two names clash."""
+    folders = [Path(p).resolve().parent for p in paths]
+    names = [folder.name for folder in folders]
+    if len(set(names)) < len(names):
+        names = [os.path.relpath(folder) for folder in folders]
+    # The same log given twice still gets two labels, so no run is silently dropped.
+    return [name if names[:i].count(name) == 0 else f"{name} #{names[:i].count(name) + 1}"
+            for i, name in enumerate(names)]
+
+
+def x_at_step(log: dict, step: int, x: str) -> float:
+    """Where a step (the best checkpoint, an early stop) lies on the chosen x axis."""
+    if x == "step":
+        return step
+    for record in reversed(log["evals"]):  # the last record wins, as in dedupe_by_step
+        if record["step"] == step:
+            return record["tokens"]
+    return step * log["run"].get("tokens_per_step", 0)  # a step that was not evaluated
+
+
+def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color) -> None:
+    """Draw one run on the two panels, in one color."""
+    evals, train = dedupe_by_step(log["evals"]), dedupe_by_step(log["train"])
+    status = log["run"].get("status", "")
+
+    def xs(records: list[dict]) -> list[float]:
+        return [record[x] for record in records]
+
+    if train:  # drawn faintly: noisy, and absent until the first log_interval
+        ax_loss.plot(xs(train), [r["loss"] for r in train], color=color, alpha=0.25,
+                     linewidth=0.8, label=f"{name} train (per step)")
+    ax_loss.plot(xs(evals), [r["train_loss"] for r in evals], color=color, linestyle="--",
+                 marker="o", markersize=3, label=f"{name} train")
+    # Flag runs that did not simply finish, e.g. "(running)" or "(diverged)".
+    suffix = f" ({status})" if status and status != "finished" else ""
+    ax_loss.plot(xs(evals), [r["val_loss"] for r in evals], color=color, marker="s",
+                 markersize=3, label=f"{name} val{suffix}")
+
+    best = log.get("best")
+    if best:
+        ax_loss.plot([x_at_step(log, best["step"], x)], [best["val_loss"]], color=color,
+                     marker="*", markersize=14, markeredgecolor="black", linestyle="none",
+                     label=f"{name} best {best['val_loss']:.3f} @ step {best['step']}")
+    stop = log["run"].get("early_stop_step")
+    if status == "early_stopped" and stop is not None:
+        for ax in (ax_loss, ax_lr):
+            ax.axvline(x_at_step(log, stop, x), color=color, linestyle=":", linewidth=1.5,
+                       label=f"{name} early stop @ step {stop}" if ax is ax_loss else None)
+
+    # The lr is in both kinds of record; merged, the curve starts at the step-0 eval.
+    lr_points = dedupe_by_step(log["evals"] + log["train"])
+    ax_lr.plot(xs(lr_points), [r["lr"] for r in lr_points], color=color, label=name)
+
+
+def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
+              title: str | None = None, show: bool = False) -> Figure:
+    """Plot runs ({label: log}) on one figure, save it to `out` (if given) and return it.
+
+    The figure is closed unless `show` (the caller can still read its axes and legend).
+    """
+    if x not in X_CHOICES:
+        raise ValueError(f"x must be one of {X_CHOICES}, not {x!r}")
+    # Imported here, not at the top, so that main() can choose the backend first.
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE, dpi=DPI,
+                                         height_ratios=(3, 1), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, log) in enumerate(logs.items()):
+        plot_run(ax_loss, ax_lr, name, log, x, colors[i % len(colors)])
+
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(title or "training curves")
+    ax_loss.legend(fontsize="small")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step" if x == "step" else "tokens seen")
+    if x == "tokens":
+        ax_lr.xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than 1.2e6
+    for ax in (ax_loss, ax_lr):
+        ax.grid(alpha=0.3)
+
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)  # no bbox_inches="tight": it would change the pixel size
+    if show:
+        plt.show()
+    else:
+        plt.close(fig)  # free it: scripts and tests may plot many figures
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Plot loss and lr curves from train logs.")
+    parser.add_argument("logs", nargs="+", help=f"{LOG_NAME} files or the run folders holding them")
+    parser.add_argument("--out", help="PNG to write (default: curves.png next to the first log)")
+    parser.add_argument("--x", choices=X_CHOICES, default="step", help="x axis (default: step)")
+    parser.add_argument("--show", action="store_true", help="also open a window with the figure")
+    parser.add_argument("--title", help="figure title")
+    args = parser.parse_args(argv)
+
+    if not args.show:
+        matplotlib.use("Agg")  # draw to files only: works with no display
+
+    paths = [Path(p) / LOG_NAME if Path(p).is_dir() else Path(p) for p in args.logs]
+    out = Path(args.out) if args.out else paths[0].parent / "curves.png"
+    try:
+        logs = dict(zip(run_labels(paths), (load_log(p) for p in paths)))
+        plot_logs(logs, out, x=args.x, title=args.title, show=args.show)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out in a folder we may not write to
+        print(f"error: cannot write {out} ({e.strerror}); choose another --out", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared test set-up: run from the project root, and find tiktoken's files offline."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# ../shared/tiktoken_cache holds the GPT-2 (r50k_base) file, so BPE tests work offline.
+SHARED_CACHE = ROOT.parent / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_CACHE.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_CACHE)
+
+CORPUS = ROOT / "data" / "shakespeare" / "input.txt"
+
+
+@pytest.fixture
+def gpt2_tokenizer():
+    from data import BPETokenizer, DataError
+
+    try:
+        return BPETokenizer("gpt2")
+    except DataError as e:
+        pytest.skip(f"GPT-2 BPE files unavailable (no ../shared/tiktoken_cache and no network): {e}")

@@ -1,0 +1,246 @@
+"""prepare.py and data.py: tokenizers, both formats, batches, and every bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import prepare
+from conftest import CORPUS, ROOT
+from data import DataError
+
+TEXT = CORPUS.read_text(encoding="utf-8")
+
+
+def prep(tmp_path, name="out", **kw):
+    kw.setdefault("input_path", str(CORPUS))
+    return prepare.prepare(out=str(tmp_path / name), **kw)
+
+
+def read_all(folder, meta):
+    return np.concatenate([data.load_tokens(folder, s, meta) for s in ("train", "val")])
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_char_round_trip_and_vocabulary(tmp_path):
+    meta = prep(tmp_path)
+    assert meta["chars"] == "".join(sorted(set(TEXT)))
+    assert meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
+    tok = data.tokenizer_from_meta(data.load_meta(tmp_path / "out"))
+    tokens = read_all(tmp_path / "out", meta)
+    assert tok.decode(tokens.tolist()) == TEXT
+    assert tok.encode("To be") == [tok.chars.index(c) for c in "To be"]
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == len(TEXT)
+
+
+def test_char_unknown_character_is_named(tmp_path):
+    tok = data.CharTokenizer("abc ")
+    with pytest.raises(DataError, match="'é'"):
+        tok.encode("a café")
+
+
+def test_gpt2_bpe_offline_hello_world(gpt2_tokenizer):
+    assert gpt2_tokenizer.encode("Hello world") == [15496, 995]
+    assert gpt2_tokenizer.vocab_size == 50257
+
+
+def test_bpe_prepare_round_trips_corpus(tmp_path, gpt2_tokenizer):
+    meta = prep(tmp_path, tokenizer="bpe")
+    tokens = read_all(tmp_path / "out", meta)
+    assert tokens[-1] == gpt2_tokenizer.eot_token  # one document, one end-of-text after it
+    assert gpt2_tokenizer.decode(tokens[:-1].tolist()) == TEXT
+    # Encoding in chunks gives exactly the tokens of encoding the whole text at once.
+    assert tokens[:-1].tolist() == gpt2_tokenizer.enc.encode_ordinary(TEXT)
+
+
+def test_bpe_small_chunks_are_exact(tmp_path, monkeypatch, gpt2_tokenizer):
+    monkeypatch.setattr(prepare, "ENCODE_CHARS", 20_000)
+    monkeypatch.setattr(prepare, "READ_BYTES", 7_777)
+    text = TEXT[:200_000] + "\n\n  odd  \n spacing\n\nend"
+    src = tmp_path / "in.txt"
+    src.write_text(text)
+    meta = prep(tmp_path, input_path=str(src), tokenizer="bpe", val_fraction=0.25)
+    n_train = int(len(text) * 0.75)  # the split is at a character, like text[:n], text[n:]
+    enc = gpt2_tokenizer.enc
+    train, val = (data.load_tokens(tmp_path / "out", s, meta).tolist() for s in ("train", "val"))
+    assert train == enc.encode_ordinary(text[:n_train])
+    assert val == enc.encode_ordinary(text[n_train:]) + [enc.eot_token]
+
+
+def test_folder_of_documents(tmp_path, gpt2_tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("First document.\n" * 50)
+    (docs / "b.txt").write_text("Second one.\n" * 50)
+    (docs / "notes.md").write_text("ignored: not a .txt file")
+    meta = prep(tmp_path, input_path=str(docs), tokenizer="bpe", val_fraction=0.3)
+    assert meta["source"]["documents"] == 2
+    tokens = read_all(tmp_path / "out", meta)
+    eot = gpt2_tokenizer.eot_token
+    assert (tokens == eot).sum() == 2
+    parts = gpt2_tokenizer.decode([t if t != eot else 0 for t in tokens.tolist()])
+    assert "First document." in parts and "Second one." in parts and "ignored" not in parts
+    char_meta = prep(tmp_path, "chars", input_path=str(docs))
+    assert data.CharTokenizer(char_meta["chars"]).decode(read_all(tmp_path / "chars", char_meta)) == \
+        (docs / "a.txt").read_text() + (docs / "b.txt").read_text()
+
+
+def test_uint32_for_a_vocabulary_beyond_uint16(tmp_path):
+    assert data.token_dtype(50257) == "uint16" and data.token_dtype(100277) == "uint32"
+    # A real corpus with 70,000 distinct characters must be stored as uint32.
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 20000))
+    text += "".join(chr(c) for c in range(0x20000, 0x20000 + 50000))
+    src = tmp_path / "wide.txt"
+    src.write_text(text * 2, encoding="utf-8")
+    meta = prep(tmp_path, input_path=str(src))
+    assert meta["vocab_size"] == 70000 and meta["dtype"] == "uint32"
+    tokens = read_all(tmp_path / "out", meta)
+    assert tokens.dtype == np.uint32 and tokens.max() == 69999
+    assert data.CharTokenizer(meta["chars"]).decode(tokens.tolist()) == text * 2
+
+
+# ----------------------------------------------------------------------------- formats and batches
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_txt_and_bin_give_identical_batches(tmp_path, tokenizer, request):
+    if tokenizer == "bpe":
+        request.getfixturevalue("gpt2_tokenizer")
+    m_bin = prep(tmp_path, "bin", tokenizer=tokenizer, fmt="bin")
+    m_txt = prep(tmp_path, "txt", tokenizer=tokenizer, fmt="txt")
+    assert (tmp_path / "txt" / "train.txt").exists() and not (tmp_path / "txt" / "train.bin").exists()
+    for split in ("train", "val"):
+        a = data.load_tokens(tmp_path / "bin", split, m_bin)
+        b = data.load_tokens(tmp_path / "txt", split, m_txt)
+        assert isinstance(a, np.memmap)
+        assert np.array_equal(a, b)
+        key = (split, 7, 3, 0)
+        for xa, xb in zip(data.get_batch(a, 32, 4, key), data.get_batch(b, 32, 4, key)):
+            assert torch.equal(xa, xb)
+    assert m_bin["tokens"] == m_txt["tokens"]
+
+
+def test_batch_is_a_pure_function_of_its_key(tmp_path):
+    meta = prep(tmp_path)
+    tokens = data.load_tokens(tmp_path / "out", "train", meta)
+    x, y = data.get_batch(tokens, 16, 8, ("train", 1, 5, 0))
+    assert x.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+    x2, _ = data.get_batch(tokens, 16, 8, ("train", 1, 5, 0))
+    x3, _ = data.get_batch(tokens, 16, 8, ("train", 1, 6, 0))
+    x4, _ = data.get_batch(tokens, 16, 8, ("train", 2, 5, 0))
+    assert torch.equal(x, x2) and not torch.equal(x, x3) and not torch.equal(x, x4)
+    # Each row is a real window of the data.
+    start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens[:200_000], 17)
+                                [:, 0] == x[0, 0].item())[0])
+    assert start >= 0
+
+
+def test_document_ids():
+    x = torch.tensor([[5, 9, 0, 5, 9, 0, 7]])
+    assert data.document_ids(x, eot_token=0).tolist() == [[0, 0, 0, 1, 1, 1, 2]]
+
+
+def test_bin_layout_rule(tmp_path):
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "train.bin").write_bytes(b"\0\0")
+    assert data.resolve_bin_dir(tmp_path / "processed") == tmp_path
+    (tmp_path / "processed" / "train.bin").write_bytes(b"\0\0")
+    assert data.resolve_bin_dir(tmp_path / "processed") == tmp_path / "processed"
+    assert data.resolve_bin_dir(tmp_path / "other") == tmp_path / "other"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_and_empty_input(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prep(tmp_path, input_path=str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        prep(tmp_path, input_path=str(tmp_path / "empty.txt"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        prep(tmp_path, input_path=str(tmp_path / "latin.txt"))
+
+
+def test_val_split_shorter_than_block(tmp_path):
+    src = tmp_path / "short.txt"
+    src.write_text("hello there, a short text\n" * 4)
+    meta = prep(tmp_path, input_path=str(src))
+    splits = {s: data.load_tokens(tmp_path / "out", s, meta) for s in ("train", "val")}
+    with pytest.raises(DataError, match="val split .* fewer than block_size \\+ 1 = 65"):
+        data.check_split_lengths(splits, 64, tmp_path / "out")
+
+
+def test_meta_missing_corrupt_or_newer(tmp_path):
+    with pytest.raises(DataError, match="meta.json is missing; run: python prepare.py"):
+        data.load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt.*--force"):
+        data.load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": data.META_VERSION + 1}))
+    with pytest.raises(DataError, match="newer than this code"):
+        data.load_meta(tmp_path)
+
+
+def test_unknown_encoding_and_offline_encoding(monkeypatch):
+    with pytest.raises(DataError, match="unknown bpe encoding 'gpt5'; valid: .*cl100k_base"):
+        data.load_tiktoken("gpt5")
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
+        data.load_tiktoken("cl100k_base")
+
+
+def test_refuses_to_mix_settings_unless_forced(tmp_path):
+    prep(tmp_path)
+    with pytest.raises(DataError, match="val_fraction: 0.1 there, 0.2 now.*--force"):
+        prep(tmp_path, val_fraction=0.2)
+    assert data.load_meta(tmp_path / "out")["val_fraction"] == 0.1  # untouched
+    meta = prep(tmp_path, val_fraction=0.2, force=True)
+    assert data.load_meta(tmp_path / "out")["val_fraction"] == 0.2
+    assert meta["tokens"]["val"] == len(TEXT) - int(len(TEXT) * 0.8)
+
+
+def test_failure_midway_leaves_previous_data_intact(tmp_path, monkeypatch):
+    prep(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def broken(tokenizer, pieces):
+        raise DataError("simulated failure while encoding")
+
+    monkeypatch.setattr(prepare, "encode_chunks", broken)
+    with pytest.raises(DataError, match="simulated"):
+        prep(tmp_path, val_fraction=0.3, force=True)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert after == before  # no temporary files left, old data complete and unchanged
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    for args, needle in [(["--input", str(tmp_path / "missing.txt")], "does not exist"),
+                         (["--tokenizer", "words"], "not one of: char, bpe"),
+                         (["--val-fraction", "1.5"], "use a value in (0, 1)")]:
+        r = subprocess.run([sys.executable, "prepare.py", "--out", str(tmp_path / "o"), *args],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2
+        assert "Traceback" not in r.stderr and needle in r.stderr
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_cli_default_run(tmp_path):
+    r = subprocess.run([sys.executable, "prepare.py", "--out", str(tmp_path / "d")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "train 1,003,854 tokens, val 111,540 tokens, vocab 65 (char)" in r.stdout

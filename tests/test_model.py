@@ -1,0 +1,336 @@
+"""Tests for model.py: tiny models on CPU, each test well under a few seconds."""
+
+import math
+
+import pytest
+import torch
+
+import model as model_module
+from config import ModelConfig
+from model import GPT
+
+# Uncompiled flex_attention warns that it is unfused (slow); expected on CPU, irrelevant here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
+BACKENDS = ("eager", "sdpa", "flex")
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{**TINY, **overrides}))
+
+
+def batch(B=3, T=16, V=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def same_weights(backends, **overrides) -> dict:
+    """One model per backend, all with the weights of the first."""
+    models = {b: tiny(attention=b, **overrides) for b in backends}
+    state = models[backends[0]].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+    return models
+
+
+# Three documents packed into one row; the second row is one document of its own.
+DOC_IDS = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [7] * 16, [3] * 9 + [4] * 7])
+
+
+# ----------------------------------------------------------------------------- layout
+
+def test_parameter_names_follow_gpt2_layout():
+    expected = {"transformer.wte.weight", "transformer.wpe.weight",
+                "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    for i in range(2):
+        for sub in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            expected |= {f"transformer.h.{i}.{sub}.weight", f"transformer.h.{i}.{sub}.bias"}
+    m = tiny()
+    # lm_head.weight is the tied wte matrix: named once in parameters, present in the state_dict.
+    assert {n for n, _ in m.named_parameters()} == expected
+    assert set(m.state_dict()) == expected | {"lm_head.weight"}
+    assert m.transformer.h[0].attn.c_attn.weight.shape == (3 * 16, 16)  # q, k, v stacked
+    no_bias = {n for n, _ in tiny(bias=False).named_parameters()}
+    assert no_bias == {n for n in expected if not n.endswith(".bias")}
+
+
+def test_weights_are_tied():
+    m = tiny()
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    before = m.lm_head.weight.detach().clone()
+    idx, targets = batch()
+    _, loss = m(idx, targets)
+    loss.backward()
+    torch.optim.SGD(m.parameters(), lr=1.0).step()
+    assert not torch.equal(m.lm_head.weight, before)
+    assert torch.equal(m.lm_head.weight, m.transformer.wte.weight)
+
+
+def test_initialisation_scales():
+    m = tiny(n_layer=8, n_embd=64, n_head=4)
+    assert m.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    for name in ("attn", "mlp"):
+        proj = getattr(m.transformer.h[3], name).c_proj.weight
+        assert proj.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.count_nonzero(m.transformer.h[0].mlp.c_fc.bias) == 0
+
+
+def test_matches_huggingface_gpt2_logits():
+    transformers = pytest.importorskip("transformers")
+    m = tiny().eval()
+    hf_cfg = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     activation_function="gelu_new", layer_norm_epsilon=1e-5)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    # The export is a rename (the GPT-2 layout already) plus a transpose of Linear weights,
+    # because Hugging Face's GPT-2 stores them as Conv1D (in, out).
+    converted = {k: (v.t() if k.endswith("weight") and any(s in k for s in ("c_attn", "c_proj", "c_fc"))
+                     else v)
+                 for k, v in m.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(converted, strict=False)
+    assert not unexpected and all(".attn.bias" in k or "masked_bias" in k for k in missing)
+    idx, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_backends_agree_on_forward(use_docs):
+    models = same_weights(BACKENDS)
+    idx, targets = batch()
+    doc_ids = DOC_IDS if use_docs else None
+    with torch.no_grad():  # flex has no backward on CPU; its gradients are tested on CUDA below
+        outs = {b: m(idx, targets, doc_ids=doc_ids) for b, m in models.items()}
+    for b in ("sdpa", "flex"):
+        torch.testing.assert_close(outs[b][0], outs["eager"][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[b][1], outs["eager"][1], atol=1e-5, rtol=1e-5)
+
+
+def grads_of(m: GPT, idx, targets, doc_ids) -> dict:
+    m.zero_grad()
+    _, loss = m(idx, targets, doc_ids=doc_ids)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def assert_same_grads(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_eager_and_sdpa_agree_on_gradients(use_docs):
+    models = same_weights(("eager", "sdpa"))
+    idx, targets = batch()
+    doc_ids = DOC_IDS if use_docs else None
+    assert_same_grads(*(grads_of(m, idx, targets, doc_ids) for m in models.values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: FlexAttention has no backward pass on CPU in torch 2.13")
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_flex_gradients_match_sdpa_on_cuda(use_docs):
+    models = {b: m.cuda() for b, m in same_weights(("sdpa", "flex")).items()}
+    idx, targets = (t.cuda() for t in batch())
+    doc_ids = DOC_IDS.cuda() if use_docs else None
+    assert_same_grads(*(grads_of(m, idx, targets, doc_ids) for m in models.values()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_document_mask_isolates_documents(backend):
+    m = tiny(attention=backend)
+    idx, _ = batch()
+    changed = idx.clone()
+    changed[0, :5] = (changed[0, :5] + 1) % 37  # edit document 0 of row 0 only
+    with torch.no_grad():
+        before, _ = m(idx, doc_ids=DOC_IDS)
+        after, _ = m(changed, doc_ids=DOC_IDS)
+        plain_before, _ = m(idx)
+        plain_after, _ = m(changed)
+    torch.testing.assert_close(after[0, 5:], before[0, 5:], atol=1e-6, rtol=0)  # later docs unaffected
+    assert not torch.allclose(after[0, :5], before[0, :5])
+    assert not torch.allclose(plain_after[0, 5:], plain_before[0, 5:])  # without doc_ids they are
+
+
+def test_flex_training_on_cpu_fails_loudly_or_matches():
+    models = same_weights(("sdpa", "flex"))
+    idx, targets = batch()
+    try:
+        flex_grads = grads_of(models["flex"], idx, targets, None)
+    except RuntimeError as err:  # torch 2.13: no flex backward on CPU
+        assert 'model.attention = "sdpa" or "eager"' in str(err)
+    else:  # a future torch may support it; then it must be right, not silently different
+        assert_same_grads(flex_grads, grads_of(models["sdpa"], idx, targets, None))
+
+
+def test_flex_unavailable_names_the_alternatives(monkeypatch):
+    monkeypatch.setattr(model_module, "flex_attention", None)
+    with pytest.raises(RuntimeError, match='model.attention = "sdpa" or "eager"'):
+        tiny(attention="flex")
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt itself is cropped
+def test_kv_cache_greedy_equals_no_cache(prompt_len):
+    m = tiny().eval()
+    prompt = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    n_new = 30  # runs well past block_size = 16, through the crop-and-re-prefill path
+    cached = m.generate(prompt, n_new, temperature=0)
+    uncached = m.generate(prompt, n_new, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + n_new)
+    assert torch.equal(cached[:, :prompt_len], prompt)
+    assert torch.equal(cached, uncached)
+
+
+def test_kv_cache_logits_match_full_forward():
+    m = tiny().eval()
+    idx, _ = batch(B=2, T=10)
+    caches = [model_module.KVCache(16) for _ in range(2)]
+    with torch.no_grad():
+        full, _ = m(idx)
+        prefill = m._forward_cached(idx[:, :6], caches)
+        steps = [m._forward_cached(idx[:, t:t + 1], caches) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_stream_yields_each_token():
+    m = tiny().eval()
+    prompt, _ = batch(B=2, T=4)
+    new = list(m.generate_stream(prompt, 5, temperature=0))
+    assert len(new) == 5 and all(t.shape == (2, 1) for t in new)
+    assert torch.equal(torch.cat([prompt, *new], dim=1), m.generate(prompt, 5, temperature=0))
+
+
+def sample(m, seed, **kw):
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    return m.generate(prompt, 30, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_seeded_sampling_is_reproducible():
+    m = tiny().eval()
+    assert torch.equal(sample(m, 42), sample(m, 42))
+    assert not torch.equal(sample(m, 42), sample(m, 43))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    m = tiny().eval()
+    greedy = sample(m, 0, temperature=0)
+    assert not torch.equal(sample(m, 0), greedy)  # plain sampling differs, so the test can fail
+    assert torch.equal(sample(m, 0, top_k=1), greedy)
+    assert torch.equal(sample(m, 0, top_p=1e-6), greedy)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = model_module.top_p_filter(logits, 0.75).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_arguments(kw):
+    with pytest.raises(ValueError):
+        tiny().generate(torch.zeros(1, 1, dtype=torch.long), 1, **kw)
+
+
+# ----------------------------------------------------------------------------- training behaviour
+
+def test_initial_loss_is_near_uniform():
+    m = tiny(vocab_size=65, n_embd=32, n_layer=2)
+    idx, targets = batch(B=8, T=16, V=65)
+    _, loss = m(idx, targets)
+    assert abs(loss.item() - math.log(65)) < 0.15
+
+
+def test_adamw_overfits_one_batch():
+    m = tiny()
+    idx, targets = batch(B=4, T=16)
+    opt = m.configure_optimizer(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    first = None
+    for _ in range(40):
+        _, loss = m(idx, targets)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m(idx, targets)[1].item() < 0.3 * first
+
+
+def test_ignore_index_targets_are_skipped():
+    m = tiny()
+    idx, targets = batch()
+    masked = targets.clone()
+    masked[:, 8:] = -1
+    _, loss = m(idx, masked)
+    logits, _ = m(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, :8].flatten(0, 1), targets[:, :8].flatten())
+    torch.testing.assert_close(loss, expected)
+
+
+def test_optimizer_decays_matrices_only():
+    m = tiny()
+    opt = m.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_parameter_and_flop_counts():
+    m = tiny()
+    C, L, V, T = 16, 2, 37, 16
+    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    expected = V * C + T * C + L * per_block + 2 * C  # wte counted once, lm_head is tied
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - T * C
+    assert m.flops_per_token() == 6 * (expected - T * C) + 12 * L * C * T
+    assert m.estimate_mfu(1000.0, 1e9) == pytest.approx(m.flops_per_token() * 1000.0 / 1e9)
+
+
+def test_padded_vocab():
+    m = tiny(vocab_size=37, pad_vocab_multiple=8)
+    assert m.padded_vocab_size == 40 and m.transformer.wte.weight.shape == (40, 16)
+    idx, targets = batch()
+    logits, loss = m(idx, targets)
+    assert logits.shape == (3, 16, 37) and torch.isfinite(loss)
+    other = GPT(ModelConfig(**{**TINY, "pad_vocab_multiple": 8}))
+    other.load_state_dict(m.state_dict())
+    assert other.lm_head.weight is other.transformer.wte.weight  # loading keeps the tie
+    with torch.no_grad():
+        torch.testing.assert_close(other(idx)[0], logits.detach())
+    assert tiny(vocab_size=40, pad_vocab_multiple=8).padded_vocab_size == 40
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (dict(n_embd=30, n_head=4), ["model.n_embd", "model.n_head"]),
+    (dict(attention="foo"), ["model.attention = 'foo'", "eager, sdpa, flex"]),
+    (dict(vocab_size=0), ["model.vocab_size"]),
+    (dict(n_layer=0), ["model.n_layer"]),
+    (dict(block_size=-1, attention="bar"), ["model.block_size", "model.attention", "; "]),
+])
+def test_bad_config_is_refused(overrides, fragments):
+    with pytest.raises(ValueError) as info:
+        tiny(**overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_bad_input_is_refused():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"T=17 exceeds model.block_size=16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 37 is outside the vocabulary \[0, 37\).*model.vocab_size"):
+        m(torch.tensor([[1, 37]]))
+    with pytest.raises(ValueError, match=r"token id -2 is outside"):
+        m(torch.tensor([[-2, 3]]))
+    with pytest.raises(ValueError, match="doc_ids"):
+        m(torch.zeros(1, 4, dtype=torch.long), doc_ids=torch.zeros(1, 5, dtype=torch.long))

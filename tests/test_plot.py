@@ -1,0 +1,258 @@
+"""Tests for plot.py: PNG output, overlays, --x tokens, resumed logs and clear errors.
+
+    python -m pytest -q tests/test_plot.py
+
+Other tests can reuse `make_log`, `write_log` and `check_png` (e.g. to plot a real run's log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so plain `pytest` finds plot.py too, not only `python -m pytest`
+
+import plot  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path | str) -> tuple[int, int]:
+    """Assert `path` is a PNG of the size plot.py promises; return (width, height) in pixels."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    # The IHDR chunk comes first: 4-byte length, b"IHDR", then width and height (big-endian).
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    expected = (round(plot.FIGSIZE[0] * plot.DPI), round(plot.FIGSIZE[1] * plot.DPI))
+    assert (width, height) == expected
+    return width, height
+
+
+def make_log(status: str = "finished", max_step: int = 200, eval_interval: int = 50,
+             log_interval: int = 10, tokens_per_step: int = 12288, out_dir: str = "checkpoints",
+             early_stop_step: int | None = None) -> dict:
+    """A synthetic train log in train.py's format, with loss decaying towards 1.5."""
+    def loss(step: int) -> float:
+        return 1.5 + 2.7 * math.exp(-step / 60)
+
+    def lr(step: int) -> float:  # 20 steps of warmup, then constant: enough for a curve
+        return 1e-3 * min(1.0, step / 20)
+
+    evals = [{"step": s, "train_loss": loss(s) - 0.05, "val_loss": loss(s), "lr": lr(s),
+              "tokens": s * tokens_per_step, "elapsed_s": 0.1 * s}
+             for s in range(0, max_step + 1, eval_interval)]
+    train = [{"step": s, "loss": loss(s) + 0.1 * math.sin(s), "lr": lr(s), "ms_per_step": 50.0,
+              "tokens_per_s": 24000.0, "tokens": s * tokens_per_step}
+             for s in range(log_interval, max_step + 1, log_interval)]
+    best = min(evals, key=lambda e: e["val_loss"])
+    return {
+        "version": 1,
+        "config": {"data": {}, "model": {}, "training": {"out_dir": out_dir}},
+        "run": {"tokens_per_step": tokens_per_step, "n_params": 123456, "status": status,
+                "stop_reason": None, "early_stop_step": early_stop_step},
+        "evals": evals,
+        "train": train,
+        "best": {"step": best["step"], "val_loss": best["val_loss"]},
+    }
+
+
+def write_log(folder: Path, log: dict) -> Path:
+    """Write `log` as folder/train_log.json (creating the folder) and return the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / plot.LOG_NAME
+    path.write_text(json.dumps(log), encoding="utf-8")
+    return path
+
+
+def legend_labels(fig) -> list[str]:
+    return [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+
+
+def test_single_log_writes_png(tmp_path, capsys):
+    log_path = write_log(tmp_path / "run", make_log())
+    out = tmp_path / "curves.png"
+    assert plot.main([str(log_path), "--out", str(out)]) == 0
+    check_png(out)
+    assert str(out) in capsys.readouterr().out  # the path written is printed
+
+
+def test_default_out_is_next_to_first_log(tmp_path):
+    log_path = write_log(tmp_path / "run", make_log())
+    assert plot.main([str(tmp_path / "run")]) == 0  # a run folder works as well as its log
+    check_png(log_path.parent / "curves.png")
+
+
+def test_overlay_labels_each_run_in_its_own_color(tmp_path):
+    paths = [write_log(tmp_path / "run_a", make_log()),
+             write_log(tmp_path / "run_b", make_log(status="running", max_step=100))]
+    logs = {name: plot.load_log(p) for name, p in zip(plot.run_labels(paths), paths)}
+    out = tmp_path / "cmp.png"
+    fig = plot.plot_logs(logs, out, title="compare")
+    check_png(out)
+    labels = legend_labels(fig)
+    assert any(label.startswith("run_a") for label in labels)
+    assert any(label.startswith("run_b") for label in labels)
+    assert "run_b val (running)" in labels  # unfinished runs are flagged
+    val_colors = {line.get_color() for line in fig.axes[0].get_lines()
+                  if line.get_label().startswith(("run_a val", "run_b val"))}
+    assert len(val_colors) == 2
+
+
+def test_run_labels_disambiguate_same_folder_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = [write_log(tmp_path / "a" / "checkpoints", make_log()),
+             write_log(tmp_path / "b" / "checkpoints", make_log()),
+             write_log(tmp_path / "other", make_log())]
+    assert plot.run_labels(paths) == [os.path.join("a", "checkpoints"),
+                                      os.path.join("b", "checkpoints"), "other"]
+    assert plot.run_labels([paths[2], paths[2]]) == ["other", "other #2"]
+
+
+def test_agg_backend_unless_show(tmp_path, monkeypatch):
+    # On a headless machine matplotlib falls back to Agg by itself, so spy on the calls;
+    # and no window may open during tests.
+    import matplotlib.pyplot as plt
+
+    chosen, shown = [], []
+    monkeypatch.setattr(plot.matplotlib, "use", chosen.append)
+    monkeypatch.setattr(plt, "show", lambda: shown.append(True))
+    log_path = write_log(tmp_path / "run", make_log())
+    assert plot.main([str(log_path), "--out", str(tmp_path / "a.png")]) == 0
+    assert chosen == ["Agg"] and shown == []
+    assert plot.main([str(log_path), "--out", str(tmp_path / "b.png"), "--show"]) == 0
+    assert chosen == ["Agg"] and shown == [True]  # --show keeps a backend that opens windows
+    check_png(tmp_path / "b.png")
+    plt.close("all")  # --show leaves the figure open for the window
+
+
+def test_x_tokens(tmp_path):
+    log = make_log(tokens_per_step=1000)
+    out = tmp_path / "tokens.png"
+    assert plot.main([str(write_log(tmp_path / "run", log)), "--x", "tokens",
+                      "--out", str(out)]) == 0
+    check_png(out)
+    fig = plot.plot_logs({"run": log}, None, x="tokens")
+    val_line = next(l for l in fig.axes[0].get_lines() if l.get_label() == "run val")
+    assert list(val_line.get_xdata()) == [e["tokens"] for e in log["evals"]]
+    best_star = next(l for l in fig.axes[0].get_lines() if l.get_label().startswith("run best"))
+    assert list(best_star.get_xdata()) == [log["best"]["step"] * 1000]
+    assert fig.axes[1].get_xlabel() == "tokens seen"
+
+
+def test_dedupe_keeps_last_record_of_each_step_sorted():
+    records = [{"step": 0, "loss": 4.0}, {"step": 20, "loss": 2.0}, {"step": 10, "loss": 3.0},
+               {"step": 20, "loss": 1.9}]
+    assert plot.dedupe_by_step(records) == [{"step": 0, "loss": 4.0}, {"step": 10, "loss": 3.0},
+                                            {"step": 20, "loss": 1.9}]
+
+
+def test_resumed_log_is_plotted_without_repeated_steps(tmp_path):
+    log = make_log(max_step=100)
+    # A resume from step 50 that re-logged steps 50..100 (train.py should truncate, but may not).
+    log["evals"] += [dict(e, val_loss=e["val_loss"] - 0.01)
+                     for e in log["evals"] if e["step"] >= 50]
+    log["train"] += [r for r in log["train"] if r["step"] >= 50]
+    fig = plot.plot_logs({"run": log}, tmp_path / "resumed.png")
+    check_png(tmp_path / "resumed.png")
+    for line in fig.axes[0].get_lines() + fig.axes[1].get_lines():
+        xs = list(line.get_xdata())
+        assert xs == sorted(set(xs)), line.get_label()
+
+
+def test_running_log_with_only_the_first_eval(tmp_path):
+    log = make_log(status="running", max_step=0)  # step-0 eval, no train records yet
+    log["best"] = None
+    assert log["train"] == [] and len(log["evals"]) == 1
+    fig = plot.plot_logs({"run": log}, tmp_path / "running.png")
+    check_png(tmp_path / "running.png")
+    assert not any("best" in label for label in legend_labels(fig))
+
+
+def test_best_and_early_stop_are_marked(tmp_path):
+    log = make_log(status="early_stopped", max_step=150, early_stop_step=150)
+    fig = plot.plot_logs({"run": log}, tmp_path / "early.png")
+    check_png(tmp_path / "early.png")
+    labels = legend_labels(fig)
+    assert f"run best {log['best']['val_loss']:.3f} @ step {log['best']['step']}" in labels
+    assert "run early stop @ step 150" in labels
+
+
+def test_diverged_log_with_nan_loss_still_plots(tmp_path):
+    log = make_log(status="diverged", max_step=100)
+    log["evals"][-1]["val_loss"] = float("nan")  # json writes NaN, and reads it back
+    log["train"][-1]["loss"] = float("inf")
+    out = tmp_path / "diverged.png"
+    assert plot.main([str(write_log(tmp_path / "run", log)), "--out", str(out)]) == 0
+    check_png(out)
+
+
+def not_a_train_log(tmp_path: Path) -> Path:
+    return write_log(tmp_path / "run", {"hello": "world"})
+
+
+def eval_without_val_loss(tmp_path: Path) -> Path:
+    log = make_log()
+    del log["evals"][1]["val_loss"]
+    return write_log(tmp_path / "run", log)
+
+
+def no_evals_yet(tmp_path: Path) -> Path:
+    log = make_log(status="running")
+    log["evals"], log["train"], log["best"] = [], [], None
+    return write_log(tmp_path / "run", log)
+
+
+def not_json(tmp_path: Path) -> Path:
+    path = tmp_path / "train_log.json"
+    path.write_text('{"version": 1, "evals": [', encoding="utf-8")  # cut off mid-write
+    return path
+
+
+@pytest.mark.parametrize("make_bad_input, expected", [
+    (lambda tmp_path: tmp_path / "nowhere" / "train_log.json", "does not exist"),
+    (not_json, "is not valid JSON"),
+    (not_a_train_log, "is not a train log"),
+    (eval_without_val_loss, "evals[1] has no val_loss"),
+    (no_evals_yet, "no evaluations yet in"),
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, make_bad_input, expected):
+    path = make_bad_input(tmp_path)
+    out = tmp_path / "curves.png"
+    assert plot.main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    """Run `python plot.py ...` as a user would, with no display."""
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_script_error_has_no_traceback(tmp_path):
+    result = run_script(str(no_evals_yet(tmp_path)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no evaluations yet in")
+    assert "wait for the first eval_interval" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_script_writes_png_without_a_display(tmp_path):
+    log_path = write_log(tmp_path / "run", make_log())
+    out = tmp_path / "script.png"
+    result = run_script(str(log_path), "--out", str(out), "--x", "tokens", "--title", "T")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {out}"
+    check_png(out)
