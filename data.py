@@ -218,14 +218,19 @@ def batch_generator(key: tuple) -> torch.Generator:
 
 
 def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, key: tuple,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu", part: int = 0, parts: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of block_size + 1 tokens: x is the window, y the window shifted by one.
 
-    Returns x, y of shape (batch_size, block_size), int64, on `device`.
+    The key fixes batch_size * parts windows (a whole optimizer step's worth); this returns
+    rows [part * batch_size, (part + 1) * batch_size) of them. So 2 micro-batches of 4 hold
+    exactly the windows of 1 batch of 8, and processes that split a step among them see
+    the samples a single process would. Returns x, y of shape (batch_size, block_size), int64.
     """
     n = len(tokens) - block_size  # window starts that leave room for block_size + 1 tokens
     assert n > 0, "split shorter than block_size + 1 (check_split_lengths catches this first)"
-    starts = torch.randint(n, (batch_size,), generator=batch_generator(key)).tolist()
+    starts = torch.randint(n, (batch_size * parts,), generator=batch_generator(key))
+    starts = starts[part * batch_size:(part + 1) * batch_size].tolist()
     windows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(windows)  # (B, T+1)
     x, y = xy[:, :-1], xy[:, 1:]

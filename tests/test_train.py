@@ -1,0 +1,220 @@
+"""train.py: the loop, checkpoints, exact resume, early stopping, and its errors (tiny models, CPU)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import prepare
+import train
+from checkpoint import CheckpointError
+from config import load_config
+from conftest import CORPUS, ROOT
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare.prepare(str(CORPUS), str(out))
+    return str(out)
+
+
+def tiny(out_dir, data_dir, *extra):
+    """A config small enough that a run of a few dozen steps takes a second or two."""
+    return load_config(["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2",
+                        "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
+                        "--training.batch_size", "4", "--training.max_iters", "20",
+                        "--training.eval_interval", "10", "--training.eval_iters", "2",
+                        "--training.log_interval", "1", "--training.warmup_iters", "2",
+                        "--training.device", "cpu", "--training.out_dir", str(out_dir), *extra])
+
+
+def weights(path):
+    return checkpoint.load_checkpoint(path)["model"]
+
+
+def read_log(out_dir):
+    return json.loads((out_dir / "train_log.json").read_text())
+
+
+def test_a_short_run_writes_everything(tmp_path, char_data, capsys):
+    summary = train.main(tiny(tmp_path, char_data))
+    assert summary["step"] == 20 and summary["status"] == "finished"
+    for name in ("ckpt_last.pt", "ckpt_best.pt", "ckpt_last.json", "train_log.json", "config.toml"):
+        assert (tmp_path / name).exists(), name
+    log = read_log(tmp_path)
+    assert [e["step"] for e in log["evals"]] == [0, 10, 20]
+    assert [r["step"] for r in log["train"]] == list(range(1, 21))
+    assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
+    assert log["config"]["model"]["vocab_size"] == 65 and log["run"]["status"] == "finished"
+    assert set(log["evals"][0]) >= {"step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"}
+    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt_last.pt")
+    assert ckpt["step"] == 20 and ckpt["config"] == log["config"] and ckpt["meta"]["tokenizer"] == "char"
+    assert json.loads((tmp_path / "ckpt_last.json").read_text())["step"] == 20
+    out = capsys.readouterr().out
+    assert "effective batch: 4 x 1 accumulation = 4 sequences = 64 tokens per step" in out
+    assert "python sample.py --ckpt" in out and "best val loss" in out
+    assert load_config(["--config", str(tmp_path / "config.toml")]).to_dict() == log["config"] | {
+        "model": log["config"]["model"]}
+
+
+def test_grad_accumulation_2x4_equals_1x8(tmp_path, char_data):
+    train.main(tiny(tmp_path / "a", char_data, "--training.batch_size", "8", "--training.max_iters", "1"))
+    train.main(tiny(tmp_path / "b", char_data, "--training.batch_size", "4", "--training.grad_accum_steps",
+                    "2", "--training.max_iters", "1"))
+    a, b = weights(tmp_path / "a" / "ckpt_last.pt"), weights(tmp_path / "b" / "ckpt_last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    evals = read_log(tmp_path / "a")["evals"]
+    assert evals[1]["val_loss"] != evals[0]["val_loss"]  # the step really changed the weights
+
+
+def test_lr_schedule():
+    t = load_config(["--training.learning_rate", "1e-3", "--training.min_lr", "1e-4",
+                     "--training.warmup_iters", "10", "--training.max_iters", "110"]).training
+    assert train.get_lr(0, t) == pytest.approx(1e-4)       # warmup starts at lr / warmup
+    assert train.get_lr(9, t) == pytest.approx(1e-3)
+    assert train.get_lr(60, t) == pytest.approx(5.5e-4)    # cosine halfway: the mean of lr and min_lr
+    assert train.get_lr(110, t) == pytest.approx(1e-4)
+    t.lr_schedule = "linear"
+    assert train.get_lr(35, t) == pytest.approx(1e-3 - 0.25 * 9e-4)
+    t.lr_schedule = "constant"
+    assert train.get_lr(100, t) == pytest.approx(1e-3)
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, char_data, capsys):
+    # A min_delta no improvement can reach: the first eval is the best, then patience runs out.
+    cfg = tiny(tmp_path, char_data, "--training.early_stopping", "true", "--training.early_stopping_patience",
+               "2", "--training.early_stopping_min_delta", "100", "--training.max_iters", "100")
+    summary = train.main(cfg)
+    assert summary["status"] == "early_stopped" and summary["step"] == 20
+    log = read_log(tmp_path)
+    assert log["run"]["early_stop_step"] == 20 and "early stopping" in log["run"]["stop_reason"]
+    assert json.loads((tmp_path / "ckpt_best.json").read_text())["step"] == 0
+    assert json.loads((tmp_path / "ckpt_last.json").read_text())["step"] == 20
+    assert "early stopping: val loss has not improved" in capsys.readouterr().out
+
+
+def test_resume_is_bit_identical(tmp_path, char_data, monkeypatch):
+    extra = ("--model.dropout", "0.1", "--training.grad_accum_steps", "2")  # dropout draws from the RNG
+    train.main(tiny(tmp_path / "full", char_data, *extra))
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, state):  # a kill right after the step-10 checkpoint
+        real_save(path, state)
+        if state["step"] == 10 and path.name == "ckpt_last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path / "cut", char_data, *extra))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(tiny(tmp_path / "cut", char_data, *extra, "--resume"))
+
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["loss"] for r in cut["train"]] == [r["loss"] for r in full["train"]]
+    assert [r["step"] for r in cut["evals"]] == [0, 10, 20]  # no repeated steps after the resume
+    a, b = weights(tmp_path / "full" / "ckpt_last.pt"), weights(tmp_path / "cut" / "ckpt_last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_raising_max_iters_on_resume_extends_the_run(tmp_path, char_data):
+    train.main(tiny(tmp_path, char_data))
+    summary = train.main(tiny(tmp_path, char_data, "--training.max_iters", "30", "--resume"))
+    assert summary["step"] == 30
+    assert [e["step"] for e in read_log(tmp_path)["evals"]] == [0, 10, 20, 30]
+
+
+def test_kill_during_a_checkpoint_write_leaves_loadable_files(tmp_path, char_data, monkeypatch):
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))
+    before = weights(tmp_path / "ckpt_last.pt")
+    real_save = torch.save
+
+    def dies_halfway(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)  # the process dies with half a file written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path, char_data, "--training.max_iters", "20", "--resume"))
+    monkeypatch.undo()
+    after = weights(tmp_path / "ckpt_last.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert read_log(tmp_path)["evals"][-1]["step"] == 20  # valid JSON; it may run ahead of the checkpoint
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "20", "--resume"))
+    assert [e["step"] for e in read_log(tmp_path)["evals"]] == [0, 10, 20]  # trimmed, then continued
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path, char_data):
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))
+    with pytest.raises(CheckpointError, match="model.n_layer: 1 in the checkpoint, 2 now; model.n_embd: "
+                                              "32 in the checkpoint, 64 now"):
+        train.main(tiny(tmp_path, char_data, "--model.n_layer", "2", "--model.n_embd", "64", "--resume"))
+    r = subprocess.run([sys.executable, "train.py", "--data.processed_dir", char_data, "--model.n_layer", "1",
+                        "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
+                        "--training.out_dir", str(tmp_path), "--device", "cpu", "--resume"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.block_size: 16 in the checkpoint, 32 now" in r.stderr
+
+
+def test_init_from_starts_a_new_run_from_weights(tmp_path, char_data, capsys):
+    train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "10"))
+    summary = train.main(tiny(tmp_path / "b", char_data, "--training.max_iters", "10",
+                              "--training.init_from", str(tmp_path / "a" / "ckpt_last.pt")))
+    assert summary["step"] == 10
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert log_b["evals"][0]["val_loss"] == pytest.approx(log_a["evals"][-1]["val_loss"])
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, char_data, monkeypatch):
+    real_forward = train.GPT.forward
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, idx, targets=None, doc_ids=None):
+        logits, loss = real_forward(self, idx, targets, doc_ids)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 5:
+                loss = loss * math.nan
+        return logits, loss
+
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))  # a good checkpoint at step 10
+    good = weights(tmp_path / "ckpt_last.pt")
+    monkeypatch.setattr(train.GPT, "forward", nan_at_step_5)
+    with pytest.raises(train.TrainError, match="the loss became nan at step 15"):
+        train.main(tiny(tmp_path, char_data, "--resume"))
+    after = weights(tmp_path / "ckpt_last.pt")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert read_log(tmp_path)["run"]["status"] == "diverged"
+
+
+def test_data_is_prepared_on_first_use_and_never_mixed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "input.txt").write_text(CORPUS.read_text()[:50_000])
+    cfg = tiny(tmp_path / "run", "", "--data.input", "corpus/input.txt", "--training.max_iters", "2")
+    train.main(cfg)
+    assert "no prepared data in data/processed/corpus_char: preparing it from corpus/input.txt" \
+        in capsys.readouterr().out
+    # The same folder, asked for with the other tokenizer, is refused rather than used.
+    cfg = tiny(tmp_path / "run2", "data/processed/corpus_char", "--data.input", "corpus/input.txt",
+               "--tokenizer", "bpe")
+    with pytest.raises(train.DataError, match="tokenizer 'char' \\(config: 'bpe'\\)"):
+        train.main(cfg)
+
+
+def test_no_gpu_for_device_cuda(tmp_path, char_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the error is for machines without one")
+    r = subprocess.run([sys.executable, "train.py", "--data.processed_dir", char_data, "--device", "cuda",
+                        "--training.out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "sees no CUDA GPU; use --device cpu" in r.stderr
