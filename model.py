@@ -64,7 +64,8 @@ def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backward pass on CPU (compiled or not), so on CPU it runs forward-only (evaluation, sampling);
     training there raises the error below instead of silently switching backend.
     """
-    run = _compiled_flex() if q.is_cuda else flex_attention
+    # Inside a compiled model, torch.compile fuses the plain call already.
+    run = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     try:
         return run(q, k, v, block_mask=block_mask)
     except NotImplementedError as err:  # e.g. "FlexAttention does not support backward on CPU"
@@ -175,7 +176,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="none")  # GPT-2's approximation, so its logits match exactly
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's approximation, so its logits match exactly
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -289,7 +290,11 @@ class GPT(nn.Module):
                         device: torch.device) -> torch.Tensor | BlockMask | None:
         """Built once per forward and shared by all layers. None means plain causal attention."""
         if self.config.attention == "flex":
-            return causal_block_mask(T, device) if doc_ids is None else document_block_mask(doc_ids)
+            if doc_ids is not None:
+                return document_block_mask(doc_ids)
+            # torch.compile ignores lru_cache (and warns); it builds the mask inside the graph instead.
+            make = causal_block_mask.__wrapped__ if torch.compiler.is_compiling() else causal_block_mask
+            return make(T, device)
         return None if doc_ids is None else document_bool_mask(doc_ids)
 
     def _hidden_states(self, idx: torch.Tensor, mask: torch.Tensor | BlockMask | None,
@@ -316,21 +321,25 @@ class GPT(nn.Module):
         """Yield each new token, shape (B, 1), as soon as it is sampled. idx: (B, T) prompt.
         Call model.eval() first, or dropout makes the samples noisier.
 
-        The context the model sees is at most block_size tokens, the last ones (learned position
-        embeddings exist only for positions < block_size). With the cache, the prompt is processed
-        once (prefill) and then each step feeds only the newest token. Once the cache is full the
-        window must slide, which shifts every token's position, so the cache is rebuilt from the
-        last block_size tokens; from then on each step costs a prefill, exactly like use_cache=False,
-        and both give the same tokens."""
+        The context the model sees is at most block_size tokens (learned position embeddings
+        exist only for positions < block_size). With the cache, the context is processed once
+        (prefill) and then each step feeds only the newest token. When the context is full, the
+        window slides by half a block: it keeps the last block_size // 2 tokens and prefills the
+        cache on them once, rather than at every step (sliding by one token would shift every
+        position, so each step would cost a full prefill). use_cache=False recomputes the same
+        windows from scratch at every step, so both give the same tokens."""
         check_sampling_args(temperature, top_k, top_p)
         block_size = self.config.block_size
+        start = max(0, idx.size(1) - block_size)  # first token of the window
         caches = None
         for _ in range(max_new_tokens):
+            if idx.size(1) - start > block_size:  # full: keep the last half of the window
+                start, caches = idx.size(1) - block_size // 2, None
             if not use_cache:
-                logits, _ = self(idx[:, -block_size:])  # recompute the whole (cropped) context
-            elif caches is None or caches[0].length == block_size:
-                caches = [KVCache(block_size) for _ in self.transformer.h]  # (re)prefill
-                logits = self._forward_cached(idx[:, -block_size:], caches)
+                logits, _ = self(idx[:, start:])  # recompute the whole window
+            elif caches is None:
+                caches = [KVCache(block_size) for _ in self.transformer.h]  # prefill
+                logits = self._forward_cached(idx[:, start:], caches)
             else:
                 logits = self._forward_cached(idx[:, -1:], caches)  # one new token
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -347,9 +356,8 @@ class GPT(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
     def _forward_cached(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Run idx (B, T) through the network, appending to the caches; logits (B, T, V)."""
         self._check_input(idx)
-        if caches[0].length + idx.size(1) > self.config.block_size:
-            raise ValueError("the KV cache would run past model.block_size")
         return self._logits(self._hidden_states(idx, None, caches))
 
     # ------------------------------------------------------------------------- accounting, optimizer

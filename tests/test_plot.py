@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so plain `pytest` finds plot.py too, not only `python -m pytest`
-
-import plot  # noqa: E402
+import plot
+from conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
