@@ -1,0 +1,91 @@
+"""Multi-process training with torchrun on CPU (gloo): the same samples as one process, one set of outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import prepare
+import train
+from config import load_config
+from conftest import CORPUS, ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_data") / "char"
+    prepare.prepare(str(CORPUS), str(out))
+    return str(out)
+
+
+def args(out_dir, data_dir, *extra):
+    return ["--data.processed_dir", data_dir, "--model.n_layer", "1", "--model.n_head", "2",
+            "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
+            "--training.batch_size", "4", "--training.grad_accum_steps", "4", "--training.max_iters", "6",
+            "--training.eval_interval", "3", "--training.eval_iters", "4", "--training.log_interval", "1",
+            "--training.warmup_iters", "2", "--device", "cpu", "--training.out_dir", str(out_dir), *extra]
+
+
+def torchrun(*argv, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([*TORCHRUN, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    return r
+
+
+def final_weights(out_dir):
+    return checkpoint.load_checkpoint(out_dir / "ckpt_last.pt")["model"]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_accumulation(tmp_path, char_data):
+    train.main(load_config(args(tmp_path / "single", char_data)))
+    r = torchrun(*args(tmp_path / "ddp", char_data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for k in single:
+        assert torch.allclose(single[k], ddp[k], atol=1e-5), k
+    s_log = json.loads((tmp_path / "single" / "train_log.json").read_text())
+    d_log = json.loads((tmp_path / "ddp" / "train_log.json").read_text())
+    assert d_log["run"]["world_size"] == 2
+    for a, b in zip(s_log["evals"], d_log["evals"]):  # evaluation averaged over the ranks
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    # Only rank 0 prints and writes: one line per eval, one set of files.
+    assert r.stdout.count("eval step 3:") == 1
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir())
+
+
+def test_resume_of_a_two_process_run(tmp_path, char_data, monkeypatch):
+    train.main(load_config(args(tmp_path / "full", char_data)))
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, state):  # interrupted right after the step-3 checkpoint
+        real_save(path, state)
+        if state["step"] == 3 and path.name == "ckpt_last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(load_config(args(tmp_path / "cut", char_data)))
+    r = torchrun(*args(tmp_path / "cut", char_data, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("resuming from") == 1  # every rank loads it; rank 0 alone says so
+    full, cut = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    for k in full:
+        assert torch.allclose(full[k], cut[k], atol=1e-5), k
+    log = json.loads((tmp_path / "cut" / "train_log.json").read_text())
+    assert [e["step"] for e in log["evals"]] == [0, 3, 6]
+
+
+def test_accumulation_must_divide_among_processes_and_errors_end_the_job(tmp_path, char_data):
+    r = torchrun(*args(tmp_path, char_data, "--training.grad_accum_steps", "3"), timeout=120)
+    assert r.returncode != 0
+    assert "training.grad_accum_steps = 3 must be divisible by the number of processes (2)" in r.stderr
+    # torchrun itself reports the failed workers; the workers print one line each, no traceback.
+    assert 'train.py", line' not in r.stderr
