@@ -62,17 +62,28 @@ def model_config_from(ckpt: dict) -> ModelConfig:
     return ModelConfig(**ckpt["config"]["model"])
 
 
-def mismatches(ckpt: dict, model_cfg: ModelConfig, meta: dict | None) -> list[str]:
-    """What differs between a checkpoint and the model/tokenizer a run is about to use."""
-    stored = ckpt["config"]["model"]
-    out = [f"model.{k}: {stored.get(k)!r} in the checkpoint, {getattr(model_cfg, k)!r} now"
-           for k in SHAPE_KEYS if stored.get(k) != getattr(model_cfg, k)]
-    if meta is not None:
+def adopt_model_shape(cfg, stored_model: dict, stored_meta: dict | None, meta: dict) -> list[str]:
+    """Take the weights' model shape into cfg.model; return what conflicts with the user's choices.
+
+    Shape settings the user left at their defaults are replaced by the stored ones (so
+    `--resume` or `init_from` needs no model settings); ones set in a preset or on the
+    command line must agree. The tokenizer must be the same as the data's.
+    """
+    problems = []
+    for k in SHAPE_KEYS:
+        ours = getattr(cfg.model, k)
+        if stored_model[k] == ours:
+            continue
+        if f"model.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0):
+            problems.append(f"model.{k}: {stored_model[k]!r} in the weights, {ours!r} in the config")
+        else:
+            setattr(cfg.model, k, stored_model[k])
+    if stored_meta is not None:
         for k in ("tokenizer", "chars", "encoding"):
-            if ckpt["meta"].get(k) != meta.get(k):
-                out.append(f"tokenizer {k}: {short(ckpt['meta'].get(k))} in the checkpoint, "
-                           f"{short(meta.get(k))} now")
-    return out
+            if stored_meta.get(k) != meta.get(k):
+                problems.append(f"tokenizer {k}: {short(stored_meta.get(k))} in the weights, "
+                                f"{short(meta.get(k))} in the data")
+    return problems
 
 
 def short(value) -> str:

@@ -114,6 +114,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
+    def __post_init__(self):
+        self.explicit: set[str] = set()  # "section.key" names set by a preset or the command line
+
     def problems(self) -> list[str]:
         return self.model.problems() + self.training.problems()
 
@@ -196,7 +199,11 @@ def check_range(name: str, f: dataclasses.Field, value) -> str | None:
 
 
 def apply(cfg: Config, values: dict[str, dict], from_text: bool, origin: str, problems: list[str]) -> None:
-    """Set {section: {key: value}} on cfg, appending every problem found to `problems`."""
+    """Set {section: {key: value}} on cfg, appending every problem found to `problems`.
+
+    The names set are recorded in cfg.explicit, so that a setting the user chose can be
+    told apart from a default (a checkpoint's model shape replaces defaults, not choices).
+    """
     fields = schema()
     for section, keys in values.items():
         if section not in fields or not isinstance(keys, dict):
@@ -214,6 +221,7 @@ def apply(cfg: Config, values: dict[str, dict], from_text: bool, origin: str, pr
                 problems.append(f"{origin}: {e}")
                 continue
             setattr(getattr(cfg, section), key, value)
+            cfg.explicit.add(name)
 
 
 def parse_cli(argv: list[str], problems: list[str]) -> tuple[str | None, dict[str, dict]]:

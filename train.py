@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_checkpoint, mismatches, save_checkpoint
+from checkpoint import CheckpointError, adopt_model_shape, load_checkpoint, save_checkpoint
 from config import Config, ConfigError, load_or_exit, to_toml
 from data import (DataError, atomic_write_text, check_split_lengths, default_processed_dir, document_ids,
                   get_batch, load_meta, load_tokens, resolve_bin_dir, tokenizer_from_meta)
@@ -155,10 +155,20 @@ def write_log(out_dir: Path, log: dict) -> None:
     atomic_write_text(out_dir / "train_log.json", json.dumps(log, indent=1) + "\n")
 
 
-def load_weights(path: str, device: str) -> tuple[dict, dict]:
-    """(checkpoint dict, model state dict) of a training.init_from or resume source."""
+def load_start(path: str, device: str) -> dict:
+    """Weights to start from: a checkpoint (ckpt_*.pt) or an exported folder (native or hf).
+
+    Returns {"state_dict", "model_config" (dict), "meta" (tokenizer meta or None), "checkpoint"
+    (the whole checkpoint, or None for an export)}.
+    """
+    if Path(path).is_dir():
+        from export import load_export
+        exported = load_export(path, device)
+        return {"state_dict": exported["state_dict"], "model_config": exported["model_config"],
+                "meta": exported["meta"], "checkpoint": None}
     ckpt = load_checkpoint(path, device)
-    return ckpt, ckpt["model"]
+    return {"state_dict": ckpt["model"], "model_config": ckpt["config"]["model"], "meta": ckpt["meta"],
+            "checkpoint": ckpt}
 
 
 def format_duration(seconds: float) -> str:
@@ -195,34 +205,40 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
     # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
     data_dir, meta = prepare_data(cfg, rank, world)
     splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
-    check_split_lengths(splits, cfg.model.block_size, data_dir)
     eot = meta.get("eot_token")
     if cfg.data.doc_mask and eot is None:
         raise ConfigError(["data.doc_mask = true needs bpe data with end-of-text tokens "
                            "(data.tokenizer = bpe)"])
+    # Weights come from the seed, or a checkpoint (resume), or init_from (checkpoint or export),
+    # whose model shape replaces the defaults here.
+    resume_path = str(out_dir / "ckpt_last.pt") if t.resume == "auto" else \
+        None if t.resume == "false" else t.resume
+    source = resume_path or t.init_from or None
+    start = load_start(source, device) if source else None
+    if resume_path and start["checkpoint"] is None:
+        raise CheckpointError(f"training.resume needs a checkpoint file, and {source} is an exported "
+                              "folder; start from it with training.init_from instead")
+    if start:
+        problems = adopt_model_shape(cfg, start["model_config"], start["meta"], meta)
+        if problems:
+            raise CheckpointError(f"{source} does not match this run: " + "; ".join(problems))
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError([f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's "
                            f"vocabulary ({meta['vocab_size']}); use 0 to take it from the data"])
+    check_split_lengths(splits, cfg.model.block_size, data_dir)
 
-    # Model and optimizer. Weights come from the seed, a checkpoint (resume) or init_from.
     torch.manual_seed(t.seed)
     raw_model = GPT(cfg.model).to(device)
     optimizer = raw_model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     state = {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
              "elapsed_s": 0.0}
-    resume_path = str(out_dir / "ckpt_last.pt") if t.resume == "auto" else \
-        None if t.resume == "false" else t.resume
-    source = resume_path or t.init_from or None
-    if source:
-        ckpt, weights = load_weights(source, device)
-        diffs = mismatches(ckpt, cfg.model, meta)
-        if diffs:
-            raise CheckpointError(f"{source} does not match this run: " + "; ".join(diffs))
-        raw_model.load_state_dict(weights)
+    if start:
+        raw_model.load_state_dict(start["state_dict"])
         if resume_path:
+            ckpt = start["checkpoint"]
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             state = {k: ckpt[k] for k in state}

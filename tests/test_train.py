@@ -154,15 +154,24 @@ def test_kill_during_a_checkpoint_write_leaves_loadable_files(tmp_path, char_dat
 
 def test_mismatched_checkpoint_is_refused(tmp_path, char_data):
     train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))
-    with pytest.raises(CheckpointError, match="model.n_layer: 1 in the checkpoint, 2 now; model.n_embd: "
-                                              "32 in the checkpoint, 64 now"):
+    with pytest.raises(CheckpointError, match="model.n_layer: 1 in the weights, 2 in the config; "
+                                              "model.n_embd: 32 in the weights, 64 in the config"):
         train.main(tiny(tmp_path, char_data, "--model.n_layer", "2", "--model.n_embd", "64", "--resume"))
     r = subprocess.run([sys.executable, "train.py", "--data.processed_dir", char_data, "--model.n_layer", "1",
                         "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
                         "--training.out_dir", str(tmp_path), "--device", "cpu", "--resume"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "model.block_size: 16 in the checkpoint, 32 now" in r.stderr
+    assert "model.block_size: 16 in the weights, 32 in the config" in r.stderr
+
+
+def test_resume_takes_the_model_shape_from_the_checkpoint(tmp_path, char_data, capsys):
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))
+    cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path), "--device",
+                       "cpu", "--max-iters", "12", "--training.eval_iters", "2", "--resume"])
+    assert cfg.model.n_layer == 6  # the default, not chosen by the user
+    assert train.main(cfg)["step"] == 12
+    assert cfg.model.n_layer == 1 and cfg.model.n_embd == 32 and cfg.model.block_size == 16
 
 
 def test_init_from_starts_a_new_run_from_weights(tmp_path, char_data, capsys):
