@@ -254,3 +254,33 @@ def test_script_writes_png_without_a_display(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {out}"
     check_png(out)
+
+
+def test_real_runs_log_plots_and_overlays(tmp_path):
+    """A real short run of train.py, early-stopped and resumed, then plotted and overlaid."""
+    import prepare
+    import train
+    from config import load_config
+    from conftest import CORPUS
+
+    data_dir = str(tmp_path / "data")
+    prepare.prepare(str(CORPUS), data_dir)
+
+    def run(out, *extra):
+        train.main(load_config([
+            "--data.processed_dir", data_dir, "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
+            "32", "--model.block_size", "16", "--training.batch_size", "4", "--training.eval_interval", "5",
+            "--training.eval_iters", "2", "--training.log_interval", "1", "--device", "cpu",
+            "--training.out_dir", str(tmp_path / out), *extra]))
+
+    run("a", "--max-iters", "10")
+    run("a", "--max-iters", "20", "--resume")
+    run("b", "--max-iters", "30", "--training.early_stopping", "true", "--training.early_stopping_patience", "1",
+        "--training.early_stopping_min_delta", "100")
+    assert plot.main([str(tmp_path / "a" / "train_log.json"), str(tmp_path / "b"), "--out",
+                      str(tmp_path / "both.png")]) == 0
+    assert check_png(tmp_path / "both.png") == (1000, 700)
+    log = plot.load_log(tmp_path / "a" / "train_log.json")
+    steps = [e["step"] for e in log["evals"]]
+    assert steps == sorted(set(steps)) == [0, 5, 10, 15, 20]  # the resume continued the same curve
+    assert plot.load_log(tmp_path / "b" / "train_log.json")["run"]["early_stop_step"] == 5
