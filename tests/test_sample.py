@@ -1,0 +1,178 @@
+"""sample.py: reproducible samples, streaming, prompts, exports, and clear errors (tiny models, CPU)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import prepare
+import sample
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from config import Config, load_config
+from conftest import CORPUS, ROOT
+from model import GPT
+
+FEW = ["--num-samples", "2", "--max-new-tokens", "40"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny char model after 20 training steps. Its data folder is deleted afterwards: sampling
+    must get the tokenizer from the checkpoint, as on a machine the checkpoint was copied to."""
+    root = tmp_path_factory.mktemp("sample")
+    data = root / "data"
+    prepare.prepare(str(CORPUS), str(data))
+    train.main(load_config(["--data.processed_dir", str(data), "--model.n_layer", "1", "--model.n_head", "2",
+                            "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
+                            "--training.batch_size", "4", "--training.max_iters", "20",
+                            "--training.eval_interval", "10", "--training.eval_iters", "2",
+                            "--training.device", "cpu", "--training.out_dir", str(root / "run")]))
+    shutil.rmtree(data)
+    return root / "run"
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = sample.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def samples(out: str) -> list[str]:
+    """The texts between the `---------- sample i/n ----------` lines."""
+    lines, texts = out.split("\n"), []
+    for line in lines[:-1]:
+        if line.startswith("---------- sample "):
+            texts.append("")
+        else:
+            texts[-1] += line + "\n"
+    return texts
+
+
+def test_same_seed_same_text(run_dir, capsys):
+    code, first, err = run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW)
+    assert code == 0 and "ckpt_best.pt" in err  # a run folder means its best checkpoint
+    assert "---------- sample 1/2 ----------" in first and "---------- sample 2/2 ----------" in first
+    texts = samples(first)
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > 40 for t in texts)
+    assert texts[0] != texts[1]  # one generator for all samples: each continues from the last
+    assert run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW)[1] == first
+    assert run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW, "--seed", "7")[1] != first
+
+
+def test_stream_prints_the_same_text(run_dir, capsys):
+    plain = run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW, "--top-k", "10", "--top-p", "0.9")
+    streamed = run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW, "--top-k", "10", "--top-p", "0.9",
+                   "--stream")
+    assert plain[0] == streamed[0] == 0 and streamed[1] == plain[1]
+
+
+def test_prompt_from_file_and_empty_prompt(run_dir, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("ROMEO:\n")
+    from_file = run(capsys, "--ckpt", run_dir, "--start", f"FILE:{tmp_path / 'prompt.txt'}", *FEW)[1]
+    assert from_file == run(capsys, "--ckpt", run_dir, "--start", "ROMEO:\n", *FEW)[1]
+    # An empty prompt starts after a newline: the same tokens as --start "\n", without printing it.
+    empty = samples(run(capsys, "--ckpt", run_dir, "--start", "", *FEW)[1])
+    newline = samples(run(capsys, "--ckpt", run_dir, "--start", "\n", *FEW)[1])
+    assert [t.startswith("\n") for t in newline] == [True, True] and empty == [t[1:] for t in newline]
+
+
+def test_unknown_characters_are_named(run_dir):
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run_dir), "--start", "héllo wörld"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: the prompt has characters not in "
+                                                              "the vocabulary: 'é', 'ö'")
+
+
+def test_long_prompt_is_cropped_with_a_notice(run_dir, capsys):
+    prompt = CORPUS.read_text()[:100]
+    code, out, err = run(capsys, "--ckpt", run_dir, "--start", prompt, *FEW)
+    assert code == 0 and "the prompt is 100 tokens" in err and "its last 16 tokens" in err
+    assert samples(out)[0].startswith(prompt)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-1", "temperature = -1.0 must be >= 0"),
+    ("--top-k", "0", "top_k = 0 must be at least 1"),
+    ("--top-p", "0", "top_p = 0.0 must be in (0, 1]"),
+    ("--top-p", "1.5", "top_p = 1.5 must be in (0, 1]"),
+    ("--num-samples", "0", "--num-samples must be at least 1"),
+    ("--top-k", "many", "invalid int value")])
+def test_bad_sampling_settings(run_dir, capsys, flag, value, message):
+    code, out, err = run(capsys, "--ckpt", run_dir, flag, value)
+    assert code == 2 and out == "" and err.startswith("error: ") and message in err
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    code, _, err = run(capsys, "--ckpt", tmp_path / "nope.pt")
+    assert code == 2 and "nope.pt does not exist" in err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    code, _, err = run(capsys, "--ckpt", tmp_path / "bad.pt")
+    assert code == 2 and "cannot be read" in err and "corrupt" in err
+    code, _, err = run(capsys, "--ckpt", tmp_path)  # a folder with neither checkpoints nor an export
+    assert code == 2 and "no ckpt_best.pt or ckpt_last.pt" in err
+
+
+def test_default_checkpoint(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "small").mkdir(parents=True)
+    shutil.copy(run_dir / "ckpt_last.pt", tmp_path / "checkpoints" / "small")
+    code, _, err = run(capsys, *FEW)
+    assert code == 2 and "no checkpoint in checkpoints/" in err and "runs found: checkpoints/small" in err
+    shutil.copy(run_dir / "ckpt_last.pt", tmp_path / "checkpoints")
+    code, _, err = run(capsys, *FEW)
+    assert code == 0 and "checkpoints/ckpt_last.pt" in err
+    shutil.copy(run_dir / "ckpt_best.pt", tmp_path / "checkpoints")
+    code, _, err = run(capsys, *FEW)
+    assert code == 0 and "checkpoints/ckpt_best.pt" in err
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf"])
+def test_exported_folder_samples_the_same_text(run_dir, tmp_path, capsys, fmt):
+    folder = export.export(run_dir / "ckpt_best.pt", tmp_path / fmt, fmt)
+    code, out, err = run(capsys, "--ckpt", folder, "--start", "ROMEO:", *FEW)
+    assert code == 0 and f"({fmt}, char tokenizer)" in err
+    assert out == run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW)[1]
+
+
+def test_data_folder_is_not_needed(run_dir, capsys):
+    processed_dir = load_checkpoint(run_dir / "ckpt_best.pt")["config"]["data"]["processed_dir"]
+    assert processed_dir and not Path(processed_dir).exists()  # the fixture deleted it
+    model, tokenizer, info = sample.load_model(run_dir / "ckpt_best.pt")
+    assert tokenizer.kind == "char" and tokenizer.vocab_size == 65 and not model.training
+    assert info["format"] == "checkpoint" and info["step"] == 20
+    assert run(capsys, "--ckpt", run_dir, *FEW)[0] == 0
+
+
+def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
+    # A random model over GPT-2's first 512 tokens: the 256 single bytes (halves of UTF-8 characters
+    # among them) and the first merges. At temperature 2 it samples byte soup, and the incremental
+    # decoder must print exactly what decoding the whole list gives. (512, not 50257: fast to sample.)
+    cfg = Config()
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.0, vocab_size=512)
+    for key, value in settings.items():
+        setattr(cfg.model, key, value)
+    torch.manual_seed(0)
+    meta = {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
+    save_checkpoint(tmp_path / "ckpt.pt", {"version": 1, "model": GPT(cfg.model).state_dict(),
+                                           "config": cfg.to_dict(), "meta": meta, "step": 0})
+    args = ["--ckpt", tmp_path / "ckpt.pt", "--start", "a", *FEW, "--temperature", "2"]
+    plain, streamed = run(capsys, *args), run(capsys, *args, "--stream")
+    assert plain[0] == 0 and streamed[1] == plain[1] and "\ufffd" in plain[1]  # some broken characters
+    # The same as decoding each sample's whole token list at once (same seed, same generator).
+    model, tokenizer, _ = sample.load_model(tmp_path / "ckpt.pt")
+    generator = torch.Generator().manual_seed(1337)
+    prompt = torch.tensor([tokenizer.encode("a")])
+    expected = ["a" + tokenizer.decode(model.generate(prompt, 40, 2.0, generator=generator)[0, 1:].tolist())
+                + "\n" for _ in range(2)]
+    assert samples(plain[1]) == expected
+    assert sample.encode_prompt("", gpt2_tokenizer, 32) == [50256]  # empty prompt: end-of-text
+    ids = gpt2_tokenizer.encode("naïve café 🙂 日本")
+    stream = sample.TextStream(gpt2_tokenizer)
+    pieces = [stream.feed(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == "naïve café 🙂 日本" and "\ufffd" not in "".join(pieces)
