@@ -227,3 +227,29 @@ def test_no_gpu_for_device_cuda(tmp_path, char_data):
                         "--training.out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "sees no CUDA GPU; use --device cpu" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf"])
+def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
+    import export
+
+    train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "10"))
+    export.export(str(tmp_path / "a" / "ckpt_last.pt"), str(tmp_path / "exp"), fmt=fmt)
+    # No model settings given: the shape comes from the export.
+    cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "b"),
+                       "--device", "cpu", "--max-iters", "2", "--training.eval_interval", "10",
+                       "--training.eval_iters", "2", "--training.batch_size", "4",
+                       "--training.init_from", str(tmp_path / "exp")])
+    train.main(cfg)
+    start_loss = read_log(tmp_path / "b")["evals"][0]["val_loss"]
+    assert start_loss == pytest.approx(read_log(tmp_path / "a")["evals"][-1]["val_loss"], abs=1e-5)
+    # A conflicting choice is reported, not silently overridden.
+    cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "c"),
+                       "--device", "cpu", "--model.n_embd", "48", "--training.init_from", str(tmp_path / "exp")])
+    with pytest.raises(CheckpointError, match="model.n_embd: 32 in the weights, 48 in the config"):
+        train.main(cfg)
+    # --resume wants a checkpoint: an export has no optimizer state.
+    cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "d"),
+                       "--device", "cpu", "--resume", str(tmp_path / "exp")])
+    with pytest.raises(CheckpointError, match="use training.init_from"):
+        train.main(cfg)
