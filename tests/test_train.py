@@ -251,5 +251,5 @@ def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
     # --resume wants a checkpoint: an export has no optimizer state.
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "d"),
                        "--device", "cpu", "--resume", str(tmp_path / "exp")])
-    with pytest.raises(CheckpointError, match="use training.init_from"):
+    with pytest.raises(CheckpointError, match="start from it with training.init_from"):
         train.main(cfg)
