@@ -80,7 +80,10 @@ class TrainingConfig:
     min_lr: float = doc("learning rate at the end of the decay", 1e-4, minimum=0.0)
     warmup_iters: int = doc("steps of linear warmup from 0 to learning_rate", 100, minimum=0)
     lr_schedule: str = doc("decay after warmup", "cosine", choices=("cosine", "linear", "constant"))
-    weight_decay: float = doc("AdamW weight decay, applied to matrices only", 0.1, minimum=0.0)
+    optimizer: str = doc("adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest",
+                         "adamw", choices=("adamw", "muon"))
+    muon_lr: float = doc("peak learning rate of the Muon matrices (optimizer = muon)", 0.02, positive=True)
+    weight_decay: float = doc("weight decay, applied to matrices only", 0.1, minimum=0.0)
     beta1: float = doc("AdamW beta1", 0.9, minimum=0.0)
     beta2: float = doc("AdamW beta2", 0.99, minimum=0.0)
     grad_clip: float = doc("clip the global gradient norm to this (0 disables)", 1.0, minimum=0.0)

@@ -382,10 +382,23 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_s / peak_flops
 
     def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                            device_type: str) -> torch.optim.AdamW:
+                            device_type: str, name: str = "adamw", muon_lr: float = 0.02
+                            ) -> torch.optim.Optimizer:
         """AdamW with weight decay on matrices and embeddings (dim >= 2) only: decaying biases and
-        LayerNorm gains towards 0 would fight their job of shifting and scaling activations."""
+        LayerNorm gains towards 0 would fight their job of shifting and scaling activations.
+        name="muon": the matrices inside the blocks get Muon instead (see muon.py).
+        A group's "lr_scale" is its learning rate relative to the schedule's."""
         params = [p for p in self.parameters() if p.requires_grad]
+        if name == "muon":
+            from muon import MuonAdamW
+            hidden = [p for n, p in self.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+            ids = {id(p) for p in hidden}
+            groups = [{"params": hidden, "use_muon": True, "weight_decay": weight_decay,
+                       "lr_scale": muon_lr / learning_rate},
+                      {"params": [p for p in params if p.dim() >= 2 and id(p) not in ids],
+                       "weight_decay": weight_decay},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+            return MuonAdamW(groups, lr=learning_rate, betas=betas)
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # The fused kernel updates all tensors in one pass. It exists on CUDA and, in torch 2.13,

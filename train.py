@@ -231,7 +231,8 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
 
     torch.manual_seed(t.seed)
     raw_model = GPT(cfg.model).to(device)
-    optimizer = raw_model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type)
+    optimizer = raw_model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type,
+                                              t.optimizer, t.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     state = {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
              "elapsed_s": 0.0}
@@ -322,7 +323,7 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
         # One optimizer step: accumulate gradients over micro-batches, then update.
         lr = get_lr(step, t)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = get_batch(splits["train"], cfg.model.block_size, t.batch_size, ("train", t.seed, step),

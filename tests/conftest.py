@@ -24,3 +24,20 @@ def gpt2_tokenizer():
         return BPETokenizer("gpt2")
     except DataError as e:
         pytest.skip(f"GPT-2 BPE files unavailable (no ../shared/tiktoken_cache and no network): {e}")
+
+
+def run_killed_after_checkpoint(monkeypatch, cfg, step: int) -> None:
+    """Run train.main(cfg) as if the process were killed right after the step's ckpt_last.pt."""
+    import train
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["step"] == step and path.name == "ckpt_last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)

@@ -12,7 +12,7 @@ import checkpoint
 import prepare
 import train
 from config import load_config
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, run_killed_after_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -63,16 +63,7 @@ def test_two_processes_equal_one_process_with_the_same_global_accumulation(tmp_p
 
 def test_resume_of_a_two_process_run(tmp_path, char_data, monkeypatch):
     train.main(load_config(args(tmp_path / "full", char_data)))
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, state):  # interrupted right after the step-3 checkpoint
-        real_save(path, state)
-        if state["step"] == 3 and path.name == "ckpt_last.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(load_config(args(tmp_path / "cut", char_data)))
+    run_killed_after_checkpoint(monkeypatch, load_config(args(tmp_path / "cut", char_data)), step=3)
     r = torchrun(*args(tmp_path / "cut", char_data, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("resuming from") == 1  # every rank loads it; rank 0 alone says so

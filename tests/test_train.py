@@ -13,7 +13,7 @@ import prepare
 import train
 from checkpoint import CheckpointError
 from config import load_config
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, run_killed_after_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -103,17 +103,7 @@ def test_resume_is_bit_identical(tmp_path, char_data, monkeypatch):
     extra = ("--model.dropout", "0.1", "--training.grad_accum_steps", "2")  # dropout draws from the RNG
     train.main(tiny(tmp_path / "full", char_data, *extra))
 
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, state):  # a kill right after the step-10 checkpoint
-        real_save(path, state)
-        if state["step"] == 10 and path.name == "ckpt_last.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(tmp_path / "cut", char_data, *extra))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, tiny(tmp_path / "cut", char_data, *extra), step=10)
     train.main(tiny(tmp_path / "cut", char_data, *extra, "--resume"))
 
     full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
@@ -253,3 +243,12 @@ def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
                        "--device", "cpu", "--resume", str(tmp_path / "exp")])
     with pytest.raises(CheckpointError, match="start from it with training.init_from"):
         train.main(cfg)
+
+
+def test_resume_is_bit_identical_with_muon(tmp_path, char_data, monkeypatch):
+    extra = ("--training.optimizer", "muon")
+    train.main(tiny(tmp_path / "full", char_data, *extra))
+    run_killed_after_checkpoint(monkeypatch, tiny(tmp_path / "cut", char_data, *extra), step=10)
+    train.main(tiny(tmp_path / "cut", char_data, *extra, "--resume"))
+    a, b = weights(tmp_path / "full" / "ckpt_last.pt"), weights(tmp_path / "cut" / "ckpt_last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
