@@ -136,7 +136,7 @@ def bench_prepare(args, target_mb: int = 50) -> list[dict]:
             for i in range(args.repeats):
                 start = time.perf_counter()
                 try:
-                    prepare.prepare(str(big), f"{tmp}/{tokenizer}{i}", tokenizer)
+                    prepare.prepare(str(big), f"{tmp}/{tokenizer}{i}", tokenizer, progress=False)
                 except DataError as e:
                     print(f"skipping bpe preparation: {e}", file=sys.stderr)
                     break

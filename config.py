@@ -48,7 +48,10 @@ class ModelConfig:
     n_head: int = doc("attention heads per block; must divide n_embd", 6, positive=True)
     n_embd: int = doc("width of the residual stream", 384, positive=True)
     block_size: int = doc("context length in tokens", 256, positive=True)
-    dropout: float = doc("dropout probability in training (0 disables it)", 0.2, minimum=0.0)
+    dropout: float = doc("dropout on embeddings and residual branches in training (0 disables it)", 0.2,
+                         minimum=0.0)
+    attn_dropout: float = doc("dropout on attention weights; > 0 makes sdpa use its slower unfused path",
+                              0.0, minimum=0.0)
     bias: bool = doc("biases in Linear and LayerNorm layers, as in GPT-2", True)
     attention: str = doc("attention backend", "sdpa", choices=("eager", "sdpa", "flex"))
     vocab_size: int = doc("vocabulary size; 0: taken from the prepared data", 0, minimum=0)
@@ -60,8 +63,12 @@ class ModelConfig:
         out = []
         if self.n_head > 0 and self.n_embd % self.n_head != 0:
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"model.dropout = {self.dropout} is not allowed: use a value in [0, 1)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"model.{name} = {getattr(self, name)} is not allowed: use a value in [0, 1)")
+        if self.attn_dropout > 0 and self.attention == "flex":
+            out.append("model.attn_dropout > 0 is not supported by flex attention: use 0, or "
+                       'model.attention = "sdpa" or "eager"')
         return out
 
 

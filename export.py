@@ -137,7 +137,7 @@ def hf_config(cfg: ModelConfig, src: dict, dtype: str) -> dict:
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
             "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "n_inner": None,
             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout, "tie_word_embeddings": True,
             "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": HF_DTYPES[dtype],
             "tinygpt": {"format_version": 1, "tokenizer": (src["meta"] or {}).get("tokenizer"),
                         "note": "exported by tinygpt; our tokenizer is in tokenizer_meta.json",
@@ -156,7 +156,7 @@ def hf_model_config(hf: dict) -> dict:
     return dataclasses.asdict(ModelConfig()) | {
         "n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"], "bias": True,
         "block_size": hf["n_positions"], "vocab_size": hf["vocab_size"],
-        "dropout": hf.get("resid_pdrop", 0.0)}
+        "dropout": hf.get("resid_pdrop", 0.0), "attn_dropout": hf.get("attn_pdrop", 0.0)}
 
 
 # ----------------------------------------------------------------------------- GPT-2 tokenizer files

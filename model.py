@@ -56,8 +56,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            block_mask: BlockMask) -> torch.Tensor:
-    """FlexAttention with a block mask. It has no dropout on the attention weights: with
-    model.dropout > 0 only the residual and embedding dropout apply (a slightly weaker regulariser).
+    """FlexAttention with a block mask. It has no dropout on the attention weights, so
+    model.attn_dropout > 0 is refused for it.
 
     FlexAttention is meant to be compiled: uncompiled it runs reference math that builds the full
     (T, T) score matrix. So on CUDA it is compiled (fused Triton kernel). In torch 2.13 it has no
@@ -137,7 +137,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.backend = cfg.attention
-        self.dropout = cfg.dropout
+        self.attn_dropout = cfg.attn_dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -155,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             y = flex_attention_checked(q, k, v, mask)
         else:
             attend = eager_attention if self.backend == "eager" else sdpa_attention
-            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+            y = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))

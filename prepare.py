@@ -67,9 +67,9 @@ def read_text(path: Path, hasher=None):
 
 
 class Progress:
-    def __init__(self, total_bytes: int, label: str):
+    def __init__(self, total_bytes: int, label: str, enabled: bool):
         self.total, self.label, self.done, self.shown = total_bytes, label, 0, -1
-        self.enabled = total_bytes > PROGRESS_BYTES
+        self.enabled = enabled and total_bytes > PROGRESS_BYTES
 
     def add(self, n_bytes: int) -> None:
         self.done += n_bytes
@@ -139,7 +139,7 @@ def existing_differences(out: Path, meta: dict) -> list[str]:
 
 def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = None,
             tokenizer: str = "char", fmt: str = "bin", encoding: str = "gpt2",
-            val_fraction: float = 0.1, force: bool = False) -> dict:
+            val_fraction: float = 0.1, force: bool = False, progress: bool = True) -> dict:
     """Prepare `input_path` into `out`; returns the meta dict that was written."""
     if tokenizer not in ("char", "bpe"):
         raise DataError(f"--tokenizer {tokenizer!r} is not one of: char, bpe")
@@ -153,7 +153,7 @@ def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = No
 
     # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
     hasher, n_chars, chars = hashlib.sha256(), 0, set()
-    progress = Progress(total_bytes, "prepare: reading")
+    progress = Progress(total_bytes, "prepare: reading", progress)
     for doc in docs:
         for text in read_text(doc, hasher):
             n_chars += len(text)
@@ -180,7 +180,7 @@ def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = No
     suffix = ".bin" if fmt == "bin" else ".txt"
     writers = {s: SplitWriter(out / f"{s}{suffix}", fmt, tok, meta["dtype"]) for s in ("train", "val")}
     n_train_chars, seen = int(n_chars * (1 - val_fraction)), 0
-    progress = Progress(total_bytes, "prepare: encoding")
+    progress = Progress(total_bytes, "prepare: encoding", progress.enabled)
     try:
         for doc in docs:
             for text in read_text(doc):

@@ -46,7 +46,7 @@ def final_weights(out_dir):
 def test_two_processes_equal_one_process_with_the_same_global_accumulation(tmp_path, char_data):
     train.main(load_config(args(tmp_path / "single", char_data)))
     r = torchrun(*args(tmp_path / "ddp", char_data))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for k in single:
         assert torch.allclose(single[k], ddp[k], atol=1e-5), k
@@ -65,7 +65,7 @@ def test_resume_of_a_two_process_run(tmp_path, char_data, monkeypatch):
     train.main(load_config(args(tmp_path / "full", char_data)))
     run_killed_after_checkpoint(monkeypatch, load_config(args(tmp_path / "cut", char_data)), step=3)
     r = torchrun(*args(tmp_path / "cut", char_data, "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert r.stdout.count("resuming from") == 1  # every rank loads it; rank 0 alone says so
     full, cut = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     for k in full:

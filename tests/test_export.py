@@ -230,11 +230,11 @@ def test_bad_sources_fail_clearly(tmp_path):
         export.load_export(out)
 
 
-def test_finetune_preset_matches_the_small_run():
-    # init_from needs the same model shape as the run that was exported (configs/cpu/small.toml).
+def test_finetune_preset_takes_its_shape_from_the_export():
+    # The model shape comes from the export, so the preset must not pin any of it.
     small = load_config(["--config", str(ROOT / "configs/cpu/small.toml")])
     tune = load_config(["--config", str(ROOT / "configs/finetune/shakespeare_finetune.toml")])
     assert tune.training.init_from == "exports/small" and tune.training.out_dir == "checkpoints/finetune"
-    assert all(getattr(tune.model, k) == getattr(small.model, k) for k in SHAPE_KEYS)
+    assert not {f"model.{k}" for k in SHAPE_KEYS} & tune.explicit
     assert tune.training.learning_rate < small.training.learning_rate
     assert (ROOT / "configs/finetune/shakespeare_finetune.toml").read_text().startswith("#")
