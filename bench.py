@@ -165,7 +165,8 @@ def bench_speedrun(args, device: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in ("configs/cpu/reference.toml", "configs/cpu/speedrun.toml"):
-            cfg = load_config(["--config", preset, "--training.out_dir", f"{tmp}/{Path(preset).stem}"])
+            cap = ["--max-iters", str(args.max_iters)] if args.max_iters else []
+            cfg = load_config(["--config", preset, "--training.out_dir", f"{tmp}/{Path(preset).stem}", *cap])
             start = time.perf_counter()
             summary = quiet(train.main, cfg)
             rows.append({"bench": "speedrun", "what": preset, "seconds": time.perf_counter() - start,
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--repeats", type=int, default=3, help="repeats for sample and prepare")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--max-iters", type=int, default=0, help="cap the speedrun runs' steps (a quick check)")
     args = p.parse_args(argv)
     unknown = set(args.what.split(",")) - {"train", "sample", "prepare", "speedrun"}
     if unknown:

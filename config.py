@@ -16,7 +16,6 @@ import json
 import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 if sys.version_info >= (3, 11):
     import tomllib

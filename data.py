@@ -124,17 +124,17 @@ def token_dtype(vocab_size: int) -> str:
 
 def load_meta(folder: str | Path) -> dict:
     path = Path(folder) / "meta.json"
-    fix = f"run: python prepare.py --out {folder} (add --tokenizer/--input as needed)"
+    fix = f"python prepare.py --out {folder} --force (with the --input and --tokenizer you train with)"
     if not path.exists():
-        raise DataError(f"no prepared data: {path} is missing; {fix}")
+        raise DataError(f"no prepared data: {path} is missing; run: {fix.replace(' --force', '')}")
     try:
         meta = json.loads(path.read_text())
         version = meta["format_version"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{path} is corrupt; prepare the data again: {fix} --force") from None
+        raise DataError(f"{path} is corrupt; prepare the data again: {fix}") from None
     if version > META_VERSION:
         raise DataError(f"{path} has format version {version}, newer than this code reads "
-                        f"({META_VERSION}); update the code or prepare again: {fix} --force")
+                        f"({META_VERSION}); update the code, or prepare the data again: {fix}")
     return meta
 
 

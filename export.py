@@ -70,13 +70,14 @@ def is_export(folder: Path) -> bool:
 
 
 def load_weights(path: str | Path, device: str = "cpu") -> dict:
-    """load_export's dict for a checkpoint file or an export folder, plus its step and val_loss."""
+    """load_export's dict for a checkpoint file or an export folder, plus its step and val_loss,
+    and "checkpoint": the whole checkpoint (optimizer and loop state too), or None for an export."""
     if is_export(Path(path)):
-        return load_export(path, device)
+        return load_export(path, device) | {"checkpoint": None}
     ckpt = load_checkpoint(path, device)
     return {"model_config": ckpt["config"]["model"], "state_dict": ckpt["model"], "meta": ckpt.get("meta"),
             "config": ckpt["config"], "format": "checkpoint", "dtype": "fp32",
-            "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+            "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"), "checkpoint": ckpt}
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:

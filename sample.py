@@ -22,6 +22,7 @@ from checkpoint import CheckpointError
 from data import BPETokenizer, CharTokenizer, DataError, tokenizer_from_meta
 from export import META_FILE, ExportError, Parser, find_checkpoint, load_weights, model_config_from_dict
 from model import GPT, check_sampling_args
+from train import TrainError, pick_device
 
 
 Tokenizer = CharTokenizer | BPETokenizer
@@ -114,15 +115,6 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], args: 
     return "".join(pieces)
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(name, True):
-        raise ValueError(f"--device {name} is not available on this machine; use --device cpu")
-    return name
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="sample.py", description="Sample text from a checkpoint or an exported folder.")
     p.add_argument("--ckpt", help="checkpoint, run folder or export folder "
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         path = find_checkpoint(args.ckpt)
         model, tokenizer, info = load_model(path, device)
         ids = encode_prompt(prompt, tokenizer, model.config.block_size)
-    except (CheckpointError, ExportError, DataError, ValueError) as e:
+    except (CheckpointError, ExportError, DataError, TrainError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     step = "" if info["step"] is None else f", step {info['step']}"

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, adopt_model_shape, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, adopt_model_shape, save_checkpoint
 from config import Config, ConfigError, load_or_exit, to_toml
 from data import (DataError, atomic_write_text, check_split_lengths, default_processed_dir, document_ids,
-                  get_batch, load_meta, load_tokens, resolve_bin_dir, tokenizer_from_meta)
+                  get_batch, load_meta, load_tokens, resolve_bin_dir)
+from export import load_weights
 from model import GPT
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (model FLOPs utilization).
@@ -155,22 +156,6 @@ def write_log(out_dir: Path, log: dict) -> None:
     atomic_write_text(out_dir / "train_log.json", json.dumps(log, indent=1) + "\n")
 
 
-def load_start(path: str, device: str) -> dict:
-    """Weights to start from: a checkpoint (ckpt_*.pt) or an exported folder (native or hf).
-
-    Returns {"state_dict", "model_config" (dict), "meta" (tokenizer meta or None), "checkpoint"
-    (the whole checkpoint, or None for an export)}.
-    """
-    if Path(path).is_dir():
-        from export import load_export
-        exported = load_export(path, device)
-        return {"state_dict": exported["state_dict"], "model_config": exported["model_config"],
-                "meta": exported["meta"], "checkpoint": None}
-    ckpt = load_checkpoint(path, device)
-    return {"state_dict": ckpt["model"], "model_config": ckpt["config"]["model"], "meta": ckpt["meta"],
-            "checkpoint": ckpt}
-
-
 def format_duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -214,7 +199,7 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
     resume_path = str(out_dir / "ckpt_last.pt") if t.resume == "auto" else \
         None if t.resume == "false" else t.resume
     source = resume_path or t.init_from or None
-    start = load_start(source, device) if source else None
+    start = load_weights(source, device) if source else None
     if resume_path and start["checkpoint"] is None:
         raise CheckpointError(f"training.resume needs a checkpoint file, and {source} is an exported "
                               "folder; start from it with training.init_from instead")
@@ -390,6 +375,10 @@ def cli(argv: list[str] | None = None) -> int:
     cfg = load_or_exit("train.py", argv)
     try:
         main(cfg)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower training.batch_size (and raise training.grad_accum_steps to keep "
+              "the effective batch), or model.block_size, or use training.precision = bf16", file=sys.stderr)
+        return 2
     except (ConfigError, DataError, CheckpointError, TrainError, ValueError, RuntimeError) as e:
         problems = e.problems if isinstance(e, ConfigError) else [str(e).splitlines()[0]]
         for problem in problems:

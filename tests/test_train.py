@@ -252,3 +252,18 @@ def test_resume_is_bit_identical_with_muon(tmp_path, char_data, monkeypatch):
     train.main(tiny(tmp_path / "cut", char_data, *extra, "--resume"))
     a, b = weights(tmp_path / "full" / "ckpt_last.pt"), weights(tmp_path / "cut" / "ckpt_last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precision_on_cpu(tmp_path, char_data, capsys):
+    # fp16 autocast is a GPU feature: on CPU the run says so and trains in fp32.
+    train.main(tiny(tmp_path / "fp16", char_data, "--training.precision", "fp16", "--max-iters", "2"))
+    assert "notice: fp16 autocast is not used on CPU; training in fp32" in capsys.readouterr().out
+    assert read_log(tmp_path / "fp16")["run"]["precision"] == "fp32"
+    # bf16 autocast runs where the CPU supports it, and the loss still goes down.
+    train.main(tiny(tmp_path / "bf16", char_data, "--training.precision", "bf16"))
+    log = read_log(tmp_path / "bf16")
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert log["run"]["precision"] == "bf16"
+    else:
+        assert log["run"]["precision"] == "fp32" and "no bf16 support" in capsys.readouterr().out
+    assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
