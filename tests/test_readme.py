@@ -1,0 +1,263 @@
+"""The README cannot rot: its reading guide names real functions and tests, its config reference is
+config.reference() (the text of --help), and every command in it runs (shortened where it trains)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+from conftest import CORPUS, ROOT
+
+README = ROOT / "README.md"
+# Appended to every train command (later CLI values win): one tiny shape everywhere, so that resume,
+# init_from and export see the same model. block_size 64 > 3 prompt + 50 new tokens of the HF snippet.
+SHRINK = ["--training.eval_interval", "2", "--training.eval_iters", "1", "--training.log_interval", "1",
+          "--training.batch_size", "4", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
+          "--model.block_size", "64", "--device", "cpu"]
+SAMPLE_SHORT = ["--max-new-tokens", "20", "--num-samples", "1"]
+BENCH_SHORT = {"speedrun": ["--max-iters", "3"],
+               "other": ["--config", "configs/cpu/smoke.toml", "--steps", "1", "--warmup", "1", "--repeats", "1"]}
+TIMEOUT = 300
+
+
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def between(text: str, name: str) -> str:
+    """The text between <!-- name:start --> and <!-- name:end -->."""
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.DOTALL)
+    assert match, f"README.md has no <!-- {name}:start/end --> markers"
+    return match.group(1)
+
+
+def code_blocks(text: str) -> list[tuple[str, str, int]]:
+    """(language, body, line number of the opening fence) of every fenced block, in order."""
+    blocks, lang, body, start = [], None, [], 0
+    for i, line in enumerate(text.splitlines()):
+        if line.startswith("```"):
+            if lang is None:
+                lang, body, start = line[3:].strip(), [], i
+            else:
+                blocks.append((lang, "\n".join(body) + "\n", start))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
+def commands(bash: str) -> list[str]:
+    """Each command of a bash block: lines (with \\ continuations joined) split on ' && '."""
+    lines = bash.replace("\\\n", " ").splitlines()
+    return [part.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+            for part in line.split(" && ")]
+
+
+def normalized(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip()
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's files (tracked, plus new ones git does not ignore) and nothing else."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def check_run(argv: list[str], cwd: Path, shown: str, env: dict | None = None) -> str:
+    """Run argv; fail showing the README command and the tail of its output unless it exits 0."""
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 0, (f"README command failed (exit {r.returncode}): {shown}\nran: {shlex.join(argv)}\n"
+                               f"stdout tail:\n{r.stdout[-3000:]}\nstderr tail:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def shortened(argv: list[str], max_iters: int) -> list[str]:
+    """A python script's argv with the shortening flags for its kind appended."""
+    script = argv[0]
+    if script == "train.py":
+        return [*argv, *SHRINK, "--max-iters", str(max_iters)]
+    if script == "sample.py":
+        return [*argv, *SAMPLE_SHORT]
+    if script == "bench.py":
+        return [*argv, *BENCH_SHORT["speedrun" if "speedrun" in argv else "other"]]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(argv: list[str], cwd: Path, shown: str, max_iters: int) -> None:
+    """torchrun on this CPU: 2 processes (a two-node command: both nodes here, 1 process each)."""
+    two_nodes = "--nnodes=2" in argv
+    port = free_port()
+    args = []
+    for a in argv[1:]:
+        if a.startswith("--nproc_per_node="):
+            a = f"--nproc_per_node={1 if two_nodes else 2}"
+        elif a.startswith("--rdzv_endpoint="):
+            a = f"--rdzv_endpoint=127.0.0.1:{port}"
+        args.append(a)
+    script = next(i for i, a in enumerate(args) if a.endswith(".py"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", *args[:script]]
+    train_args = shortened(args[script:], max_iters)
+    if not two_nodes:
+        check_run([*launcher, *train_args], cwd, shown, {"OMP_NUM_THREADS": "1"})
+        return
+    procs = []
+    for rank in (0, 1):
+        node = [a if not a.startswith("--node_rank=") else f"--node_rank={rank}" for a in launcher]
+        procs.append(subprocess.Popen([*node, *train_args], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"README command failed on node {rank} (exit {p.returncode}): {shown}\n{out[-3000:]}"
+
+
+class MaxIters:
+    """--max-iters for train commands: 4, raised by 2 at each --resume, so that it extends the run."""
+
+    def __init__(self):
+        self.cap = 4
+
+    def __call__(self, argv: list[str]) -> int:
+        self.cap += 2 * ("--resume" in argv)
+        return self.cap
+
+
+def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
+    """Run one README command in `repo`, shortened; False when it is not run here (see the test)."""
+    argv = shlex.split(cmd)
+    if argv[0] == "torchrun":
+        run_torchrun(argv, repo, cmd, max_iters(argv))
+        return True
+    assert argv[0] == "python", f"README command with no rule in tests/test_readme.py: {cmd}"
+    if argv[1:] == ["-m", "pytest"]:
+        return False  # this very suite; CI runs it (checked against .ci/run)
+    if argv[1] == "prepare.py" and "--input" in argv:
+        source = repo / argv[argv.index("--input") + 1]
+        if not source.exists():  # "your own text": a stand-in made from the shipped corpus
+            source.write_text(CORPUS.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    script_args = shortened(argv[1:], max_iters(argv))
+    check_run([sys.executable, *script_args], repo, cmd)
+    return True
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_reading_guide_names_real_functions_and_tests():
+    rows = [line for line in between(readme(), "reading-guide").splitlines() if line.startswith("|")][2:]
+    assert len(rows) >= 15, f"the reading guide has {len(rows)} rows; expected at least 15"
+    problems = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) != 4:
+            problems.append(f"row does not have 4 columns: {row}")
+            continue
+        _, file, functions, test_ids = cells
+        names = re.findall(r"`([^`]+)`", functions)
+        ids = re.findall(r"(tests/[\w/]+\.py)::(\w+)", test_ids)
+        if not (ROOT / file).is_file():
+            problems.append(f"{file} does not exist")
+            continue
+        if not names or not ids:
+            problems.append(f"row names no function or no test: {row}")
+        module = importlib.import_module(Path(file).stem)
+        for name in names:
+            obj = module
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+            if obj is None:
+                problems.append(f"{file}: {name} does not exist")
+        for test_file, test_name in ids:
+            path = ROOT / test_file
+            defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))} if path.is_file() else set()
+            if test_name not in defined:
+                problems.append(f"{test_file}::{test_name} does not exist")
+    assert not problems, "README reading guide is out of date:\n" + "\n".join(problems)
+
+
+def test_config_reference_matches_the_schema():
+    block = between(readme(), "config-reference").strip().splitlines()
+    assert block[0].startswith("```") and block[-1] == "```", "the config reference is not one fenced block"
+    expected = normalized(config.reference())
+    assert normalized("\n".join(block[1:-1])) == expected, (
+        "README's config reference differs from config.reference(); paste the output of "
+        "python -c 'import config; print(config.reference())' between the config-reference markers")
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert expected in normalized(out)
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+    text, ci = readme(), (ROOT / ".ci" / "run").read_text()
+    ci_lines = {" ".join(a for a in line.split() if a != "-q") for line in ci.splitlines()}
+    assert "python -m pytest" in ci, ".ci/run must run the test suite with python -m pytest"
+    repo, max_iters = copy_repo(tmp_path), MaxIters()
+    ran, skipped = [], []
+    for lang, body, line in code_blocks(text):
+        if lang == "python":
+            check_run([sys.executable, "-c", body], repo, f"python block at README.md:{line + 1}",
+                      {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            ran.append(f"python block at README.md:{line + 1}")
+        if lang != "bash":
+            continue
+        block = commands(body)
+        for cmd in block:
+            if cmd.startswith(("python3 -m venv", ". ", "source ", "pip ")):
+                # Installation really runs in CI, from a fresh venv: the README's test command must be
+                # what .ci/run does; other install steps must at least name files that exist.
+                if "python -m pytest" in block and cmd.startswith("pip "):
+                    assert cmd in ci_lines, f"README's test command does `{cmd}`; .ci/run does not"
+                elif "python -m pytest" in block:  # a venv elsewhere: the same steps, another path
+                    assert ("python3 -m venv" if "venv" in cmd.split()[:3] else "bin/activate") in ci, cmd
+                elif " -r " in cmd:
+                    assert (repo / cmd.split(" -r ")[1].split()[0]).is_file(), f"{cmd}: no such file"
+                skipped.append(cmd)
+            elif run_readme_command(cmd, repo, max_iters):
+                ran.append(cmd)
+            else:
+                skipped.append(cmd)
+    assert len(ran) >= 15, f"only {len(ran)} README commands ran: {ran} (not run: {skipped})"
+
+
+def test_readme_main_command_shortened(tmp_path):
+    text = readme()
+    start = text.index("## Two commands")
+    line = text[:start].count("\n")
+    body = next(b for lang, b, at in code_blocks(text) if lang == "bash" and at > line)
+    main = [c for c in commands(body) if c.startswith(("python train.py", "python sample.py"))]
+    assert [c.split()[1] for c in main] == ["train.py", "sample.py"], main
+    repo = copy_repo(tmp_path)
+    train_argv, sample_argv = (shlex.split(c)[1:] for c in main)
+    check_run([sys.executable, *shortened(train_argv, 4)], repo, main[0])
+    out = check_run([sys.executable, *shortened(sample_argv, 0)], repo, main[1])
+    assert "sample 1/1" in out
+    assert len(out.split("sample 1/1")[1].strip("- \n")) > 0, f"no sample text in: {out!r}"
+    assert (repo / "checkpoints" / "small" / "ckpt_best.pt").is_file()
