@@ -16,6 +16,16 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_CACHE.is_dir():
 CORPUS = ROOT / "data" / "shakespeare" / "input.txt"
 
 
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> str:
+    """The shipped corpus prepared once per test session (character-level, bin)."""
+    import prepare
+
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare.prepare(str(CORPUS), str(out))
+    return str(out)
+
+
 @pytest.fixture
 def gpt2_tokenizer():
     from data import BPETokenizer, DataError

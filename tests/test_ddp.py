@@ -9,19 +9,11 @@ import pytest
 import torch
 
 import checkpoint
-import prepare
 import train
 from config import load_config
-from conftest import CORPUS, ROOT, run_killed_after_checkpoint
+from conftest import ROOT, run_killed_after_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_data") / "char"
-    prepare.prepare(str(CORPUS), str(out))
-    return str(out)
 
 
 def args(out_dir, data_dir, *extra):

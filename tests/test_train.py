@@ -9,18 +9,10 @@ import pytest
 import torch
 
 import checkpoint
-import prepare
 import train
 from checkpoint import CheckpointError
 from config import load_config
 from conftest import CORPUS, ROOT, run_killed_after_checkpoint
-
-
-@pytest.fixture(scope="session")
-def char_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "char"
-    prepare.prepare(str(CORPUS), str(out))
-    return str(out)
 
 
 def tiny(out_dir, data_dir, *extra):
