@@ -170,7 +170,10 @@ def main(cfg: Config) -> dict:
     rank, local_rank, world, device = setup_distributed(pick_device(t.device))
     master = rank == 0
     try:
-        return train(cfg, t, rank, world, device, master)
+        summary = train(cfg, t, rank, world, device, master)
+        if world > 1:
+            dist.barrier()  # rank 0 may still be writing: tear the group down together, not one by one
+        return summary
     finally:
         if world > 1:
             dist.destroy_process_group()

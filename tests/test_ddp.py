@@ -28,6 +28,7 @@ def torchrun(*argv, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([*TORCHRUN, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
+    print(r.stdout, r.stderr, sep="\n")  # pytest shows it in full when a test fails
     return r
 
 
