@@ -93,9 +93,8 @@ def bench_train(args, device: str) -> list[dict]:
             if device.startswith("cuda"):
                 peak = next((f for n, f in train.PEAK_FLOPS.items() if n in torch.cuda.get_device_name()), None)
                 if peak:
-                    flops = GPT(load_config(["--config", args.config, "--model.vocab_size", "65"]).model
-                                ).flops_per_token()
-                    row["mfu"] = flops * row["tokens_per_s"] / peak
+                    model = GPT(load_config(["--config", args.config, "--model.vocab_size", "65"]).model)
+                    row["mfu"] = model.estimate_mfu(row["tokens_per_s"], peak)
                     row["peak"] = f"{peak / 1e12:.0f} TFLOP/s bf16 dense ({torch.cuda.get_device_name()})"
             rows.append(row)
         ms = plain_step_ms(args.config, device, args.steps, args.warmup)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from config import ModelConfig
 from data import atomic_write_text
 
 CHECKPOINT_VERSION = 1
@@ -56,10 +55,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this code; update it")
     return ckpt
-
-
-def model_config_from(ckpt: dict) -> ModelConfig:
-    return ModelConfig(**ckpt["config"]["model"])
 
 
 def adopt_model_shape(cfg, stored_model: dict, stored_meta: dict | None, meta: dict) -> list[str]:

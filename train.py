@@ -349,7 +349,7 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
             t0 = time.time()
             ms_per_step = dt_ms if ms_per_step is None else 0.9 * ms_per_step + 0.1 * dt_ms
             tok_s = tokens_per_step * 1000 / dt_ms
-            mfu = f" | mfu {100 * raw_model.flops_per_token() * tok_s / peak / world:.1f}%" if peak else ""
+            mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s, peak * world):.1f}%" if peak else ""
             eta = format_duration((t.max_iters - step) * ms_per_step / 1000)
             print(f"step {step}/{t.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {dt_ms:.1f} ms/step "
                   f"| {tok_s:,.0f} tok/s{mfu} | eta {eta}")
