@@ -131,6 +131,9 @@ def existing_differences(out: Path, meta: dict) -> list[str]:
         return ["meta.json is corrupt"]
     keys = ("tokenizer", "encoding", "format", "val_fraction")
     diffs = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in keys if old.get(k) != meta.get(k)]
+    if old.get("tokenizer") == meta["tokenizer"] == "char" and old.get("chars") != meta["chars"]:
+        diffs.append(f"a vocabulary of {len(old.get('chars') or '')} characters there, another of "
+                     f"{len(meta['chars'])} now")
     if old.get("source", {}).get("sha256") != meta["source"]["sha256"]:
         diffs.append(f"source: {old.get('source', {}).get('path')!r} (other contents) there, "
                      f"{meta['source']['path']!r} now")
@@ -139,8 +142,10 @@ def existing_differences(out: Path, meta: dict) -> list[str]:
 
 def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = None,
             tokenizer: str = "char", fmt: str = "bin", encoding: str = "gpt2",
-            val_fraction: float = 0.1, force: bool = False, progress: bool = True) -> dict:
-    """Prepare `input_path` into `out`; returns the meta dict that was written."""
+            val_fraction: float = 0.1, force: bool = False, progress: bool = True,
+            vocab: str | None = None) -> dict:
+    """Prepare `input_path` into `out`; returns the meta dict that was written. `vocab` (char only):
+    a model's characters to encode with, instead of the corpus's own, so that model can train on it."""
     if tokenizer not in ("char", "bpe"):
         raise DataError(f"--tokenizer {tokenizer!r} is not one of: char, bpe")
     if fmt not in ("txt", "bin"):
@@ -160,7 +165,16 @@ def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = No
             if tokenizer == "char":
                 chars.update(text)
             progress.add(len(text.encode("utf-8")) if progress.enabled else 0)
-    tok = CharTokenizer("".join(sorted(chars))) if tokenizer == "char" else BPETokenizer(encoding)
+    if tokenizer == "char" and vocab is not None:
+        missing = sorted(chars - set(vocab))
+        if missing:
+            shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
+            raise DataError(f"{input_path} has characters the model does not know: {shown}; remove them from "
+                            "the text, or use a bpe model, which reads any text")
+    if tokenizer == "char":
+        tok = CharTokenizer(vocab if vocab is not None else "".join(sorted(chars)))
+    else:
+        tok = BPETokenizer(encoding)
     meta = {
         "format_version": META_VERSION, "tokenizer": tokenizer, "format": fmt,
         "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size),

@@ -86,17 +86,21 @@ def autocast(device_type: str, precision: str):
     return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def prepare_data(cfg: Config, rank: int, world: int) -> tuple[Path, dict]:
-    """The prepared-data folder and its meta; prepares it from data.input when missing."""
+def prepare_data(cfg: Config, rank: int, world: int, start_meta: dict | None) -> tuple[Path, dict]:
+    """The prepared-data folder and its meta; prepares it from data.input when missing. A char
+    model's text is encoded with the model's own characters (start_meta), so it can go on training."""
     d = cfg.data
     folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding,
                                                            cfg.training.data_format))
     if cfg.training.data_format == "bin":
         folder = resolve_bin_dir(folder)
     if not (folder / "meta.json").exists() and rank == 0:
-        print(f"no prepared data in {folder}: preparing it from {d.input}")
+        vocab = start_meta["chars"] if start_meta and start_meta.get("tokenizer") == d.tokenizer == "char" else None
+        print(f"no prepared data in {folder}: preparing it from {d.input}"
+              + (" with the model's characters" if vocab else ""))
         from prepare import prepare
-        prepare(d.input, str(folder), d.tokenizer, cfg.training.data_format, d.bpe_encoding, d.val_fraction)
+        prepare(d.input, str(folder), d.tokenizer, cfg.training.data_format, d.bpe_encoding, d.val_fraction,
+                vocab=vocab)
     if world > 1:
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
     meta = load_meta(folder)
@@ -108,6 +112,78 @@ def prepare_data(cfg: Config, rank: int, world: int) -> tuple[Path, dict]:
         raise DataError(f"{folder} holds data prepared with {', '.join(diffs)}; set "
                         "data.processed_dir to another folder, or prepare it again with --force")
     return folder, meta
+
+
+def load_start(t, device: str) -> tuple[dict | None, str | None]:
+    """(weights to start from, resume path). Weights come from the seed (None), a checkpoint
+    (resume), or init_from (a checkpoint or an export)."""
+    resume_path = str(Path(t.out_dir) / "ckpt_last.pt") if t.resume == "auto" else \
+        None if t.resume == "false" else t.resume
+    source = resume_path or t.init_from or None
+    start = load_weights(source, device) if source else None
+    if resume_path and start["checkpoint"] is None:
+        raise CheckpointError(f"training.resume needs a checkpoint file, and {source} is an exported "
+                              "folder; start from it with training.init_from instead")
+    if start:
+        start["source"] = source
+    return start, resume_path
+
+
+def fit_model_to(cfg: Config, start: dict | None, meta: dict, data_dir: Path) -> None:
+    """Settle cfg.model against the starting weights (their shape replaces the defaults) and the data."""
+    if start:
+        problems = adopt_model_shape(cfg, start["model_config"], start["meta"], meta)
+        if any(p.startswith("tokenizer chars") for p in problems):
+            problems.append(f"{data_dir} was prepared with other characters: set data.processed_dir to a "
+                            "new folder, and train.py prepares the text there with the model's characters")
+        if problems:
+            raise CheckpointError(f"{start['source']} does not match this run: " + "; ".join(problems))
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta["vocab_size"]
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise ConfigError([f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's "
+                           f"vocabulary ({meta['vocab_size']}); use 0 to take it from the data"])
+
+
+def new_state() -> dict:
+    """The loop state that a checkpoint carries besides the weights and the optimizer."""
+    return {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
+            "elapsed_s": 0.0}
+
+
+def restore(start: dict, resume_path: str | None, model: GPT, optimizer, scaler, device: str,
+            master: bool) -> dict:
+    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state."""
+    model.load_state_dict(start["state_dict"])
+    state = new_state()
+    if resume_path:
+        ckpt = start["checkpoint"]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if device.startswith("cuda") and ckpt["rng"]["cuda"].numel():
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    if master:
+        print(f"{'resuming' if resume_path else 'initialised'} from {start['source']} at step {state['step']}")
+    return state
+
+
+def start_log(cfg: Config, out_dir: Path, n_params: int, tokens_per_step: int, device: str, precision: str,
+              world: int, resumed_state: dict | None) -> dict:
+    """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's step."""
+    log = {"version": 1, "config": cfg.to_dict(),
+           "run": {"tokens_per_step": tokens_per_step, "n_params": n_params,
+                   "device": device, "precision": precision, "world_size": world,
+                   "status": "running", "stop_reason": None, "early_stop_step": None},
+           "evals": [], "train": [], "best": None}
+    old_log = out_dir / "train_log.json"
+    if resumed_state and old_log.exists():
+        old, step = json.loads(old_log.read_text()), resumed_state["step"]
+        log["evals"] = [r for r in old["evals"] if r["step"] <= step]
+        log["train"] = [r for r in old["train"] if r["step"] <= step]
+        log["best"] = {"step": resumed_state["best_step"], "val_loss": resumed_state["best_val_loss"]}
+    return log
 
 
 def get_lr(step: int, t) -> float:
@@ -190,31 +266,15 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     out_dir = Path(t.out_dir)
 
+    start, resume_path = load_start(t, device)
     # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
-    data_dir, meta = prepare_data(cfg, rank, world)
+    data_dir, meta = prepare_data(cfg, rank, world, start["meta"] if start else None)
     splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
     eot = meta.get("eot_token")
     if cfg.data.doc_mask and eot is None:
         raise ConfigError(["data.doc_mask = true needs bpe data with end-of-text tokens "
                            "(data.tokenizer = bpe)"])
-    # Weights come from the seed, or a checkpoint (resume), or init_from (checkpoint or export),
-    # whose model shape replaces the defaults here.
-    resume_path = str(out_dir / "ckpt_last.pt") if t.resume == "auto" else \
-        None if t.resume == "false" else t.resume
-    source = resume_path or t.init_from or None
-    start = load_weights(source, device) if source else None
-    if resume_path and start["checkpoint"] is None:
-        raise CheckpointError(f"training.resume needs a checkpoint file, and {source} is an exported "
-                              "folder; start from it with training.init_from instead")
-    if start:
-        problems = adopt_model_shape(cfg, start["model_config"], start["meta"], meta)
-        if problems:
-            raise CheckpointError(f"{source} does not match this run: " + "; ".join(problems))
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = meta["vocab_size"]
-    elif cfg.model.vocab_size < meta["vocab_size"]:
-        raise ConfigError([f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's "
-                           f"vocabulary ({meta['vocab_size']}); use 0 to take it from the data"])
+    fit_model_to(cfg, start, meta, data_dir)
     check_split_lengths(splits, cfg.model.block_size, data_dir)
 
     torch.manual_seed(t.seed)
@@ -222,20 +282,7 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
     optimizer = raw_model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type,
                                               t.optimizer, t.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    state = {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
-             "elapsed_s": 0.0}
-    if start:
-        raw_model.load_state_dict(start["state_dict"])
-        if resume_path:
-            ckpt = start["checkpoint"]
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            state = {k: ckpt[k] for k in state}
-            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-            if device_type == "cuda" and ckpt["rng"]["cuda"].numel():
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        if master:
-            print(f"{'resuming' if resume_path else 'initialised'} from {source} at step {state['step']}")
+    state = restore(start, resume_path, raw_model, optimizer, scaler, device, master) if start else new_state()
     model = torch.compile(raw_model) if t.compile else raw_model
     if world > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
@@ -243,19 +290,10 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps
     peak = next((f for name, f in PEAK_FLOPS.items() if device_type == "cuda"
                  and name in torch.cuda.get_device_name(device)), None)
-    log = {"version": 1, "config": cfg.to_dict(),
-           "run": {"tokens_per_step": tokens_per_step, "n_params": raw_model.num_params(),
-                   "device": device, "precision": precision, "world_size": world,
-                   "status": "running", "stop_reason": None, "early_stop_step": None},
-           "evals": [], "train": [], "best": None}
+    log = start_log(cfg, out_dir, raw_model.num_params(), tokens_per_step, device, precision, world,
+                    state if resume_path else None)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        old_log = out_dir / "train_log.json"
-        if resume_path and old_log.exists():  # continue the same curves, without repeated steps
-            old = json.loads(old_log.read_text())
-            log["evals"] = [r for r in old["evals"] if r["step"] <= state["step"]]
-            log["train"] = [r for r in old["train"] if r["step"] <= state["step"]]
-            log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
         atomic_write_text(out_dir / "config.toml", to_toml(cfg))
         print(to_toml(cfg))
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "

@@ -38,6 +38,23 @@ def test_char_round_trip_and_vocabulary(tmp_path):
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == len(TEXT)
 
 
+def test_a_given_character_vocabulary_is_used_as_is(tmp_path):
+    """A model's characters (vocab) encode a new text with the model's ids; unknown ones are named."""
+    text = tmp_path / "new.txt"
+    text.write_text("a cab, a bead.\n" * 20, encoding="utf-8")
+    vocab = "zyx.,\n edcba"  # deliberately not sorted: the ids are the model's, not a re-sorting
+    meta = prep(tmp_path, input_path=str(text), vocab=vocab)
+    assert meta["chars"] == vocab and meta["vocab_size"] == len(vocab)
+    assert read_all(tmp_path / "out", meta).tolist() == [vocab.index(c) for c in "a cab, a bead.\n" * 20]
+    with pytest.raises(DataError, match=r"has characters the model does not know: '!', 'Q'; remove them"):
+        text.write_text("Q cab! " * 20, encoding="utf-8")
+        prep(tmp_path, "other", input_path=str(text), vocab=vocab)
+    assert not (tmp_path / "other").exists()
+    text.write_text("a cab, a bead.\n" * 20, encoding="utf-8")
+    with pytest.raises(DataError, match="a vocabulary of 12 characters there, another of 9 now"):
+        prep(tmp_path, input_path=str(text))  # its own characters: refused without --force
+
+
 def test_char_unknown_character_is_named(tmp_path):
     tok = data.CharTokenizer("abc ")
     with pytest.raises(DataError, match="'é'"):

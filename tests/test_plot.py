@@ -139,9 +139,9 @@ def test_x_tokens(tmp_path):
                       "--out", str(out)]) == 0
     check_png(out)
     fig = plot.plot_logs({"run": log}, None, x="tokens")
-    val_line = next(l for l in fig.axes[0].get_lines() if l.get_label() == "run val")
+    val_line = next(line for line in fig.axes[0].get_lines() if line.get_label() == "run val")
     assert list(val_line.get_xdata()) == [e["tokens"] for e in log["evals"]]
-    best_star = next(l for l in fig.axes[0].get_lines() if l.get_label().startswith("run best"))
+    best_star = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("run best"))
     assert list(best_star.get_xdata()) == [log["best"]["step"] * 1000]
     assert fig.axes[1].get_xlabel() == "tokens seen"
 

@@ -12,6 +12,7 @@ import checkpoint
 import train
 from checkpoint import CheckpointError
 from config import load_config
+from data import DataError
 from conftest import CORPUS, ROOT, run_killed_after_checkpoint
 
 
@@ -165,6 +166,28 @@ def test_init_from_starts_a_new_run_from_weights(tmp_path, char_data, capsys):
     assert log_b["evals"][0]["val_loss"] == pytest.approx(log_a["evals"][-1]["val_loss"])
 
 
+def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_data, capsys):
+    """Another text is prepared with the model's characters, so a char model can go on training on it."""
+    train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "4"))
+    model_chars = checkpoint.load_checkpoint(tmp_path / "a" / "ckpt_last.pt")["meta"]["chars"]
+    text = tmp_path / "mine.txt"
+    text.write_text("the cat sat on the mat. " * 400, encoding="utf-8")  # 12 of the model's 65 characters
+    start = ["--training.init_from", str(tmp_path / "a" / "ckpt_last.pt"), "--training.max_iters", "4"]
+    cfg = tiny(tmp_path / "b", tmp_path / "data_b", *start, "--data.input", str(text))
+    assert train.main(cfg)["step"] == 4
+    assert "preparing it from" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "data_b" / "meta.json").read_text())
+    assert meta["chars"] == model_chars and cfg.model.vocab_size == 65
+    # The same text prepared on its own has 12 characters: named, with the fix.
+    import prepare
+    prepare.prepare(str(text), str(tmp_path / "own"))
+    with pytest.raises(CheckpointError, match="was prepared with other characters: set data.processed_dir"):
+        train.main(tiny(tmp_path / "c", tmp_path / "own", *start))
+    text.write_text("the café sat on the mat. " * 400, encoding="utf-8")
+    with pytest.raises(DataError, match="has characters the model does not know: 'é'"):
+        train.main(tiny(tmp_path / "d", tmp_path / "data_d", *start, "--data.input", str(text)))
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path, char_data, monkeypatch):
     real_forward = train.GPT.forward
     calls = {"n": 0}
@@ -259,3 +282,21 @@ def test_precision_on_cpu(tmp_path, char_data, capsys):
     else:
         assert log["run"]["precision"] == "fp32" and "no bf16 support" in capsys.readouterr().out
     assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, char_data):
+    """training.compile = true (inductor on CPU; needs a C compiler) trains the same model as eager:
+    the same losses up to kernel rounding, and checkpoints that load into an uncompiled GPT."""
+    steps = ["--training.max_iters", "6", "--training.eval_interval", "3"]
+    train.main(tiny(tmp_path / "eager", char_data, *steps))
+    train.main(tiny(tmp_path / "compiled", char_data, *steps, "--training.compile", "true"))
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert len(compiled["train"]) == 6
+    for a, b in zip(eager["train"], compiled["train"]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), a["step"]
+    assert compiled["evals"][-1]["val_loss"] == pytest.approx(eager["evals"][-1]["val_loss"], abs=1e-4)
+    a, b = weights(tmp_path / "eager" / "ckpt_last.pt"), weights(tmp_path / "compiled" / "ckpt_last.pt")
+    assert a.keys() == b.keys()  # no "_orig_mod." prefixes: the uncompiled model was saved
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
