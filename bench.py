@@ -4,6 +4,8 @@
     python bench.py --config configs/cpu/small.toml --what train
     python bench.py --what sample,prepare --json bench.json
     python bench.py --what speedrun                          # reference vs speedrun preset, side by side
+    python bench.py --what profile                           # where a training step's time goes
+    python bench.py --what train --training.compile true     # any config override applies
 
 Each figure is a median over repeats, taken after warm-up steps. Results are printed as
 one table; --json also writes them to a file. docs/benchmarks.md records figures with the
@@ -49,9 +51,11 @@ def precisions(device_type: str) -> list[str]:
     return ["fp32"]
 
 
-def trainer_step_ms(config: str, device: str, precision: str, steps: int, warmup: int, out_dir: str) -> float:
+def trainer_step_ms(args, device: str, precision: str, out_dir: str) -> float:
     """Median ms per optimizer step of train.py itself, from its own per-step log."""
-    cfg = load_config(["--config", config, "--device", device, "--training.precision", precision,
+    steps, warmup = args.steps, args.warmup
+    cfg = load_config(["--config", args.config, *args.overrides, "--device", device,
+                       "--training.precision", precision,
                        "--training.max_iters", str(warmup + steps), "--training.log_interval", "1",
                        "--training.eval_interval", str(10**9), "--training.eval_iters", "1",
                        "--training.out_dir", out_dir, "--training.save_best", "false"])
@@ -60,51 +64,82 @@ def trainer_step_ms(config: str, device: str, precision: str, steps: int, warmup
     return statistics.median(r["ms_per_step"] for r in records[warmup:])
 
 
-def plain_step_ms(config: str, device: str, steps: int, warmup: int) -> float:
-    """Median ms per step of the plainest eager PyTorch loop over the same model and batch size."""
-    cfg = load_config(["--config", config, "--device", device, "--model.vocab_size", "65"])
+def plain_loop(args, device: str, precision: str = "fp32"):
+    """The plainest eager PyTorch training step over the same model and batch size: a function
+    that runs one step. fp32, or bf16 autocast for the profile."""
+    cfg = load_config(["--config", args.config, *args.overrides, "--device", device, "--model.vocab_size", "65"])
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     t = cfg.training
     x = torch.randint(65, (t.batch_size, cfg.model.block_size), device=device)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step():
         for _ in range(t.grad_accum_steps):
-            _, loss = model(x, x)
+            with train.autocast(torch.device(device).type, precision):
+                _, loss = model(x, x)
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # wait for the device, as the trainer does
+    return step
+
+
+def plain_step_ms(args, device: str) -> float:
+    """Median ms per step of the plain loop (fp32)."""
+    step = plain_loop(args, device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[warmup:])
+    return statistics.median(times[args.warmup:])
+
+
+def bench_profile(args, device: str, top: int = 12) -> list[dict]:
+    """torch.profiler over args.steps plain-loop steps at each precision: the operators that take
+    the most time, printed as tables (nothing added to the results table)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    for precision in precisions(torch.device(device).type):
+        step = plain_loop(args, device, precision)
+        for _ in range(args.warmup):
+            step()
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+        print(f"\nprofile: {args.steps} steps, {precision}, {args.config}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=64))
+    return []
 
 
 def bench_train(args, device: str) -> list[dict]:
-    cfg = load_config(["--config", args.config, "--device", device])
+    cfg = load_config(["--config", args.config, *args.overrides, "--device", device])
     tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions(torch.device(device).type):
-            ms = trainer_step_ms(args.config, device, precision, args.steps, args.warmup, f"{tmp}/{precision}")
+            ms = trainer_step_ms(args, device, precision, f"{tmp}/{precision}")
             row = {"bench": "train", "what": f"trainer {precision}", "ms_per_step": ms,
                    "tokens_per_s": tokens * 1000 / ms}
             if device.startswith("cuda"):
                 peak = next((f for n, f in train.PEAK_FLOPS.items() if n in torch.cuda.get_device_name()), None)
                 if peak:
-                    model = GPT(load_config(["--config", args.config, "--model.vocab_size", "65"]).model)
+                    model = GPT(load_config(["--config", args.config, *args.overrides,
+                                             "--model.vocab_size", "65"]).model)
                     row["mfu"] = model.estimate_mfu(row["tokens_per_s"], peak)
                     row["peak"] = f"{peak / 1e12:.0f} TFLOP/s bf16 dense ({torch.cuda.get_device_name()})"
             rows.append(row)
-        ms = plain_step_ms(args.config, device, args.steps, args.warmup)
+        ms = plain_step_ms(args, device)
         rows.append({"bench": "train", "what": "plain eager loop fp32", "ms_per_step": ms,
                      "tokens_per_s": tokens * 1000 / ms})
     return rows
 
 
 def bench_sample(args, device: str, new_tokens: int = 500) -> list[dict]:
-    cfg = load_config(["--config", args.config, "--model.vocab_size", "65", "--model.dropout", "0"])
+    cfg = load_config(["--config", args.config, *args.overrides, "--model.vocab_size", "65",
+                       "--model.dropout", "0"])
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -165,7 +200,8 @@ def bench_speedrun(args, device: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in ("configs/cpu/reference.toml", "configs/cpu/speedrun.toml"):
             cap = ["--max-iters", str(args.max_iters)] if args.max_iters else []
-            cfg = load_config(["--config", preset, "--training.out_dir", f"{tmp}/{Path(preset).stem}", *cap])
+            cfg = load_config(["--config", preset, *args.overrides, "--training.out_dir", f"{tmp}/{Path(preset).stem}",
+                               *cap])
             start = time.perf_counter()
             summary = quiet(train.main, cfg)
             rows.append({"bench": "speedrun", "what": preset, "seconds": time.perf_counter() - start,
@@ -188,38 +224,44 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Other arguments are config overrides, as for train.py "
+                                       "(e.g. --training.compile true).")
     p.add_argument("--config", default="configs/base/base.toml", help="model and batch to measure")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--what", default="train,sample,prepare", help="comma-separated: train, sample, prepare, speedrun")
+    p.add_argument("--what", default="train,sample,prepare",
+                   help="comma-separated: train, sample, prepare, speedrun, profile")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per precision")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--repeats", type=int, default=3, help="repeats for sample and prepare")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--max-iters", type=int, default=0, help="cap the speedrun runs' steps (a quick check)")
-    args = p.parse_args(argv)
-    unknown = set(args.what.split(",")) - {"train", "sample", "prepare", "speedrun"}
+    args, args.overrides = p.parse_known_args(argv)
+    kinds = ("train", "sample", "prepare", "speedrun", "profile")
+    unknown = set(args.what.split(",")) - set(kinds)
     if unknown:
-        print(f"error: --what {','.join(sorted(unknown))} is not one of: train, sample, prepare, speedrun",
-              file=sys.stderr)
+        print(f"error: --what {','.join(sorted(unknown))} is not one of: {', '.join(kinds)}", file=sys.stderr)
         return 2
     try:
         device = train.pick_device(args.device)
-        load_config(["--config", args.config])
+        load_config(["--config", args.config, *args.overrides])
     except (train.TrainError, ConfigError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     machine = (f"{torch.cuda.get_device_name()}" if device.startswith("cuda") else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs") + \
         f", torch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({machine}); config: {args.config}")
+    print(f"device: {device} ({machine}); config: {args.config} {' '.join(args.overrides)}".rstrip())
     rows = []
     for what in args.what.split(","):
         rows += {"train": lambda: bench_train(args, device), "sample": lambda: bench_sample(args, device),
-                 "prepare": lambda: bench_prepare(args), "speedrun": lambda: bench_speedrun(args, device)}[what]()
-    print_table(rows)
+                 "prepare": lambda: bench_prepare(args), "speedrun": lambda: bench_speedrun(args, device),
+                 "profile": lambda: bench_profile(args, device)}[what]()
+    if rows:
+        print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "device": device, "config": args.config,
+                                               "overrides": args.overrides,
                                                "results": rows}, indent=2) + "\n")
     return 0
 
