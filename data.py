@@ -37,7 +37,8 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------- tokenizers
 
 class CharTokenizer:
-    """One token per character; the vocabulary is the sorted characters of the corpus."""
+    """One token per character; the vocabulary is the sorted characters of the corpus (or, to
+    fine-tune a char model on another text, the model's own characters in the model's order)."""
 
     kind = "char"
     eot_token = None

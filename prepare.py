@@ -132,8 +132,7 @@ def existing_differences(out: Path, meta: dict) -> list[str]:
     keys = ("tokenizer", "encoding", "format", "val_fraction")
     diffs = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in keys if old.get(k) != meta.get(k)]
     if old.get("tokenizer") == meta["tokenizer"] == "char" and old.get("chars") != meta["chars"]:
-        diffs.append(f"a vocabulary of {len(old.get('chars') or '')} characters there, another of "
-                     f"{len(meta['chars'])} now")
+        diffs.append(f"other characters ({len(old.get('chars') or '')} there, {len(meta['chars'])} now)")
     if old.get("source", {}).get("sha256") != meta["source"]["sha256"]:
         diffs.append(f"source: {old.get('source', {}).get('path')!r} (other contents) there, "
                      f"{meta['source']['path']!r} now")

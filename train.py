@@ -95,6 +95,7 @@ def prepare_data(cfg: Config, rank: int, world: int, start_meta: dict | None) ->
     if cfg.training.data_format == "bin":
         folder = resolve_bin_dir(folder)
     if not (folder / "meta.json").exists() and rank == 0:
+        # If this fails, the other ranks wait at the barrier below until torchrun ends the job.
         vocab = start_meta["chars"] if start_meta and start_meta.get("tokenizer") == d.tokenizer == "char" else None
         print(f"no prepared data in {folder}: preparing it from {d.input}"
               + (" with the model's characters" if vocab else ""))
@@ -133,7 +134,10 @@ def fit_model_to(cfg: Config, start: dict | None, meta: dict, data_dir: Path) ->
     """Settle cfg.model against the starting weights (their shape replaces the defaults) and the data."""
     if start:
         problems = adopt_model_shape(cfg, start["model_config"], start["meta"], meta)
-        if any(p.startswith("tokenizer chars") for p in problems):
+        theirs = (start["meta"] or {}).get("tokenizer")
+        if theirs and theirs != meta["tokenizer"]:
+            problems.append(f"set data.tokenizer = {theirs} (the model's)")
+        elif theirs == "char" and start["meta"]["chars"] != meta["chars"]:
             problems.append(f"{data_dir} was prepared with other characters: set data.processed_dir to a "
                             "new folder, and train.py prepares the text there with the model's characters")
         if problems:
@@ -291,7 +295,7 @@ def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> d
     peak = next((f for name, f in PEAK_FLOPS.items() if device_type == "cuda"
                  and name in torch.cuda.get_device_name(device)), None)
     log = start_log(cfg, out_dir, raw_model.num_params(), tokens_per_step, device, precision, world,
-                    state if resume_path else None)
+                    resumed_state=state if resume_path and master else None)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.toml", to_toml(cfg))

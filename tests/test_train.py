@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -171,11 +172,11 @@ def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_
     train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "4"))
     model_chars = checkpoint.load_checkpoint(tmp_path / "a" / "ckpt_last.pt")["meta"]["chars"]
     text = tmp_path / "mine.txt"
-    text.write_text("the cat sat on the mat. " * 400, encoding="utf-8")  # 12 of the model's 65 characters
+    text.write_text("the cat sat on the mat. " * 400, encoding="utf-8")  # 11 of the model's 65 characters
     start = ["--training.init_from", str(tmp_path / "a" / "ckpt_last.pt"), "--training.max_iters", "4"]
     cfg = tiny(tmp_path / "b", tmp_path / "data_b", *start, "--data.input", str(text))
     assert train.main(cfg)["step"] == 4
-    assert "preparing it from" in capsys.readouterr().out
+    assert f"preparing it from {text} with the model's characters" in capsys.readouterr().out
     meta = json.loads((tmp_path / "data_b" / "meta.json").read_text())
     assert meta["chars"] == model_chars and cfg.model.vocab_size == 65
     # The same text prepared on its own has 12 characters: named, with the fix.
@@ -186,6 +187,16 @@ def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_
     text.write_text("the café sat on the mat. " * 400, encoding="utf-8")
     with pytest.raises(DataError, match="has characters the model does not know: 'é'"):
         train.main(tiny(tmp_path / "d", tmp_path / "data_d", *start, "--data.input", str(text)))
+
+
+def test_a_model_on_data_of_another_tokenizer_names_the_setting(tmp_path, char_data, gpt2_tokenizer):
+    train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "2"))
+    import prepare
+    prepare.prepare(str(CORPUS), str(tmp_path / "bpe"), "bpe")
+    with pytest.raises(CheckpointError, match=r"tokenizer tokenizer: 'char' in the weights, 'bpe' in the data; .*"
+                                              r"set data.tokenizer = char \(the model's\)"):
+        train.main(tiny(tmp_path / "b", tmp_path / "bpe", "--data.tokenizer", "bpe",
+                        "--training.init_from", str(tmp_path / "a" / "ckpt_last.pt")))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, char_data, monkeypatch):
@@ -285,6 +296,8 @@ def test_precision_on_cpu(tmp_path, char_data, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))),
+                    reason="torch.compile on CPU needs a C++ compiler, and none is installed")
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, char_data):
     """training.compile = true (inductor on CPU; needs a C compiler) trains the same model as eager:
     the same losses up to kernel rounding, and checkpoints that load into an uncompiled GPT."""
