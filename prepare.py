@@ -164,13 +164,12 @@ def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = No
             if tokenizer == "char":
                 chars.update(text)
             progress.add(len(text.encode("utf-8")) if progress.enabled else 0)
-    if tokenizer == "char" and vocab is not None:
-        missing = sorted(chars - set(vocab))
+    if tokenizer == "char":
+        missing = sorted(chars - set(vocab)) if vocab is not None else []
         if missing:
             shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
             raise DataError(f"{input_path} has characters the model does not know: {shown}; remove them from "
                             "the text, or use a bpe model, which reads any text")
-    if tokenizer == "char":
         tok = CharTokenizer(vocab if vocab is not None else "".join(sorted(chars)))
     else:
         tok = BPETokenizer(encoding)
