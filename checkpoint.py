@@ -1,4 +1,4 @@
-"""Checkpoints: everything needed to continue a run, written atomically, loaded safely.
+"""Model weights in and out: train.py's checkpoints, and one loader for every kind of weights.
 
 A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain values:
 
@@ -8,43 +8,70 @@ A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain v
     config, meta               the resolved config and the tokenizer meta
 
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
-Loading uses torch.load(weights_only=True): no pickled code ever runs.
+
+`load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
+native export or a Hugging Face GPT-2 folder into `Weights`. train.py (resume, init_from), sample.py
+and export.py all read through it; export.py writes the export formats. Nothing here runs pickled
+code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from data import atomic_write_text
+from config import Config, ModelConfig, apply, validate
+from errors import UserError
+from files import atomic_file, atomic_write_text
+from model import GPT
 
 CHECKPOINT_VERSION = 1
 # Model settings that change the shapes of the weights (dropout and the backend do not).
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pad_vocab_multiple")
+NATIVE = "tinygpt-native"  # config.json "format" of a native export
+META_FILE = "tokenizer_meta.json"  # not tokenizer.json: transformers reads that name as its own format
+# GPT-2 stores these Linear weights as Conv1D, i.e. transposed: (in, out).
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+GPT2_META = {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says why and what to do."""
+class CheckpointError(UserError):
+    """Weights that cannot be used; the message names the file and what to do."""
 
+
+@dataclass
+class Weights:
+    """Weights and what came with them, whatever file or folder they were read from."""
+    model: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # fp32, in our names; lm_head.weight is wte (tied)
+    meta: dict | None       # the tokenizer; None for a GPT-2 folder of unknown vocabulary
+    config: dict | None     # the training config they were trained with, when stored
+    training: dict | None   # the whole checkpoint (optimizer, scaler, rng, loop state); None for exports
+    path: Path              # the file or folder read
+    format: str             # "checkpoint", "native" or "hf"
+    dtype: str = "fp32"     # how they were stored
+    step: int | None = None
+    val_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename over `path`: a kill never leaves half a file."""
+    """The checkpoint, then its readable JSON; each written atomically (see files.py)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(state, f)
     readable = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scaler", "rng")}
     atomic_write_text(path.with_suffix(".json"), json.dumps(readable, indent=2) + "\n")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train first (python train.py) "
-                              "or pass the path of a ckpt_*.pt file")
+def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
@@ -54,33 +81,164 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path} is not a checkpoint written by train.py")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this code; update it")
-    return ckpt
+    return Weights(model_config(ckpt["config"].get("model"), path), ckpt["model"], ckpt.get("meta"),
+                   ckpt["config"], ckpt, path, "checkpoint", "fp32", ckpt.get("step"), ckpt.get("val_loss"))
 
 
-def adopt_model_shape(cfg, stored_model: dict, stored_meta: dict | None, meta: dict) -> list[str]:
-    """Take the weights' model shape into cfg.model; return what conflicts with the user's choices.
+# ----------------------------------------------------------------------------- one loader
 
-    Shape settings the user left at their defaults are replaced by the stored ones (so
-    `--resume` or `init_from` needs no model settings); ones set in a preset or on the
-    command line must agree. The tokenizer must be the same as the data's.
+def find_weights(path: str | Path) -> Path:
+    """`path` itself (a checkpoint file or an export folder), or the checkpoint in a run folder:
+    ckpt_best.pt, else ckpt_last.pt."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint (ckpt_*.pt), a run folder or an "
+                              "export folder")
+    if folder.is_file() or is_export(folder):
+        return folder
+    for name in ("ckpt_best.pt", "ckpt_last.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    runs = sorted({str(p.parent) for p in folder.glob("*/ckpt_*.pt")})
+    hint = f" (runs found: {', '.join(runs)})" if runs else ""
+    raise CheckpointError(f"no checkpoint in {folder}/: no ckpt_best.pt or ckpt_last.pt; train first, or "
+                          f"pass a checkpoint, run folder or export folder{hint}")
+
+
+def is_export(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weights:
+    """Weights from a checkpoint file, a run folder, a native export or a Hugging Face GPT-2 folder,
+    checked to fit their model config before anything is built from them."""
+    path = find_weights(path)
+    weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
+    check_fits(weights.state_dict, weights.model, path)
+    return weights
+
+
+def model_config(values, where: Path) -> ModelConfig:
+    """A ModelConfig from stored settings, checked by the same rules as the command line's."""
+    cfg, problems = Config(), []
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{where} has no model settings; it was not written by this code")
+    apply(cfg, {"model": values}, False, str(where), problems, sections=("model",))
+    problems += validate(cfg, ("model",))
+    if problems:
+        raise CheckpointError(f"{where} holds model settings this code cannot use ({'; '.join(problems)}); "
+                              "it is damaged or from a newer version")
+    return cfg.model
+
+
+def read_export(folder: Path, device: str | torch.device) -> Weights:
+    """A native export (our names) or a GPT-2 folder in transformers' layout (ours or anyone's)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        meta_path = folder / META_FILE
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            tensors = {k: f.get_tensor(k).to(device, torch.float32) for k in f.keys()}
+    except Exception as e:  # truncated, or not JSON / safetensors at all
+        raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json is not a JSON object; export it again")
+    if config.get("format") == NATIVE:
+        cfg = model_config(config.get("model"), folder / "config.json")
+        if "transformer.wte.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: stored once
+        source = config.get("source") or {}
+        return Weights(cfg, tensors, meta, config.get("config"), None, folder, "native",
+                       config.get("dtype", "fp32"), source.get("step"), source.get("val_loss"))
+    if config.get("model_type") == "gpt2":
+        ours = config.get("tinygpt") or {}
+        cfg = model_config(ours.get("model") or hf_model_config(config, folder), folder / "config.json")
+        if meta is None and config.get("vocab_size") == GPT2_META["vocab_size"]:
+            meta = dict(GPT2_META)  # a GPT-2 BPE model from elsewhere
+        dtype = {v: k for k, v in HF_DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
+        source = ours.get("source") or {}
+        return Weights(cfg, from_hf(tensors, cfg, folder), meta, ours.get("config"), None, folder, "hf", dtype,
+                       source.get("step"), source.get("val_loss"))
+    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a GPT-2 config "
+                          f"(model_type {config.get('model_type')!r})")
+
+
+# ----------------------------------------------------------------------------- Hugging Face GPT-2
+
+def hf_model_config(hf: dict, folder: Path) -> dict:
+    """Our model settings for a GPT-2 config.json written by someone else (e.g. the hub's gpt2)."""
+    if hf.get("n_inner") == 4 * hf.get("n_embd", 0):
+        hf = hf | {"n_inner": None}  # None means 4 * n_embd, the only MLP width we have
+    problems = [f"{k} = {hf.get(k)!r} (we support {ok!r})" for k, ok in (
+        ("activation_function", "gelu_new"), ("layer_norm_epsilon", 1e-5), ("n_inner", None),
+        ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)) if hf.get(k, ok) != ok]
+    if problems:
+        raise CheckpointError(f"{folder}: this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
+    names = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
+             "vocab_size": "vocab_size", "dropout": "resid_pdrop", "attn_dropout": "attn_pdrop"}
+    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {"bias": True}
+
+
+def from_hf(state: dict, cfg: ModelConfig, folder: Path) -> dict:
+    """GPT-2's state dict (with or without the "transformer." prefix) -> ours, for `cfg`."""
+    out = {}
+    for name, w in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # old files carry the causal mask as a buffer; lm_head is wte
+        name = name if name.startswith("transformer.") else "transformer." + name
+        out[name] = w.t() if name.endswith(CONV1D) and w.dim() == 2 else w
+    if not cfg.bias:  # exported as zero biases; anything else is a different model
+        if any(v.any() for k, v in out.items() if k.endswith(".bias")):
+            raise CheckpointError(f"{folder} has non-zero biases but model.bias = false in its config")
+        out = {k: v for k, v in out.items() if not k.endswith(".bias")}
+    wte, m = out.get("transformer.wte.weight"), cfg.pad_vocab_multiple
+    if wte is not None and wte.dim() == 2:  # padding rows (never used) as in GPT, and lm_head tied again
+        rows = (cfg.vocab_size + m - 1) // m * m - len(wte)
+        wte = torch.cat([wte, wte.new_zeros((max(rows, 0), wte.size(1)))])
+        out["transformer.wte.weight"] = out["lm_head.weight"] = wte
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_fits(state: dict, cfg: ModelConfig, where: Path) -> None:
+    """Refuse weights that would not load into GPT(cfg), naming what differs. The cheap counts come
+    first, so a config that describes an enormous model fails before anything is built; then the
+    model is built on the "meta" device (shapes only, no memory)."""
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    wte, wpe = state.get("transformer.wte.weight"), state.get("transformer.wpe.weight")
+    found = {"n_layer": len(layers), "n_embd": None if wte is None else wte.shape[-1],
+             "block_size": None if wpe is None else wpe.shape[0]}
+    wrong = [f"model.{k} = {getattr(cfg, k)} but the weights have {v}" for k, v in found.items()
+             if v is not None and v != getattr(cfg, k)]
+    if not wrong:
+        with torch.device("meta"):
+            expected = GPT(cfg).state_dict()
+        wrong = [f"{k}: {tuple(state[k].shape) if k in state else 'missing'}, expected {tuple(v.shape)}"
+                 for k, v in expected.items() if k not in state or state[k].shape != v.shape]
+        wrong += [f"{k}: not a weight of this model" for k in state if k not in expected]
+    if wrong:
+        raise CheckpointError(f"{where}: the weights do not fit their model settings ({'; '.join(wrong[:3])}); "
+                              "it is damaged: export or train it again")
+
+
+def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
+    """Take the weights' model shape and tokenizer into cfg; return what conflicts with the user's choices.
+
+    Settings the user left at their defaults are replaced by the stored ones (so `--resume` or
+    `init_from` needs no model settings); ones set in a preset or on the command line must agree.
     """
+    stored = [("model", k, getattr(weights.model, k)) for k in SHAPE_KEYS]
+    if weights.meta is not None:
+        stored += [("data", "tokenizer", weights.meta["tokenizer"]),
+                   ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]
     problems = []
-    for k in SHAPE_KEYS:
-        ours = getattr(cfg.model, k)
-        if stored_model[k] == ours:
+    for section, k, theirs in stored:
+        ours = getattr(getattr(cfg, section), k)
+        if theirs == ours:
             continue
-        if f"model.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0):
-            problems.append(f"model.{k}: {stored_model[k]!r} in the weights, {ours!r} in the config")
+        if f"{section}.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0):
+            problems.append(f"{section}.{k}: {theirs!r} in the weights, {ours!r} in the config")
         else:
-            setattr(cfg.model, k, stored_model[k])
-    if stored_meta is not None:
-        for k in ("tokenizer", "chars", "encoding"):
-            if stored_meta.get(k) != meta.get(k):
-                problems.append(f"tokenizer {k}: {short(stored_meta.get(k))} in the weights, "
-                                f"{short(meta.get(k))} in the data")
+            setattr(getattr(cfg, section), k, theirs)
     return problems
-
-
-def short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "...'"

@@ -1,21 +1,29 @@
-"""Typed configuration: dataclass sections with defaults, TOML presets, CLI overrides.
+"""Typed configuration: dataclass sections with defaults, TOML presets, command-line overrides.
 
-Every field has a type, a default and a one-line doc (the `doc` metadata); `--help`
-and the README's config reference are generated from them, so they cannot drift.
+Every field has a type, a default and a one-line doc, and its allowed values (`choices`, or an
+interval `within`); `--help` and the README's config reference are generated from them, so they
+cannot drift, and every rule about one value is checked here, once.
 Precedence: command line > TOML preset > defaults here.
 
     python train.py --config configs/cpu/smoke.toml --training.max_iters=50
     python train.py --help
+
+The other scripts parse their own options with the same machinery (`parse`): an options dataclass
+of `doc` fields, such as sample.py's SampleOptions, written `--num-samples 3` on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
+
+from errors import HelpRequested, UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,11 +31,14 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 
-def doc(text: str, default, choices: tuple | None = None, minimum: float | None = None,
-        positive: bool = False):
-    """A dataclass field with a one-line doc and its allowed values."""
-    return field(default=default, metadata={"doc": text, "choices": choices,
-                                            "minimum": minimum, "positive": positive})
+def doc(text: str, default, choices: tuple | None = None, within: str | None = None,
+        positional: bool = False):
+    """A dataclass field with a one-line doc and its allowed values: `choices`, or an interval such
+    as "[0, 1)" or "[1, inf)". `positional`: a list option that takes the arguments without a flag."""
+    meta = {"doc": text, "choices": choices, "within": within, "positional": positional}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -37,34 +48,33 @@ class DataConfig:
     tokenizer: str = doc("char: one token per character; bpe: a tiktoken encoding", "char",
                          choices=("char", "bpe"))
     bpe_encoding: str = doc("tiktoken encoding name used when tokenizer = bpe", "gpt2")
-    val_fraction: float = doc("fraction of the corpus held out for validation", 0.1, minimum=0.0)
+    val_fraction: float = doc("fraction of the corpus held out for validation", 0.1, within="(0, 1)")
+    format: str = doc("bin: memory-mapped token files; txt: text splits, tokenized when loaded", "bin",
+                      choices=("bin", "txt"))
     doc_mask: bool = doc("attend only within a document (flex attention, bpe data with end-of-text)", False)
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = doc("number of transformer blocks", 6, positive=True)
-    n_head: int = doc("attention heads per block; must divide n_embd", 6, positive=True)
-    n_embd: int = doc("width of the residual stream", 384, positive=True)
-    block_size: int = doc("context length in tokens", 256, positive=True)
+    n_layer: int = doc("number of transformer blocks", 6, within="[1, inf)")
+    n_head: int = doc("attention heads per block; must divide n_embd", 6, within="[1, inf)")
+    n_embd: int = doc("width of the residual stream", 384, within="[1, inf)")
+    block_size: int = doc("context length in tokens", 256, within="[1, inf)")
     dropout: float = doc("dropout on embeddings and residual branches in training (0 disables it)", 0.2,
-                         minimum=0.0)
+                         within="[0, 1)")
     attn_dropout: float = doc("dropout on attention weights; > 0 makes sdpa use its slower unfused path",
-                              0.0, minimum=0.0)
+                              0.0, within="[0, 1)")
     bias: bool = doc("biases in Linear and LayerNorm layers, as in GPT-2", True)
     attention: str = doc("attention backend", "sdpa", choices=("eager", "sdpa", "flex"))
-    vocab_size: int = doc("vocabulary size; 0: taken from the prepared data", 0, minimum=0)
+    vocab_size: int = doc("vocabulary size; 0: taken from the prepared data", 0, within="[0, inf)")
     pad_vocab_multiple: int = doc("pad the embedding table to a multiple of this (1: no padding)", 1,
-                                  positive=True)
+                                  within="[1, inf)")
 
     def problems(self) -> list[str]:
-        """Rules that involve more than one field (single-field rules live in the metadata)."""
+        """Rules that involve more than one field (one-field rules are in the field metadata)."""
         out = []
         if self.n_head > 0 and self.n_embd % self.n_head != 0:
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                out.append(f"model.{name} = {getattr(self, name)} is not allowed: use a value in [0, 1)")
         if self.attn_dropout > 0 and self.attention == "flex":
             out.append("model.attn_dropout > 0 is not supported by flex attention: use 0, or "
                        'model.attention = "sdpa" or "eager"')
@@ -76,44 +86,40 @@ class TrainingConfig:
     device: str = doc("where to train", "auto", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = doc("fp32, or autocast in fp16/bf16 (fp16 uses a GradScaler)", "fp32",
                          choices=("fp32", "fp16", "bf16"))
-    data_format: str = doc("txt: tokenize text splits at load; bin: memory-mapped token files", "bin",
-                           choices=("txt", "bin"))
-    batch_size: int = doc("sequences per micro-batch", 64, positive=True)
+    batch_size: int = doc("sequences per micro-batch", 64, within="[1, inf)")
     grad_accum_steps: int = doc("micro-batches per optimizer step (global, across all processes)", 1,
-                                positive=True)
-    max_iters: int = doc("optimizer steps to run", 5000, positive=True)
-    learning_rate: float = doc("peak learning rate", 1e-3, positive=True)
-    min_lr: float = doc("learning rate at the end of the decay", 1e-4, minimum=0.0)
-    warmup_iters: int = doc("steps of linear warmup from 0 to learning_rate", 100, minimum=0)
+                                within="[1, inf)")
+    max_iters: int = doc("optimizer steps to run", 5000, within="[1, inf)")
+    learning_rate: float = doc("peak learning rate", 1e-3, within="(0, inf)")
+    min_lr: float = doc("learning rate at the end of the decay", 1e-4, within="[0, inf)")
+    warmup_iters: int = doc("steps of linear warmup from 0 to learning_rate", 100, within="[0, inf)")
     lr_schedule: str = doc("decay after warmup", "cosine", choices=("cosine", "linear", "constant"))
     optimizer: str = doc("adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest",
                          "adamw", choices=("adamw", "muon"))
-    muon_lr: float = doc("peak learning rate of the Muon matrices (optimizer = muon)", 0.02, positive=True)
-    weight_decay: float = doc("weight decay, applied to matrices only", 0.1, minimum=0.0)
-    beta1: float = doc("AdamW beta1", 0.9, minimum=0.0)
-    beta2: float = doc("AdamW beta2", 0.99, minimum=0.0)
-    grad_clip: float = doc("clip the global gradient norm to this (0 disables)", 1.0, minimum=0.0)
-    eval_interval: int = doc("evaluate every this many steps (and at the last step)", 250, positive=True)
-    eval_iters: int = doc("batches per split in each evaluation", 200, positive=True)
-    log_interval: int = doc("print a log line every this many steps", 10, positive=True)
-    seed: int = doc("seed for weights and batches", 1337, minimum=0)
+    muon_lr: float = doc("peak learning rate of the Muon matrices (optimizer = muon)", 0.02, within="(0, inf)")
+    weight_decay: float = doc("weight decay, applied to matrices only", 0.1, within="[0, inf)")
+    beta1: float = doc("AdamW beta1", 0.9, within="[0, 1)")
+    beta2: float = doc("AdamW beta2", 0.99, within="[0, 1)")
+    grad_clip: float = doc("clip the global gradient norm to this (0 disables)", 1.0, within="[0, inf)")
+    eval_interval: int = doc("evaluate every this many steps (and at the last step)", 250, within="[1, inf)")
+    eval_iters: int = doc("batches per split in each evaluation", 200, within="[1, inf)")
+    log_interval: int = doc("print a log line every this many steps", 10, within="[1, inf)")
+    seed: int = doc("seed for weights and batches", 1337, within="[0, inf)")
     compile: bool = doc("torch.compile the model", False)
     early_stopping: bool = doc("stop when val loss stops improving", False)
-    early_stopping_patience: int = doc("evaluations without improvement before stopping", 5, positive=True)
+    early_stopping_patience: int = doc("evaluations without improvement before stopping", 5, within="[1, inf)")
     early_stopping_min_delta: float = doc("smallest val-loss decrease that counts as improvement", 0.0,
-                                          minimum=0.0)
+                                          within="[0, inf)")
     save_best: bool = doc("write ckpt_best.pt whenever val loss improves", True)
-    out_dir: str = doc("folder for checkpoints, train_log.json and config.json", "checkpoints")
-    resume: str = doc('continue a run: "false", "auto" (out_dir/ckpt_last.pt) or a checkpoint path', "false")
-    init_from: str = doc("start from these weights (checkpoint or exported folder); empty: random", "")
+    out_dir: str = doc("folder for checkpoints, train_log.json and config.toml", "checkpoints")
+    resume: bool = doc("continue the run in out_dir from its ckpt_last.pt", False)
+    init_from: str = doc("start from these weights (checkpoint, run folder or export); empty: random", "")
 
     def problems(self) -> list[str]:
         out = []
         if self.min_lr > self.learning_rate:
             out.append(f"training.min_lr ({self.min_lr}) must not exceed training.learning_rate "
                        f"({self.learning_rate})")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            out.append(f"training.beta1/beta2 ({self.beta1}, {self.beta2}) must be in [0, 1)")
         return out
 
 
@@ -125,9 +131,8 @@ class Config:
 
     def __post_init__(self):
         self.explicit: set[str] = set()  # "section.key" names set by a preset or the command line
-
-    def problems(self) -> list[str]:
-        return self.model.problems() + self.training.problems()
+        self.preset: str | None = None  # the --config file
+        self.overrides: list[str] = []  # the command line's config arguments, to apply to other presets
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,173 +143,234 @@ SHORT_FLAGS = {"--tokenizer": "data.tokenizer", "--max-iters": "training.max_ite
                "--device": "training.device", "--resume": "training.resume"}
 
 
-class ConfigError(Exception):
-    """One or more problems with the configuration, one per line."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
+class ConfigError(UserError):
+    """One or more problems with settings, one per line, each naming the setting."""
 
 
-class HelpRequested(Exception):
-    pass
+# ----------------------------------------------------------------------------- values
 
-
-def schema() -> dict[str, dict[str, dataclasses.Field]]:
-    """{section: {key: Field}} with each field's type resolved from its annotation."""
+@functools.cache
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    """{name: Field} of a dataclass, each field's type resolved from its annotation."""
+    hints = typing.get_type_hints(cls)
     out = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        out[section] = {}
-        for f in dataclasses.fields(cls):
-            f.type = hints[f.name]
-            out[section][f.name] = f
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
     return out
 
 
-def suggest(section: str, key: str | None) -> str:
-    """A ' (did you mean ...?)' hint for an unknown section or key, or ''."""
-    if key is None:
-        close = difflib.get_close_matches(section, SECTIONS, n=1)
-    else:
-        others = [f"{s}.{k}" for s, keys in schema().items() for k in keys]
-        same_key = [name for name in others if name.endswith("." + key)]
-        close = same_key or difflib.get_close_matches(f"{section}.{key}", others, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def convert(name: str, f: dataclasses.Field, value, from_text: bool):
-    """Value for field `f`, converted by its declared type; raises ValueError naming the field."""
+    """Value for field `f`, converted by its declared type; raises ConfigError naming the setting."""
     typ = f.type
-    if name == "training.resume" and isinstance(value, bool):  # TOML: resume = false / true
-        value = "auto" if value else "false"
     if from_text:
         if typ is bool:
             if value.lower() not in ("true", "false"):
-                raise ValueError(f"{name} = {value!r} is not a boolean: use true or false")
+                raise ConfigError(f"{name} = {value!r} is not a boolean: use true or false")
             return value.lower() == "true"
         try:
-            return typ(value)
+            value = typ(value)
         except ValueError:
-            raise ValueError(f"{name} = {value!r} is not a{'n' if typ is int else ''} "
-                             f"{typ.__name__}") from None
-    # From TOML the value is already typed: check it, accepting ints for floats.
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not typ:
-        raise ValueError(f"{name} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
+            raise ConfigError(f"{name} = {value!r} is not a{'n' if typ is int else ''} {typ.__name__}") from None
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML: an int where a float is expected
+    elif type(value) is not typ:
+        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{name} = {value} is not a finite number")
     return value
 
 
-def check_range(name: str, f: dataclasses.Field, value) -> str | None:
-    meta = f.metadata
-    if meta["choices"] and value not in meta["choices"]:
-        return f"{name} = {value!r} is not one of: {', '.join(meta['choices'])}"
-    if meta["positive"] and value <= 0:
-        return f"{name} = {value} must be greater than 0"
-    if meta["minimum"] is not None and value < meta["minimum"]:
-        return f"{name} = {value} must be at least {meta['minimum']}"
-    return None
+def value_problem(name: str, f: dataclasses.Field, value) -> str | None:
+    """The rule a single value breaks (its choices or its interval), or None."""
+    choices, within = f.metadata["choices"], f.metadata["within"]
+    if choices and value not in choices:
+        return f"{name} = {value!r} is not one of: {', '.join(choices)}"
+    if within is None:
+        return None
+    lo, hi = (float(x) for x in within[1:-1].split(","))
+    if (lo < value if within[0] == "(" else lo <= value) and (value < hi if within[-1] == ")" else value <= hi):
+        return None
+    return f"{name} = {value} must be {interval_words(within)}"
 
 
-def apply(cfg: Config, values: dict[str, dict], from_text: bool, origin: str, problems: list[str]) -> None:
-    """Set {section: {key: value}} on cfg, appending every problem found to `problems`.
+def interval_words(within: str) -> str:
+    """"[1, inf)" -> "at least 1", "(0, inf)" -> "greater than 0", "[0, 1)" -> "in [0, 1)"."""
+    lo, hi = within[1:-1].split(",")
+    if hi.strip() != "inf":
+        return f"in {within}"
+    return f"{'at least' if within[0] == '[' else 'greater than'} {lo}"
+
+
+def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: list[str],
+          sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """Set {section: {key: value}} on a Config, appending every problem found to `problems`.
 
     The names set are recorded in cfg.explicit, so that a setting the user chose can be
     told apart from a default (a checkpoint's model shape replaces defaults, not choices).
     """
-    fields = schema()
+    fields = {s: fields_of(SECTIONS[s]) for s in sections}
     for section, keys in values.items():
+        if section in SECTIONS and section not in sections:
+            continue  # a preset's settings for other scripts (prepare.py reads only [data])
         if section not in fields or not isinstance(keys, dict):
-            problems.append(f"{origin}: unknown section [{section}]{suggest(section, None)}; "
+            problems.append(f"{origin}: unknown section [{section}]{suggest(section, list(fields))}; "
                             f"valid: {', '.join(fields)}")
             continue
         for key, value in keys.items():
             name = f"{section}.{key}"
             if key not in fields[section]:
-                problems.append(f"{origin}: unknown key {name}{suggest(section, key)}")
+                names = [f"{s}.{k}" for s in fields for k in fields[s]]
+                problems.append(f"{origin}: unknown key {name}{suggest(name, names)}")
                 continue
             try:
                 value = convert(name, fields[section][key], value, from_text)
-            except ValueError as e:
+            except ConfigError as e:
                 problems.append(f"{origin}: {e}")
                 continue
             setattr(getattr(cfg, section), key, value)
             cfg.explicit.add(name)
 
 
-def parse_cli(argv: list[str], problems: list[str]) -> tuple[str | None, dict[str, dict]]:
-    """Split argv into (--config FILE, {section: {key: text value}})."""
-    config_file, values, i = None, {}, 0
+def suggest(name: str, candidates: list[str]) -> str:
+    """A ' (did you mean ...?)' hint: the same key in another section, else the closest name, or ''."""
+    key = name.rsplit(".", 1)[-1]
+    close = [c for c in candidates if "." in name and c.endswith("." + key)] or \
+        difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def validate(obj, sections: tuple[str, ...] = tuple(SECTIONS)) -> list[str]:
+    """Every broken rule of a Config (its `sections`) or of a script's options, all at once."""
+    if isinstance(obj, Config):
+        return [p for section in sections for p in validate_section(getattr(obj, section), section + ".")]
+    return validate_section(obj, "--")
+
+
+def validate_section(obj, prefix: str) -> list[str]:
+    """The broken rules of one section (prefix "model.") or of a script's options (prefix "--")."""
+    out = []
+    for key, f in fields_of(type(obj)).items():
+        name = prefix + (key if prefix.endswith(".") else key.replace("_", "-"))
+        problem = value_problem(name, f, getattr(obj, key))
+        if problem:
+            out.append(problem)
+    return out + (obj.problems() if hasattr(obj, "problems") else [])
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tuple(SECTIONS),
+          program: str = "train.py", about: str = "", preset: str | None = None):
+    """Parse argv into (the script's options, Config). Raises ConfigError listing every problem.
+
+    `options`: the script's options dataclass (flags `--name-with-dashes`), or None.
+    `sections`: the config sections the script takes (`--section.key VALUE`, and `--config FILE`
+    for a TOML preset; `preset` is the one used when none is given). The config's command-line
+    arguments are kept in cfg.overrides, so that a script can apply them to other presets too.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    opts = options() if options else None
+    own = fields_of(options) if options else {}
+    positional = next((k for k, f in own.items() if f.metadata["positional"]), None)
+    problems, cli_values, overrides, i = [], {}, [], 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            raise HelpRequested
+            raise HelpRequested(help_text(program, about, options, sections, preset))
+        if not arg.startswith("--"):
+            if positional:
+                getattr(opts, positional).append(arg)
+            else:
+                problems.append(f"command line: unexpected argument {arg!r}; options are --name VALUE")
+            continue
         flag, has_eq, value = arg.partition("=")
-        if not flag.startswith("--"):
-            problems.append(f"command line: unexpected argument {arg!r}; use --section.key VALUE")
+        kind, key, f = resolve(flag, own, sections)
+        if kind is None:
+            if not has_eq and i < len(argv) and not argv[i].startswith("--"):
+                i += 1  # its value, so that it is not reported as one more problem
+            if flag[2:].split(".")[0] in SECTIONS:
+                takes = ", ".join(f"--{s}.*" for s in sections) or "no config settings"
+                problems.append(f"command line: {flag} is not a setting of {program}: it takes {takes}")
+                continue
+            known = ["--" + k.replace("_", "-") for k in own if k != positional]
+            known += [f for f in SHORT_FLAGS if SHORT_FLAGS[f].split(".")[0] in sections]
+            problems.append(f"command line: unknown option {flag}{suggest(flag, known)}; see --help")
             continue
         if not has_eq:
-            next_is_value = i < len(argv) and not argv[i].startswith("--")
-            if flag == "--resume" and not next_is_value:
-                value = "auto"  # bare --resume continues from out_dir/ckpt_last.pt
-            elif next_is_value:
+            # A boolean flag alone means true (before a script's positional arguments, only a
+            # following true/false is its value); any other flag takes the next argument.
+            boolean = f is not None and f.type is bool
+            if boolean and (i == len(argv) or argv[i].startswith("--") or
+                            positional and argv[i].lower() not in ("true", "false")):
+                value = "true"
+            elif i < len(argv) and not argv[i].startswith("--"):
                 value, i = argv[i], i + 1
             else:
                 problems.append(f"command line: {flag} needs a value")
                 continue
-        if flag == "--config":
-            config_file = value
-            continue
-        name = SHORT_FLAGS.get(flag, flag[2:].replace("-", "_"))
-        section, _, key = name.partition(".")
-        if not key:
-            problems.append(f"command line: unknown option {flag}{suggest('training', section)}; "
-                            "fields are set as --section.key VALUE (see --help)")
-            continue
-        values.setdefault(section, {})[key] = value
-    return config_file, values
+        if kind == "preset":
+            preset = value
+        elif kind == "config":
+            cli_values.setdefault(key[0], {})[key[1]] = value
+            overrides += [flag, value]
+        else:
+            try:
+                setattr(opts, key, convert(flag, f, value, from_text=True))
+            except ConfigError as e:
+                problems.append(f"command line: {e}")
+    cfg = Config()
+    if sections:
+        if preset is not None:
+            apply(cfg, read_preset(preset, problems), False, preset, problems, sections)
+        apply(cfg, cli_values, True, "command line", problems, sections)
+        problems += validate(cfg, sections)
+    if opts is not None:
+        problems += validate(opts)
+    if problems:
+        raise ConfigError(problems)
+    cfg.preset, cfg.overrides = preset, overrides
+    return opts, cfg
+
+
+def resolve(flag: str, own: dict, sections: tuple[str, ...]) -> tuple[str | None, object, object]:
+    """What a flag sets: ("option", key, Field), ("config", (section, key), Field or None when
+    unknown: apply() reports it as it does for a preset), ("preset", None, None), or (None, ...)."""
+    key = flag[2:].replace("-", "_")
+    if key in own and not own[key].metadata["positional"]:
+        return "option", key, own[key]
+    if not sections:
+        return None, None, None
+    if flag == "--config":
+        return "preset", None, None
+    name = SHORT_FLAGS.get(flag, flag[2:])
+    if flag not in SHORT_FLAGS and "." not in name:
+        return None, None, None
+    section, _, k = name.partition(".")
+    if section in SECTIONS and section not in sections:
+        return None, None, None
+    return "config", (section, k), fields_of(SECTIONS[section]).get(k) if section in SECTIONS else None
+
+
+def read_preset(path: str, problems: list[str]) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        problems.append(f"--config {path}: no such file; presets are in configs/")
+    except IsADirectoryError:
+        problems.append(f"--config {path} is a folder; give a .toml file, e.g. configs/cpu/small.toml")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        problems.append(f"--config {path}: not valid TOML ({e})")
+    except OSError as e:
+        problems.append(f"--config {path}: cannot read it ({e.strerror})")
+    return {}
 
 
 def load_config(argv: list[str] | None = None) -> Config:
-    """Defaults, then the TOML preset, then command-line values; all problems raised together."""
-    argv = sys.argv[1:] if argv is None else argv
-    problems: list[str] = []
-    config_file, cli_values = parse_cli(argv, problems)
-    cfg = Config()
-    if config_file is not None:
-        try:
-            with open(config_file, "rb") as f:
-                apply(cfg, tomllib.load(f), from_text=False, origin=config_file, problems=problems)
-        except FileNotFoundError:
-            problems.append(f"--config {config_file}: no such file; presets are in configs/")
-        except tomllib.TOMLDecodeError as e:
-            problems.append(f"--config {config_file}: not valid TOML ({e})")
-    apply(cfg, cli_values, from_text=True, origin="command line", problems=problems)
-    problems += validate(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-def validate(cfg: Config) -> list[str]:
-    out = []
-    for section, fields in schema().items():
-        for key, f in fields.items():
-            problem = check_range(f"{section}.{key}", f, getattr(getattr(cfg, section), key))
-            if problem:
-                out.append(problem)
-    return out + cfg.problems()
-
-
-def config_from_dict(values: dict) -> Config:
-    """A Config from a dict stored in a checkpoint or log (as written by Config.to_dict)."""
-    cfg, problems = Config(), []
-    apply(cfg, values, from_text=False, origin="stored config", problems=problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    """train.py's settings: defaults, then the TOML preset, then command-line values."""
+    return parse(argv)[1]
 
 
 def to_toml(cfg: Config) -> str:
@@ -319,36 +385,42 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def reference() -> str:
-    """Every field with its type, default and doc: the text of --help and of the README."""
+def describe(fields: dict[str, dataclasses.Field], flag) -> list[str]:
+    """Two lines per field: its flag and type, then its doc, allowed values and default."""
     lines = []
-    for section, fields in schema().items():
+    for key, f in fields.items():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = str(default).lower() if isinstance(default, bool) else repr(default)
+        allowed = f" ({' | '.join(f.metadata['choices'])})" if f.metadata["choices"] else \
+            f" ({interval_words(f.metadata['within'])})" if f.metadata["within"] else ""
+        typ = getattr(f.type, "__name__", str(f.type)).upper()
+        lines.append(f"  {flag(key)} {typ}" if not f.metadata["positional"] else f"  {key.upper()} ...")
+        lines.append(f"      {f.metadata['doc']}{allowed}; default {default}")
+    return lines
+
+
+def reference(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
+    """Every config field with its type, default and doc: the text of --help and of the README."""
+    lines = []
+    for section in sections:
         lines.append(f"[{section}]")
-        for key, f in fields.items():
-            default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default)
-            choices = f" ({' | '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
-            lines.append(f"  --{section}.{key} {f.type.__name__.upper()}")
-            lines.append(f"      {f.metadata['doc']}{choices}; default {default}")
+        lines += describe(fields_of(SECTIONS[section]), lambda key: f"--{section}.{key}")
         lines.append("")
     return "\n".join(lines)
 
 
-def help_text(program: str) -> str:
-    return (f"usage: python {program} [--config FILE] [--section.key VALUE ...]\n\n"
-            "Settings come from the defaults below, then the TOML preset given by --config,\n"
-            "then the command line (--section.key VALUE or --section.key=VALUE).\n"
-            "Short flags: " + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items())
-            + "; a bare --resume means --resume auto.\n\n" + reference())
-
-
-def load_or_exit(program: str, argv: list[str] | None = None) -> Config:
-    """load_config for scripts: --help prints and exits 0; problems print and exit 2."""
-    try:
-        return load_config(argv)
-    except HelpRequested:
-        print(help_text(program))
-        sys.exit(0)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+def help_text(program: str, about: str = "", options=None, sections: tuple[str, ...] = tuple(SECTIONS),
+              preset: str | None = None) -> str:
+    usage = f"usage: python {program}" + (" [options]" if options else "") + \
+        (f" [--config FILE (default {preset})]" if preset else " [--config FILE]" if sections else "") + \
+        (" [--section.key VALUE ...]" if sections else "")
+    parts = [usage, about.strip().split("\n\n")[0]] if about else [usage]
+    if options:
+        parts.append("options:\n" + "\n".join(describe(fields_of(options), lambda k: "--" + k.replace("_", "-"))))
+    if sections:
+        parts.append("Settings come from the defaults below, then the TOML preset given by --config,\n"
+                     "then the command line (--section.key VALUE or --section.key=VALUE; a boolean\n"
+                     "alone means true). Short flags: "
+                     + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items() if v.split(".")[0] in sections)
+                     + ".\n\n" + reference(sections))
+    return "\n\n".join(parts)

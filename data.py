@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import UserError
+
 META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
 # r50k_base file means one cached file serves both names offline.
@@ -30,7 +32,7 @@ ENCODING_FILES = {"gpt2": "r50k_base"}
 EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the user's data or settings; the message says how to fix it."""
 
 
@@ -116,6 +118,18 @@ def tokenizer_from_meta(meta: dict):
     return BPETokenizer(meta["encoding"])
 
 
+def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[str]:
+    """How two tokenizer metas differ (empty: the same ids mean the same text in both); a `b` without
+    "chars" accepts any characters. The one place that decides whether two sides share tokens."""
+    if a.get("tokenizer") != b.get("tokenizer"):
+        return [f"data.tokenizer: {a.get('tokenizer')!r} {a_name}, {b.get('tokenizer')!r} {b_name}"]
+    if a["tokenizer"] == "bpe" and a.get("encoding") != b.get("encoding"):
+        return [f"data.bpe_encoding: {a.get('encoding')!r} {a_name}, {b.get('encoding')!r} {b_name}"]
+    if a["tokenizer"] == "char" and b.get("chars") is not None and a.get("chars") != b["chars"]:
+        return [f"other characters ({len(a.get('chars') or '')} {a_name}, {len(b['chars'])} {b_name})"]
+    return []
+
+
 def token_dtype(vocab_size: int) -> str:
     """The smallest unsigned type that holds every token id."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
@@ -125,7 +139,8 @@ def token_dtype(vocab_size: int) -> str:
 
 def load_meta(folder: str | Path) -> dict:
     path = Path(folder) / "meta.json"
-    fix = f"python prepare.py --out {folder} --force (with the --input and --tokenizer you train with)"
+    fix = (f"python prepare.py --data.processed_dir {folder} --force (with the --data.input and "
+           "--data.tokenizer you train with)")
     if not path.exists():
         raise DataError(f"no prepared data: {path} is missing; run: {fix.replace(' --force', '')}")
     try:
@@ -254,14 +269,6 @@ def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: s
     corpus = path.parent.name if path.stem == "input" else path.stem
     name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else "")
     return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_split_lengths(splits: dict, block_size: int, folder) -> None:

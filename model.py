@@ -18,14 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig
+from config import ConfigError, ModelConfig, validate_section
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # older torch: "flex" is then refused with a clear error in GPT.__init__
     BlockMask = create_block_mask = flex_attention = None
 
-ATTENTION_BACKENDS = ("eager", "sdpa", "flex")
 FLEX_ALTERNATIVES = 'use model.attention = "sdpa" or "eager" instead (they compute the same thing)'
 
 
@@ -69,8 +68,8 @@ def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     try:
         return run(q, k, v, block_mask=block_mask)
     except NotImplementedError as err:  # e.g. "FlexAttention does not support backward on CPU"
-        raise RuntimeError(f'model.attention = "flex" cannot run here ({err}); {FLEX_ALTERNATIVES}, '
-                           "or train on a CUDA GPU") from err
+        raise ConfigError(f'model.attention = "flex" cannot run here ({err}); {FLEX_ALTERNATIVES}, '
+                          "or train on a CUDA GPU") from err
 
 
 @functools.cache
@@ -201,28 +200,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # each token is processed on its own
 
 
-def config_problems(cfg: ModelConfig) -> list[str]:
-    """Everything wrong with a model config, so the user can fix it all in one go."""
-    out = [f"model.{name} = {getattr(cfg, name)} must be positive"
-           for name in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_multiple")
-           if getattr(cfg, name) < 1]
-    if cfg.vocab_size < 1:
-        out.append(f"model.vocab_size = {cfg.vocab_size} must be at least 1 "
-                   "(0 means not set: it is normally taken from the prepared data)")
-    if cfg.attention not in ATTENTION_BACKENDS:
-        out.append(f"model.attention = {cfg.attention!r} is not one of: {', '.join(ATTENTION_BACKENDS)}")
-    return out + cfg.problems()
-
-
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        problems = config_problems(cfg)
-        if problems:
-            raise ValueError("; ".join(problems))
+        # The config's own rules, checked again here because a model can be built from any config.
+        problems = validate_section(cfg, "model.")
+        if cfg.vocab_size == 0:
+            problems.append("model.vocab_size = 0 means not set: it is normally taken from the prepared data")
         if cfg.attention == "flex" and flex_attention is None:
-            raise RuntimeError(f'model.attention = "flex" needs torch.nn.attention.flex_attention, which '
-                               f"torch {torch.__version__} does not have; {FLEX_ALTERNATIVES}")
+            problems.append(f'model.attention = "flex" needs torch.nn.attention.flex_attention, which '
+                            f"torch {torch.__version__} does not have; {FLEX_ALTERNATIVES}")
+        if problems:
+            raise ConfigError(problems)
         self.config = cfg
         # Rounding the table up (e.g. to a multiple of 64) makes the big output matmul faster on GPUs.
         # The extra rows are never looked up and are sliced off the logits.
@@ -410,12 +399,15 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- sampling
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature} must be >= 0 (0 means greedy)")
+    problems = []
+    if not temperature >= 0:  # written this way so that nan fails too
+        problems.append(f"temperature = {temperature} must be >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k = {top_k} must be at least 1")
+        problems.append(f"top_k = {top_k} must be at least 1")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p = {top_p} must be in (0, 1]")
+        problems.append(f"top_p = {top_p} must be in (0, 1]")
+    if problems:
+        raise ConfigError(problems)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -13,15 +13,18 @@ The log may belong to a run that is still going: it is rewritten atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
+
+from config import doc, parse
+from errors import UserError, command
 
 LOG_NAME = "train_log.json"
 FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
@@ -33,7 +36,7 @@ REQUIRED = {"log": ("version", "run", "evals", "train"),
             "train": ("step", "loss", "lr", "tokens")}
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """A problem with the input that the user can fix; main() prints it as one line."""
 
 
@@ -168,29 +171,30 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plot loss and lr curves from train logs.")
-    parser.add_argument("logs", nargs="+", help=f"{LOG_NAME} files or the run folders holding them")
-    parser.add_argument("--out", help="PNG to write (default: curves.png next to the first log)")
-    parser.add_argument("--x", choices=X_CHOICES, default="step", help="x axis (default: step)")
-    parser.add_argument("--show", action="store_true", help="also open a window with the figure")
-    parser.add_argument("--title", help="figure title")
-    args = parser.parse_args(argv)
+@dataclass
+class PlotOptions:
+    logs: list[str] = doc(f"{LOG_NAME} files or the run folders holding them", [], positional=True)
+    out: str = doc("PNG to write; empty: curves.png next to the first log", "")
+    x: str = doc("x axis", "step", choices=X_CHOICES)
+    show: bool = doc("also open a window with the figure", False)
+    title: str = doc("figure title; empty: training curves", "")
 
-    if not args.show:
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    opts, _ = parse(argv, PlotOptions, sections=(), program="plot.py", about=__doc__)
+    if not opts.logs:
+        raise PlotError(f"no log given; pass a {LOG_NAME} or a run folder, e.g. python plot.py checkpoints/small")
+    if not opts.show:
         matplotlib.use("Agg")  # draw to files only: works with no display
 
-    paths = [Path(p) / LOG_NAME if Path(p).is_dir() else Path(p) for p in args.logs]
-    out = Path(args.out) if args.out else paths[0].parent / "curves.png"
+    paths = [Path(p) / LOG_NAME if Path(p).is_dir() else Path(p) for p in opts.logs]
+    out = Path(opts.out) if opts.out else paths[0].parent / "curves.png"
+    logs = dict(zip(run_labels(paths), (load_log(p) for p in paths)))
     try:
-        logs = dict(zip(run_labels(paths), (load_log(p) for p in paths)))
-        plot_logs(logs, out, x=args.x, title=args.title, show=args.show)
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        plot_logs(logs, out, x=opts.x, title=opts.title or None, show=opts.show)
     except OSError as e:  # e.g. --out in a folder we may not write to
-        print(f"error: cannot write {out} ({e.strerror}); choose another --out", file=sys.stderr)
-        return 2
+        raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out") from None
     print(f"wrote {out}")
     return 0
 

@@ -1,35 +1,48 @@
 """Turn a text file (or a folder of text files) into training data.
 
-    python prepare.py                                   # shipped corpus, characters, bin
-    python prepare.py --tokenizer bpe --encoding gpt2   # GPT-2 BPE tokens
-    python prepare.py --input my.txt --out data/processed/my_char --format txt
+    python prepare.py                                            # shipped corpus, characters, bin
+    python prepare.py --tokenizer bpe                            # GPT-2 BPE tokens
+    python prepare.py --data.input my.txt --data.processed_dir data/processed/my_char --data.format txt
+    python prepare.py --config configs/bpe/shakespeare_bpe.toml  # the data that preset trains on
 
-Writes into --out: train/val splits (`train.bin`/`val.bin`: flat token arrays, or
-`train.txt`/`val.txt`: the raw text) and `meta.json`, which says how to read them.
-The last val_fraction of the text is the validation split. For a folder, each
-`*.txt` file (sorted by path) is one document; BPE puts its end-of-text token after
-each document. The input streams in chunks, so memory stays bounded for any size.
+It takes the [data] settings of train.py, spelt the same way. It writes into data.processed_dir
+the train/val splits (`train.bin`/`val.bin`: flat token arrays, or `train.txt`/`val.txt`: the raw
+text) and `meta.json`, which says how to read them and how they were made: the settings and a
+fingerprint of the input. The last val_fraction of the text is the validation split. For a folder,
+each `*.txt` file (sorted by path) is one document; BPE puts its end-of-text token after each. The
+input streams in chunks, so memory stays bounded for any size. train.py prepares data through
+`ensure_prepared`, which never trains on a split the config does not describe.
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, atomic_write_text,
-                  default_processed_dir, encode_chunks, safe_cut, split_safely, token_dtype)
+from config import DataConfig, doc, parse
+from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, default_processed_dir,
+                  encode_chunks, load_meta, resolve_bin_dir, safe_cut, split_safely, token_dtype,
+                  tokenizer_differences)
+from errors import command
+from files import atomic_write_text
 
 READ_BYTES = 1 << 22      # 4 MB reads
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
 PROGRESS_BYTES = 5 << 20  # show progress for inputs over 5 MB
+
+
+def output_dir(d: DataConfig) -> Path:
+    """data.processed_dir, or data/processed/<corpus>_<tokenizer>... when it is empty."""
+    folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding, d.format))
+    return resolve_bin_dir(folder) if d.format == "bin" else folder
 
 
 def list_documents(input_path: str) -> list[Path]:
@@ -37,14 +50,28 @@ def list_documents(input_path: str) -> list[Path]:
     if path.is_dir():
         docs = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not docs:
-            raise DataError(f"{path} holds no .txt files; pass a text file or a folder of .txt files")
+            raise DataError(f"{path} holds no .txt files; set data.input to a text file or a folder of .txt files")
     elif path.is_file():
         docs = [path]
     else:
-        raise DataError(f"input {path} does not exist; pass --input FILE (a text file or folder)")
+        raise DataError(f"input {path} does not exist; set data.input to a text file or folder")
     if sum(p.stat().st_size for p in docs) == 0:
-        raise DataError(f"input {path} is empty; pass a file with text in it")
+        raise DataError(f"input {path} is empty; set data.input to a file with text in it")
     return docs
+
+
+def stat_digest(docs: list[Path]) -> str:
+    """A cheap fingerprint (names, sizes, modification times): when it matches, the input is unchanged."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in docs]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+
+
+def content_digest(docs: list[Path]) -> str:
+    hasher = hashlib.sha256()
+    for doc in docs:
+        for _ in read_text(doc, hasher):
+            pass
+    return hasher.hexdigest()
 
 
 def read_text(path: Path, hasher=None):
@@ -120,78 +147,102 @@ class SplitWriter:
         self.file.close()
 
 
-def existing_differences(out: Path, meta: dict) -> list[str]:
-    """What an earlier preparation in `out` did differently from `meta` (empty: nothing)."""
-    path = out / "meta.json"
-    if not path.exists():
-        return []
+def differences(meta: dict, d: DataConfig, chars: str | None, source: dict | None) -> list[str]:
+    """How the data described by `meta` differs from what `d` asks for (empty: it is that data).
+    `chars`: the characters the text must be encoded with (None: any); `source`: the input's
+    fingerprint, or None when the input cannot be read (then it is not compared)."""
+    wanted = {"tokenizer": d.tokenizer, "encoding": d.bpe_encoding, "chars": chars}
+    out = tokenizer_differences(meta, wanted, "there", "now")
+    out += [f"data.{k}: {meta.get(k)!r} there, {v!r} now" for k, v in (("format", d.format),
+            ("val_fraction", d.val_fraction)) if meta.get(k) != v]
+    old = meta.get("source") or {}
+    if source and old.get("stat") != source["stat"]:  # maybe changed: compare the contents
+        if old.get("sha256") != (source.get("sha256") or content_digest(source["docs"])):
+            out.append(f"data.input: {old.get('path')!r} there (other contents), {d.input!r} now")
+    return out
+
+
+def ensure_prepared(d: DataConfig, chars: str | None = None) -> tuple[Path, dict]:
+    """The prepared folder for `d` and its meta, preparing it when it is missing or was made otherwise.
+    A folder the user named (data.processed_dir) is never replaced: a mismatch there is an error.
+    `chars`: a char model's characters, to encode the text with the model's own ids."""
+    folder = output_dir(d)
+    with_chars = " with the model's characters" if chars else ""
+    if not (folder / "meta.json").exists():
+        print(f"no prepared data in {folder}: preparing it from {d.input}{with_chars}")
+        return folder, prepare(d, chars=chars)
+    meta = load_meta(folder)
     try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return ["meta.json is corrupt"]
-    keys = ("tokenizer", "encoding", "format", "val_fraction")
-    diffs = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in keys if old.get(k) != meta.get(k)]
-    if old.get("tokenizer") == meta["tokenizer"] == "char" and old.get("chars") != meta["chars"]:
-        diffs.append(f"other characters ({len(old.get('chars') or '')} there, {len(meta['chars'])} now)")
-    if old.get("source", {}).get("sha256") != meta["source"]["sha256"]:
-        diffs.append(f"source: {old.get('source', {}).get('path')!r} (other contents) there, "
-                     f"{meta['source']['path']!r} now")
-    return diffs
+        docs = list_documents(d.input)
+        source = {"stat": stat_digest(docs), "docs": docs}
+    except DataError:  # no input here (e.g. only the prepared folder was copied): use the folder as it is
+        source = None
+    diffs = differences(meta, d, chars, source)
+    if not diffs:
+        return folder, meta
+    if d.processed_dir:
+        fix = ("set data.processed_dir to a new folder (train.py prepares the text there with the model's "
+               "characters)" if chars else f"prepare it again: {prepare_command(d)}, or set "
+               "data.processed_dir to another folder")
+        raise DataError(f"{folder} holds data prepared differently ({'; '.join(diffs)}); {fix}")
+    print(f"{folder} was prepared differently ({'; '.join(diffs)}): preparing it again{with_chars}")
+    return folder, prepare(d, force=True, chars=chars)
 
 
-def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = None,
-            tokenizer: str = "char", fmt: str = "bin", encoding: str = "gpt2",
-            val_fraction: float = 0.1, force: bool = False, progress: bool = True,
-            vocab: str | None = None) -> dict:
-    """Prepare `input_path` into `out`; returns the meta dict that was written. `vocab` (char only):
+def prepare_command(d: DataConfig) -> str:
+    bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else ""
+    return (f"python prepare.py --data.input {d.input} --data.processed_dir {d.processed_dir} --data.tokenizer "
+            f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction} --force")
+
+
+def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progress: bool = True) -> dict:
+    """Prepare d.input into output_dir(d); returns the meta dict that was written. `chars` (char only):
     a model's characters to encode with, instead of the corpus's own, so that model can train on it."""
-    if tokenizer not in ("char", "bpe"):
-        raise DataError(f"--tokenizer {tokenizer!r} is not one of: char, bpe")
-    if fmt not in ("txt", "bin"):
-        raise DataError(f"--format {fmt!r} is not one of: txt, bin")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} is not allowed: use a value in (0, 1), e.g. 0.1")
-    out = Path(out or default_processed_dir(input_path, tokenizer, encoding, fmt))
-    docs = list_documents(input_path)
+    out = output_dir(d)
+    docs = list_documents(d.input)
     total_bytes = sum(p.stat().st_size for p in docs)
 
     # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
-    hasher, n_chars, chars = hashlib.sha256(), 0, set()
+    hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
     progress = Progress(total_bytes, "prepare: reading", progress)
     for doc in docs:
         for text in read_text(doc, hasher):
             n_chars += len(text)
-            if tokenizer == "char":
-                chars.update(text)
+            if d.tokenizer == "char":
+                seen_chars.update(text)
             progress.add(len(text.encode("utf-8")) if progress.enabled else 0)
-    if tokenizer == "char":
-        missing = sorted(chars - set(vocab)) if vocab is not None else []
+    if d.tokenizer == "char":
+        missing = sorted(seen_chars - set(chars)) if chars is not None else []
         if missing:
             shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
-            raise DataError(f"{input_path} has characters the model does not know: {shown}; remove them from "
+            raise DataError(f"{d.input} has characters the model does not know: {shown}; remove them from "
                             "the text, or use a bpe model, which reads any text")
-        tok = CharTokenizer(vocab if vocab is not None else "".join(sorted(chars)))
+        tok = CharTokenizer(chars if chars is not None else "".join(sorted(seen_chars)))
     else:
-        tok = BPETokenizer(encoding)
+        tok = BPETokenizer(d.bpe_encoding)
+    source = {"path": str(d.input), "sha256": hasher.hexdigest(), "bytes": total_bytes, "documents": len(docs),
+              "stat": stat_digest(docs)}
     meta = {
-        "format_version": META_VERSION, "tokenizer": tokenizer, "format": fmt,
+        "format_version": META_VERSION, "tokenizer": d.tokenizer, "format": d.format,
         "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size),
-        **({"chars": tok.chars} if tokenizer == "char" else {"encoding": encoding,
-                                                              "eot_token": tok.eot_token}),
-        "val_fraction": val_fraction,
-        "source": {"path": str(input_path), "sha256": hasher.hexdigest(), "bytes": total_bytes,
-                   "documents": len(docs)},
+        **({"chars": tok.chars} if d.tokenizer == "char" else {"encoding": d.bpe_encoding,
+                                                                "eot_token": tok.eot_token}),
+        "val_fraction": d.val_fraction, "source": source,
     }
-    diffs = existing_differences(out, meta)
-    if diffs and not force:
-        raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
-                        "choose another --out, or pass --force to replace it")
+    if (out / "meta.json").exists() and not force:
+        try:
+            diffs = differences(load_meta(out), d, meta.get("chars"), source)
+        except DataError:
+            diffs = ["meta.json is corrupt"]
+        if diffs:
+            raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
+                            "set data.processed_dir to another folder, or pass --force to replace it")
 
     # Pass 2: the first (1 - val_fraction) of the characters are train, the rest val.
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ".bin" if fmt == "bin" else ".txt"
-    writers = {s: SplitWriter(out / f"{s}{suffix}", fmt, tok, meta["dtype"]) for s in ("train", "val")}
-    n_train_chars, seen = int(n_chars * (1 - val_fraction)), 0
+    suffix = ".bin" if d.format == "bin" else ".txt"
+    writers = {s: SplitWriter(out / f"{s}{suffix}", d.format, tok, meta["dtype"]) for s in ("train", "val")}
+    n_train_chars, seen = int(n_chars * (1 - d.val_fraction)), 0
     progress = Progress(total_bytes, "prepare: encoding", progress.enabled)
     try:
         for doc in docs:
@@ -225,24 +276,16 @@ def prepare(input_path: str = "data/shakespeare/input.txt", out: str | None = No
     return meta
 
 
+@dataclass
+class PrepareOptions:
+    force: bool = doc("replace a folder that holds data prepared with other settings", False)
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default="data/shakespeare/input.txt", help="text file or folder of .txt files")
-    p.add_argument("--out", default=None, help="output folder (default: data/processed/<corpus>_<tokenizer>)")
-    p.add_argument("--tokenizer", default="char", help="char or bpe")
-    p.add_argument("--format", default="bin", help="bin (token arrays) or txt (text splits)")
-    p.add_argument("--encoding", default="gpt2", help="tiktoken encoding for bpe (gpt2, cl100k_base, ...)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation")
-    p.add_argument("--force", action="store_true", help="replace data prepared with other settings")
-    args = p.parse_args(argv)
+    opts, cfg = parse(argv, PrepareOptions, sections=("data",), program="prepare.py", about=__doc__)
     start = time.time()
-    try:
-        meta = prepare(args.input, args.out, args.tokenizer, args.format, args.encoding,
-                       args.val_fraction, args.force)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    meta = prepare(cfg.data, opts.force)
     kind = meta["tokenizer"] + (f" {meta['encoding']}" if meta["tokenizer"] == "bpe" else "")
     print(f"prepared {meta['out']}: train {meta['tokens']['train']:,} tokens, val "
           f"{meta['tokens']['val']:,} tokens, vocab {meta['vocab_size']:,} ({kind}), "

@@ -6,10 +6,11 @@
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml
     python train.py --help                                           # every setting, with its doc
 
-Reading order: main() sets everything up, then runs the loop. Each optimizer step
-accumulates gradients over grad_accum_steps micro-batches; every eval_interval steps
-(and at the last step) it evaluates, writes ckpt_last.pt, ckpt_best.pt on improvement,
-and train_log.json, and checks early stopping.
+Reading order: main(cfg) calls setup() (processes and device, the starting weights, the data, the
+model and optimizer, the log), then train_loop(), then summarize(). Each optimizer step
+accumulates gradients over grad_accum_steps micro-batches; every eval_interval steps (and after
+the last step) the loop evaluates, writes ckpt_last.pt, ckpt_best.pt on improvement, and
+train_log.json, and checks early stopping.
 """
 
 from __future__ import annotations
@@ -17,136 +18,142 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, adopt_model_shape, save_checkpoint
-from config import Config, ConfigError, load_or_exit, to_toml
-from data import (DataError, atomic_write_text, check_split_lengths, default_processed_dir, document_ids,
-                  get_batch, load_meta, load_tokens, resolve_bin_dir)
-from export import load_weights
+import prepare
+from checkpoint import CheckpointError, Weights, adopt_model_shape, load_weights, save_checkpoint
+from config import Config, ConfigError, TrainingConfig, parse, to_toml
+from data import check_split_lengths, document_ids, get_batch, load_tokens
+from errors import UserError, command
+from files import atomic_write_text
 from model import GPT
-
-# Dense bf16 peak FLOP/s by GPU name, for MFU (model FLOPs utilization).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}
+from runtime import (Processes, autocast, end_processes, peak_flops, pick_device, pick_precision, rng_state,
+                     set_rng_state, start_processes)
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
 
 
-# ----------------------------------------------------------------------------- setup helpers
-
-def setup_distributed(device_name: str) -> tuple[int, int, int, str]:
-    """(rank, local_rank, world_size, device). Under torchrun one process per device."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, device_name
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), \
-        int(os.environ["WORLD_SIZE"])
-    if device_name == "cuda":
-        torch.cuda.set_device(local_rank)
-        device_name = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
-    return rank, local_rank, world, device_name
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else \
-            "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"training.device = cuda, but this torch ({torch.__version__}) sees no CUDA "
-                         "GPU; use --device cpu, or install a CUDA build of torch on a GPU machine")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainError("training.device = mps, but MPS is not available; use --device cpu")
-    return name
+@dataclass
+class Run:
+    """What the loop works with, made by setup()."""
+    model: torch.nn.Module       # what is called: compiled and/or wrapped in DDP
+    raw_model: GPT               # the plain model, whose weights checkpoints store
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for fp16; a no-op otherwise
+    splits: dict[str, np.ndarray]
+    meta: dict                   # the data's tokenizer meta
+    state: dict                  # loop state, saved in checkpoints (see new_state)
+    log: dict                    # train_log.json
+    procs: Processes
+    precision: str
+    out_dir: Path
+    resumed_step: int | None  # a resumed run's first step, evaluated before it was saved
 
 
-def pick_precision(precision: str, device_type: str) -> str:
-    """The precision actually used: fp16 and unsupported bf16 fall back to fp32 on CPU."""
-    if device_type == "cpu" and precision == "fp16":
-        print("notice: fp16 autocast is not used on CPU; training in fp32 (bf16 is the fast option)")
-        return "fp32"
-    if device_type == "cpu" and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("notice: this CPU has no bf16 support; training in fp32")
-        return "fp32"
-    return precision
+# ----------------------------------------------------------------------------- set-up
+
+def main(cfg: Config) -> dict:
+    """Train as `cfg` says; returns a summary dict (also printed at the end)."""
+    procs = start_processes(pick_device(cfg.training.device))
+    finished = False
+    try:
+        run = setup(cfg, procs)
+        train_loop(cfg, run)
+        finished = True
+        return summarize(cfg, run)
+    finally:
+        end_processes(procs, finished)
 
 
-def autocast(device_type: str, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def setup(cfg: Config, procs: Processes) -> Run:
+    training, device = cfg.training, procs.device
+    device_type = torch.device(device).type
+    precision = pick_precision(training.precision, device_type)
+    if training.grad_accum_steps % procs.world:
+        raise ConfigError(f"training.grad_accum_steps = {training.grad_accum_steps} must be divisible by "
+                          f"the number of processes ({procs.world})")
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
-
-def prepare_data(cfg: Config, rank: int, world: int, start_meta: dict | None) -> tuple[Path, dict]:
-    """The prepared-data folder and its meta; prepares it from data.input when missing. A char
-    model's text is encoded with the model's own characters (start_meta), so it can go on training."""
-    d = cfg.data
-    folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding,
-                                                           cfg.training.data_format))
-    if cfg.training.data_format == "bin":
-        folder = resolve_bin_dir(folder)
-    if not (folder / "meta.json").exists() and rank == 0:
-        # If this fails, the other ranks wait at the barrier below until torchrun ends the job.
-        vocab = start_meta["chars"] if start_meta and start_meta.get("tokenizer") == d.tokenizer == "char" else None
-        print(f"no prepared data in {folder}: preparing it from {d.input}"
-              + (" with the model's characters" if vocab else ""))
-        from prepare import prepare
-        prepare(d.input, str(folder), d.tokenizer, cfg.training.data_format, d.bpe_encoding, d.val_fraction,
-                vocab=vocab)
-    if world > 1:
-        dist.barrier()  # the other ranks wait until rank 0 has prepared the data
-    meta = load_meta(folder)
-    wanted = {"tokenizer": d.tokenizer, "format": cfg.training.data_format}
-    if d.tokenizer == "bpe":
-        wanted["encoding"] = d.bpe_encoding
-    diffs = [f"{k} {meta.get(k)!r} (config: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
-    if diffs:
-        raise DataError(f"{folder} holds data prepared with {', '.join(diffs)}; set "
-                        "data.processed_dir to another folder, or prepare it again with --force")
-    return folder, meta
-
-
-def load_start(t, device: str) -> tuple[dict | None, str | None]:
-    """(weights to start from, resume path). Weights come from the seed (None), a checkpoint
-    (resume), or init_from (a checkpoint or an export)."""
-    resume_path = str(Path(t.out_dir) / "ckpt_last.pt") if t.resume == "auto" else \
-        None if t.resume == "false" else t.resume
-    source = resume_path or t.init_from or None
-    start = load_weights(source, device) if source else None
-    if resume_path and start["checkpoint"] is None:
-        raise CheckpointError(f"training.resume needs a checkpoint file, and {source} is an exported "
-                              "folder; start from it with training.init_from instead")
+    start = load_start(training, device)
     if start:
-        start["source"] = source
-    return start, resume_path
-
-
-def fit_model_to(cfg: Config, start: dict | None, meta: dict, data_dir: Path) -> None:
-    """Settle cfg.model against the starting weights (their shape replaces the defaults) and the data."""
-    if start:
-        problems = adopt_model_shape(cfg, start["model_config"], start["meta"], meta)
-        theirs = (start["meta"] or {}).get("tokenizer")
-        if theirs and theirs != meta["tokenizer"]:
-            problems.append(f"set data.tokenizer = {theirs} (the model's)")
-        elif theirs == "char" and start["meta"]["chars"] != meta["chars"]:
-            problems.append(f"{data_dir} was prepared with other characters: set data.processed_dir to a "
-                            "new folder, and train.py prepares the text there with the model's characters")
+        problems = adopt_model_shape(cfg, start)
         if problems:
-            raise CheckpointError(f"{start['source']} does not match this run: " + "; ".join(problems))
+            raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
+    # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
+    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
+    data_dir, meta = prepare_data(cfg, procs, chars)
+    splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
+    if cfg.data.doc_mask and meta.get("eot_token") is None:
+        raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
-        raise ConfigError([f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's "
-                           f"vocabulary ({meta['vocab_size']}); use 0 to take it from the data"])
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({meta['vocab_size']}); use 0 to take it from the data")
+    check_split_lengths(splits, cfg.model.block_size, data_dir)
+
+    torch.manual_seed(training.seed)
+    raw_model = GPT(cfg.model).to(device)
+    optimizer = raw_model.configure_optimizer(training.weight_decay, training.learning_rate,
+                                              (training.beta1, training.beta2), device_type,
+                                              training.optimizer, training.muon_lr)
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    state = restore(start, training.resume, raw_model, optimizer, scaler, device) if start else new_state()
+    if start and procs.master:
+        print(f"{'resuming' if training.resume else 'initialised'} from {start.path} at step {state['step']}")
+    model = torch.compile(raw_model) if training.compile else raw_model
+    if procs.world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+
+    out_dir = Path(training.out_dir)
+    log = start_log(cfg, out_dir, raw_model, procs, precision, state if training.resume else None)
+    if procs.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.toml", to_toml(cfg))
+        print(to_toml(cfg))
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
+              f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
+              + (f", {procs.world} processes" if procs.world > 1 else ""))
+        print(f"effective batch: {training.batch_size} x {training.grad_accum_steps} accumulation = "
+              f"{training.batch_size * training.grad_accum_steps} sequences = {tokens_per_step(cfg):,} "
+              "tokens per step")
+    return Run(model, raw_model, optimizer, scaler, splits, meta, state, log, procs, precision, out_dir,
+               state["step"] if training.resume else None)
+
+
+def load_start(training: TrainingConfig, device: str) -> Weights | None:
+    """The weights to start from: the run's own ckpt_last.pt (resume), init_from's, or None (random)."""
+    if training.resume:
+        path = Path(training.out_dir) / "ckpt_last.pt"
+        if not path.is_file():
+            raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
+                                  "set training.out_dir to the run to continue")
+        return load_weights(path, device)
+    return load_weights(training.init_from, device) if training.init_from else None
+
+
+def prepare_data(cfg: Config, procs: Processes, chars: str | None) -> tuple[Path, dict]:
+    """The prepared-data folder and its meta, made by prepare.py when missing or made otherwise.
+    `chars`: a char model's characters, so that it reads a new text with its own token ids."""
+    if procs.master:
+        # If this fails, the other ranks wait at the barrier below until torchrun ends the job.
+        folder, meta = prepare.ensure_prepared(cfg.data, chars)
+    if procs.world > 1:
+        dist.barrier()  # the other ranks wait until rank 0 has prepared the data
+    if not procs.master:
+        folder, meta = prepare.ensure_prepared(cfg.data, chars)  # now only reads what rank 0 made
+    return folder, meta
 
 
 def new_state() -> dict:
@@ -155,34 +162,28 @@ def new_state() -> dict:
             "elapsed_s": 0.0}
 
 
-def restore(start: dict, resume_path: str | None, model: GPT, optimizer, scaler, device: str,
-            master: bool) -> dict:
+def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
     """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state."""
-    model.load_state_dict(start["state_dict"])
-    state = new_state()
-    if resume_path:
-        ckpt = start["checkpoint"]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = {k: ckpt[k] for k in state}
-        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-        if device.startswith("cuda") and ckpt["rng"]["cuda"].numel():
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-    if master:
-        print(f"{'resuming' if resume_path else 'initialised'} from {start['source']} at step {state['step']}")
-    return state
+    model.load_state_dict(start.state_dict)
+    if not resume:
+        return new_state()
+    ckpt = start.training
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    return {k: ckpt[k] for k in new_state()}
 
 
-def start_log(cfg: Config, out_dir: Path, n_params: int, tokens_per_step: int, device: str, precision: str,
-              world: int, resumed_state: dict | None) -> dict:
+def start_log(cfg: Config, out_dir: Path, model: GPT, procs: Processes, precision: str,
+              resumed_state: dict | None) -> dict:
     """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's step."""
     log = {"version": 1, "config": cfg.to_dict(),
-           "run": {"tokens_per_step": tokens_per_step, "n_params": n_params,
-                   "device": device, "precision": precision, "world_size": world,
+           "run": {"tokens_per_step": tokens_per_step(cfg), "n_params": model.num_params(),
+                   "device": procs.device, "precision": precision, "world_size": procs.world,
                    "status": "running", "stop_reason": None, "early_stop_step": None},
            "evals": [], "train": [], "best": None}
     old_log = out_dir / "train_log.json"
-    if resumed_state and old_log.exists():
+    if resumed_state and procs.master and old_log.exists():
         old, step = json.loads(old_log.read_text()), resumed_state["step"]
         log["evals"] = [r for r in old["evals"] if r["step"] <= step]
         log["train"] = [r for r in old["train"] if r["step"] <= step]
@@ -190,8 +191,102 @@ def start_log(cfg: Config, out_dir: Path, n_params: int, tokens_per_step: int, d
     return log
 
 
-def get_lr(step: int, t) -> float:
+def tokens_per_step(cfg: Config) -> int:
+    return cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(cfg: Config, run: Run) -> None:
+    training, state, procs = cfg.training, run.state, run.procs
+    device, master = procs.device, procs.master
+    device_type = torch.device(device).type
+    accum = training.grad_accum_steps // procs.world  # micro-steps per process
+    eot = run.meta.get("eot_token")
+    peak = peak_flops(device)
+    step = state["step"]  # optimizer steps done so far
+    start_time = time.time() - state["elapsed_s"]  # elapsed_s carries on across resumes
+    interval_start = time.time()  # start of the current log interval (evaluations left out)
+    ms_per_step = None
+    # The loop passes max_iters + 1 times: the last pass (step == max_iters) makes no update, it
+    # only evaluates and saves the final weights. A resumed run has evaluated its first step already.
+    while True:
+        last_step = step == training.max_iters
+        stop_reason = None
+
+        if (step % training.eval_interval == 0 or last_step) and step != run.resumed_step:
+            eval_start = time.time()
+            losses = evaluate(run.model, run.splits, cfg, device, run.precision, procs, eot)
+            improved = losses["val"] < state["best_val_loss"] - training.early_stopping_min_delta
+            if improved:
+                state.update(best_val_loss=losses["val"], best_step=step, bad_evals=0)
+            else:
+                state["bad_evals"] += 1
+            if training.early_stopping and state["bad_evals"] >= training.early_stopping_patience:
+                stop_reason = (f"early stopping: val loss has not improved by {training.early_stopping_min_delta} "
+                               f"for {state['bad_evals']} evaluations (best {state['best_val_loss']:.4f} "
+                               f"at step {state['best_step']})")
+            state["elapsed_s"] = time.time() - start_time
+            if master:
+                save(cfg, run, losses, improved, stop_reason)
+            interval_start += time.time() - eval_start  # keep evaluation time out of ms/step
+        if last_step or stop_reason:
+            break
+
+        # One optimizer step: accumulate gradients over micro-batches, then update.
+        lr = get_lr(step, training)
+        for group in run.optimizer.param_groups:
+            # lr_scale: a group's peak rate relative to learning_rate (Muon's matrices have their own).
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = get_batch(run.splits["train"], cfg.model.block_size, training.batch_size,
+                             ("train", training.seed, step), device, part=procs.rank * accum + micro,
+                             parts=training.grad_accum_steps)
+            # Under DDP, gradients are averaged across processes only on the last micro-step.
+            sync = micro == accum - 1 or procs.world == 1
+            with (contextlib.nullcontext() if sync else run.model.no_sync()), autocast(device_type, run.precision):
+                _, loss = run.model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
+            # Each micro-batch's loss is scaled by 1/accum, so the summed gradients are
+            # the gradient of the mean loss over the whole effective batch.
+            run.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+        if procs.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            if master:
+                run.log["run"].update(status="diverged", stop_reason=f"non-finite loss at step {step}")
+                write_log(run.out_dir, run.log)
+            raise TrainError(f"the loss became {loss_value} at step {step}; ckpt_last.pt holds the last "
+                             "good state. Lower training.learning_rate or use bf16 instead of fp16")
+        if training.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), training.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state.update(step=step, tokens=state["tokens"] + tokens_per_step(cfg))
+
+        if step % training.log_interval == 0 and master:
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt_ms = (time.time() - interval_start) * 1000 / training.log_interval
+            interval_start = time.time()
+            ms_per_step = dt_ms if ms_per_step is None else 0.9 * ms_per_step + 0.1 * dt_ms
+            tok_s = tokens_per_step(cfg) * 1000 / dt_ms
+            mfu = f" | mfu {100 * run.raw_model.estimate_mfu(tok_s, peak * procs.world):.1f}%" if peak else ""
+            eta = format_duration((training.max_iters - step) * ms_per_step / 1000)
+            print(f"step {step}/{training.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {dt_ms:.1f} ms/step "
+                  f"| {tok_s:,.0f} tok/s{mfu} | eta {eta}")
+            run.log["train"].append({"step": step, "loss": loss_value, "lr": lr, "ms_per_step": round(dt_ms, 2),
+                                     "tokens_per_s": round(tok_s), "tokens": state["tokens"]})
+
+
+def get_lr(step: int, training: TrainingConfig) -> float:
     """Learning rate from the step alone: linear warmup, then decay to min_lr."""
+    t = training
     if step < t.warmup_iters:
         return t.learning_rate * (step + 1) / t.warmup_iters
     if t.lr_schedule == "constant" or t.max_iters <= t.warmup_iters:
@@ -203,33 +298,45 @@ def get_lr(step: int, t) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, rank: int, world: int,
+def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, procs: Processes,
              eot: int | None) -> dict[str, float]:
     """Mean loss over eval_iters batches per split; the same batches every time, shared among ranks."""
     model.eval()
     out = {}
     for split, tokens in splits.items():
         total = torch.zeros((), device=device)
-        for k in range(rank, cfg.training.eval_iters, world):
+        for k in range(procs.rank, cfg.training.eval_iters, procs.world):
             x, y = get_batch(tokens, cfg.model.block_size, cfg.training.batch_size,
                              ("eval", split, cfg.training.seed, k), device)
             with autocast(torch.device(device).type, precision):
-                _, loss = model(x, y, doc_ids(x, cfg, eot))
+                _, loss = model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
             total += loss.float()
-        if world > 1:
+        if procs.world > 1:
             dist.all_reduce(total)
         out[split] = total.item() / cfg.training.eval_iters
     model.train()
     return out
 
 
-def doc_ids(x: torch.Tensor, cfg: Config, eot: int | None) -> torch.Tensor | None:
-    return document_ids(x, eot) if cfg.data.doc_mask else None
-
-
-def rng_state(device: str) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else torch.empty(0)}
+def save(cfg: Config, run: Run, losses: dict, improved: bool, stop_reason: str | None) -> None:
+    """Log the evaluation, then write ckpt_last.pt (and ckpt_best.pt on improvement). The log goes
+    first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back."""
+    state, step, training = run.state, run.state["step"], cfg.training
+    run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                             "lr": get_lr(min(step, training.max_iters - 1), training),
+                             "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2)})
+    run.log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
+    if stop_reason:
+        run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
+    write_log(run.out_dir, run.log)
+    ckpt = {"version": 1, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), **state, "val_loss": losses["val"],
+            "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
+    save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
+    if improved and training.save_best:
+        save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
+    print(f"eval step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+          + (" (best" + (", saved ckpt_best.pt)" if training.save_best else ")") if improved else ""))
 
 
 def write_log(out_dir: Path, log: dict) -> None:
@@ -242,197 +349,30 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the end
 
-def main(cfg: Config) -> dict:
-    """Train as `cfg` says; returns a summary dict (also printed at the end)."""
-    t = cfg.training
-    rank, local_rank, world, device = setup_distributed(pick_device(t.device))
-    master = rank == 0
-    try:
-        summary = train(cfg, t, rank, world, device, master)
-        if world > 1:
-            dist.barrier()  # rank 0 may still be writing: tear the group down together, not one by one
-        return summary
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def train(cfg: Config, t, rank: int, world: int, device: str, master: bool) -> dict:
-    device_type = torch.device(device).type
-    precision = pick_precision(t.precision, device_type)
-    if t.grad_accum_steps % world:
-        raise ConfigError([f"training.grad_accum_steps = {t.grad_accum_steps} must be divisible by "
-                           f"the number of processes ({world})"])
-    accum = t.grad_accum_steps // world  # micro-steps per process
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    out_dir = Path(t.out_dir)
-
-    start, resume_path = load_start(t, device)
-    # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
-    data_dir, meta = prepare_data(cfg, rank, world, start["meta"] if start else None)
-    splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
-    eot = meta.get("eot_token")
-    if cfg.data.doc_mask and eot is None:
-        raise ConfigError(["data.doc_mask = true needs bpe data with end-of-text tokens "
-                           "(data.tokenizer = bpe)"])
-    fit_model_to(cfg, start, meta, data_dir)
-    check_split_lengths(splits, cfg.model.block_size, data_dir)
-
-    torch.manual_seed(t.seed)
-    raw_model = GPT(cfg.model).to(device)
-    optimizer = raw_model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type,
-                                              t.optimizer, t.muon_lr)
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    state = restore(start, resume_path, raw_model, optimizer, scaler, device, master) if start else new_state()
-    model = torch.compile(raw_model) if t.compile else raw_model
-    if world > 1:
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
-
-    tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum_steps
-    peak = next((f for name, f in PEAK_FLOPS.items() if device_type == "cuda"
-                 and name in torch.cuda.get_device_name(device)), None)
-    log = start_log(cfg, out_dir, raw_model.num_params(), tokens_per_step, device, precision, world,
-                    resumed_state=state if resume_path and master else None)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.toml", to_toml(cfg))
-        print(to_toml(cfg))
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
-              f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
-              + (f", {world} processes" if world > 1 else ""))
-        print(f"effective batch: {t.batch_size} x {t.grad_accum_steps} accumulation = "
-              f"{t.batch_size * t.grad_accum_steps} sequences = {tokens_per_step:,} tokens per step")
-
-    # ------------------------------------------------------------------------- the loop
-    step, resumed_step = state["step"], state["step"] if resume_path else None
-    start_time, t0 = time.time() - state["elapsed_s"], time.time()
-    ms_per_step = None
-    while True:
-        last_step = step == t.max_iters
-        stop_reason = None
-
-        # Evaluate, checkpoint and decide on early stopping (not again at a resumed step).
-        if (step % t.eval_interval == 0 or last_step) and step != resumed_step:
-            eval_start = time.time()
-            losses = evaluate(model, splits, cfg, device, precision, rank, world, eot)
-            improved = losses["val"] < state["best_val_loss"] - t.early_stopping_min_delta
-            if improved:
-                state.update(best_val_loss=losses["val"], best_step=step, bad_evals=0)
-            else:
-                state["bad_evals"] += 1
-            if t.early_stopping and state["bad_evals"] >= t.early_stopping_patience:
-                stop_reason = (f"early stopping: val loss has not improved by {t.early_stopping_min_delta} "
-                               f"for {state['bad_evals']} evaluations (best {state['best_val_loss']:.4f} "
-                               f"at step {state['best_step']})")
-            state["elapsed_s"] = time.time() - start_time
-            if master:
-                # The log first, then the checkpoint: a kill in between leaves a log ahead of the
-                # checkpoint, and resuming trims the log back to the checkpoint's step.
-                log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                     "lr": get_lr(min(step, t.max_iters - 1), t),
-                                     "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2)})
-                log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
-                if stop_reason:
-                    log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
-                write_log(out_dir, log)
-                ckpt = {"version": 1, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), **state, "val_loss": losses["val"],
-                        "rng": rng_state(device), "config": cfg.to_dict(), "meta": meta}
-                save_checkpoint(out_dir / "ckpt_last.pt", ckpt)
-                if improved and t.save_best:
-                    save_checkpoint(out_dir / "ckpt_best.pt", ckpt)
-                print(f"eval step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-                      + (" (best" + (", saved ckpt_best.pt)" if t.save_best else ")") if improved else ""))
-            t0 += time.time() - eval_start  # keep evaluation time out of ms/step
-        if last_step or stop_reason:
-            break
-
-        # One optimizer step: accumulate gradients over micro-batches, then update.
-        lr = get_lr(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = get_batch(splits["train"], cfg.model.block_size, t.batch_size, ("train", t.seed, step),
-                             device, part=rank * accum + micro, parts=t.grad_accum_steps)
-            # Under DDP, gradients are averaged across processes only on the last micro-step.
-            sync = micro == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device_type, precision):
-                _, loss = model(x, y, doc_ids(x, cfg, eot))
-            # Each micro-batch's loss is scaled by 1/accum, so the summed gradients are
-            # the gradient of the mean loss over the whole effective batch.
-            scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            if master:
-                log["run"].update(status="diverged", stop_reason=f"non-finite loss at step {step}")
-                write_log(out_dir, log)
-            raise TrainError(f"the loss became {loss_value} at step {step}; ckpt_last.pt holds the last "
-                             "good state. Lower training.learning_rate or use bf16 instead of fp16")
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state.update(step=step, tokens=state["tokens"] + tokens_per_step)
-
-        if step % t.log_interval == 0 and master:
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt_ms = (time.time() - t0) * 1000 / t.log_interval
-            t0 = time.time()
-            ms_per_step = dt_ms if ms_per_step is None else 0.9 * ms_per_step + 0.1 * dt_ms
-            tok_s = tokens_per_step * 1000 / dt_ms
-            mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s, peak * world):.1f}%" if peak else ""
-            eta = format_duration((t.max_iters - step) * ms_per_step / 1000)
-            print(f"step {step}/{t.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {dt_ms:.1f} ms/step "
-                  f"| {tok_s:,.0f} tok/s{mfu} | eta {eta}")
-            log["train"].append({"step": step, "loss": loss_value, "lr": lr, "ms_per_step": round(dt_ms, 2),
-                                 "tokens_per_s": round(tok_s), "tokens": state["tokens"]})
-
-    # ------------------------------------------------------------------------- summary
-    wall = time.time() - start_time
-    if master:
-        if log["run"]["status"] == "running":
-            log["run"].update(status="finished", stop_reason=f"reached max_iters = {t.max_iters}")
-        write_log(out_dir, log)
-        best = f"{state['best_val_loss']:.4f} at step {state['best_step']}"
-        print(f"\ndone: {log['run']['stop_reason']}\n"
-              f"  {step} steps, {state['tokens']:,} tokens, {format_duration(wall)} wall time\n"
-              f"  best val loss {best}\n"
+def summarize(cfg: Config, run: Run) -> dict:
+    """Mark the log finished and print what the run did and what to do next."""
+    state, out_dir = run.state, run.out_dir
+    wall = state["elapsed_s"]  # set at the last evaluation, which is the end of the loop
+    if run.procs.master:
+        if run.log["run"]["status"] == "running":
+            run.log["run"].update(status="finished", stop_reason=f"reached max_iters = {cfg.training.max_iters}")
+        write_log(out_dir, run.log)
+        print(f"\ndone: {run.log['run']['stop_reason']}\n"
+              f"  {state['step']} steps, {state['tokens']:,} tokens, {format_duration(wall)} wall time\n"
+              f"  best val loss {state['best_val_loss']:.4f} at step {state['best_step']}\n"
               f"  checkpoints: {out_dir}/ckpt_best.pt, {out_dir}/ckpt_last.pt; log: {out_dir}/train_log.json\n"
               f"next:\n  python sample.py --ckpt {out_dir}/ckpt_best.pt\n"
               f"  python plot.py {out_dir}/train_log.json")
-    return {"step": step, "tokens": state["tokens"], "best_val_loss": state["best_val_loss"],
-            "best_step": state["best_step"], "status": log["run"]["status"], "out_dir": str(out_dir),
+    return {"step": state["step"], "tokens": state["tokens"], "best_val_loss": state["best_val_loss"],
+            "best_step": state["best_step"], "status": run.log["run"]["status"], "out_dir": str(out_dir),
             "wall_s": wall}
 
 
+@command
 def cli(argv: list[str] | None = None) -> int:
-    cfg = load_or_exit("train.py", argv)
-    try:
-        main(cfg)
-    except torch.OutOfMemoryError:
-        print("error: out of memory: lower training.batch_size (and raise training.grad_accum_steps to keep "
-              "the effective batch), or model.block_size, or use training.precision = bf16", file=sys.stderr)
-        return 2
-    except (ConfigError, DataError, CheckpointError, TrainError, ValueError, RuntimeError) as e:
-        problems = e.problems if isinstance(e, ConfigError) else [str(e).splitlines()[0]]
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python train.py {' '.join(sys.argv[1:])} --resume",
-              file=sys.stderr)
-        return 130
+    main(parse(argv, about=__doc__)[1])
     return 0
 
 

@@ -19,11 +19,17 @@ CORPUS = ROOT / "data" / "shakespeare" / "input.txt"
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> str:
     """The shipped corpus prepared once per test session (character-level, bin)."""
-    import prepare
-
     out = tmp_path_factory.mktemp("data") / "char"
-    prepare.prepare(str(CORPUS), str(out))
+    prepare_text(CORPUS, out)
     return str(out)
+
+
+def prepare_text(text_path, out, **settings) -> dict:
+    """prepare.py's job in a test: `text_path` into the folder `out`, with DataConfig `settings`."""
+    import prepare
+    from config import DataConfig
+
+    return prepare.prepare(DataConfig(input=str(text_path), processed_dir=str(out), **settings), progress=False)
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ def test_overrides_reach_the_trainer_and_the_json(tmp_path, char_data, monkeypat
     for cfg in seen:
         assert cfg.model.n_embd == 32 and cfg.training.batch_size == 2 and cfg.data.processed_dir == char_data
     result = json.loads(out.read_text())
-    assert result["overrides"] == [*TINY[8:], "--data.processed_dir", char_data]  # what follows --warmup 1
+    assert result["overrides"] == ["--device", "cpu", *TINY[8:], "--data.processed_dir", char_data]
     assert {r["what"] for r in result["results"]} >= {"trainer fp32", "plain eager loop fp32"}
-    assert "smoke.toml --model.n_layer 1" in capsys.readouterr().out
+    assert "smoke.toml --device cpu --model.n_layer 1" in capsys.readouterr().out
 
 
 def test_profile_prints_the_top_operators(capsys):
@@ -40,8 +40,7 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train,nope"]) == 2
     assert "error: --what nope is not one of: train, sample, prepare, speedrun, profile" in capsys.readouterr().err
     assert bench.main(["--what", "train", "--stpes", "3"]) == 2
-    assert capsys.readouterr().err == ("error: unknown option --stpes (did you mean --steps?); "
-                                       "config overrides are --section.key VALUE\n")
+    assert capsys.readouterr().err == "error: command line: unknown option --stpes (did you mean --steps?); see --help\n"
     assert bench.main(["--what", "train", "--training.stpes", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "training.stpes" in err and len(err.strip().splitlines()) == 1

@@ -11,14 +11,15 @@ import torch
 import data
 import prepare
 from conftest import CORPUS, ROOT
+from config import DataConfig
 from data import DataError
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 
 
-def prep(tmp_path, name="out", **kw):
-    kw.setdefault("input_path", str(CORPUS))
-    return prepare.prepare(out=str(tmp_path / name), **kw)
+def prep(tmp_path, name="out", input_path=CORPUS, force=False, chars=None, **settings):
+    d = DataConfig(input=str(input_path), processed_dir=str(tmp_path / name), **settings)
+    return prepare.prepare(d, force=force, chars=chars, progress=False)
 
 
 def read_all(folder, meta):
@@ -43,13 +44,13 @@ def test_a_given_character_vocabulary_is_used_as_is(tmp_path):
     text = tmp_path / "new.txt"
     text.write_text("a cab, a bead.\n" * 20, encoding="utf-8")
     vocab = "zyx.,\n edcba"  # deliberately not sorted: the ids are the model's, not a re-sorting
-    meta = prep(tmp_path, input_path=str(text), vocab=vocab)
+    meta = prep(tmp_path, input_path=str(text), chars=vocab)
     assert meta["chars"] == vocab and meta["vocab_size"] == len(vocab)
     assert read_all(tmp_path / "out", meta).tolist() == [vocab.index(c) for c in "a cab, a bead.\n" * 20]
     other = tmp_path / "other.txt"
     other.write_text("Q cab! " * 20, encoding="utf-8")
     with pytest.raises(DataError, match=r"has characters the model does not know: '!', 'Q'; remove them"):
-        prep(tmp_path, "other", input_path=str(other), vocab=vocab)
+        prep(tmp_path, "other", input_path=str(other), chars=vocab)
     assert not (tmp_path / "other").exists()
     with pytest.raises(DataError, match=r"other characters \(12 there, 9 now\)"):
         prep(tmp_path, input_path=str(text))  # its own characters: refused without --force
@@ -127,8 +128,8 @@ def test_uint32_for_a_vocabulary_beyond_uint16(tmp_path):
 def test_txt_and_bin_give_identical_batches(tmp_path, tokenizer, request):
     if tokenizer == "bpe":
         request.getfixturevalue("gpt2_tokenizer")
-    m_bin = prep(tmp_path, "bin", tokenizer=tokenizer, fmt="bin")
-    m_txt = prep(tmp_path, "txt", tokenizer=tokenizer, fmt="txt")
+    m_bin = prep(tmp_path, "bin", tokenizer=tokenizer, format="bin")
+    m_txt = prep(tmp_path, "txt", tokenizer=tokenizer, format="txt")
     assert (tmp_path / "txt" / "train.txt").exists() and not (tmp_path / "txt" / "train.bin").exists()
     for split in ("train", "val"):
         a = data.load_tokens(tmp_path / "bin", split, m_bin)
@@ -254,18 +255,59 @@ def test_failure_midway_leaves_previous_data_intact(tmp_path, monkeypatch):
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    for args, needle in [(["--input", str(tmp_path / "missing.txt")], "does not exist"),
-                         (["--tokenizer", "words"], "not one of: char, bpe"),
-                         (["--val-fraction", "1.5"], "use a value in (0, 1)")]:
-        r = subprocess.run([sys.executable, "prepare.py", "--out", str(tmp_path / "o"), *args],
+    for args, needle in [(["--data.input", str(tmp_path / "missing.txt")], "does not exist"),
+                         (["--tokenizer", "words"], "data.tokenizer = 'words' is not one of: char, bpe"),
+                         (["--data.val_fraction", "1.5"], "data.val_fraction = 1.5 must be in (0, 1)"),
+                         (["--input", "x.txt"], "unknown option --input"),
+                         (["--model.n_layer", "2"], "--model.n_layer is not a setting of prepare.py")]:
+        r = subprocess.run([sys.executable, "prepare.py", "--data.processed_dir", str(tmp_path / "o"), *args],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2
         assert "Traceback" not in r.stderr and needle in r.stderr
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
-def test_cli_default_run(tmp_path):
-    r = subprocess.run([sys.executable, "prepare.py", "--out", str(tmp_path / "d")], cwd=ROOT,
+def test_cli_default_run_and_help(tmp_path):
+    r = subprocess.run([sys.executable, "prepare.py", "--data.processed_dir", str(tmp_path / "d")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "train 1,003,854 tokens, val 111,540 tokens, vocab 65 (char)" in r.stdout
+    r = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--data.val_fraction FLOAT" in r.stdout and "default 0.1" in r.stdout
+    assert "--force BOOL" in r.stdout and "--model." not in r.stdout
+
+
+def test_a_preset_prepares_the_data_it_trains_on(tmp_path):
+    """prepare.py takes train.py's [data] settings, from a preset too (its other sections are ignored)."""
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'[data]\nprocessed_dir = "{tmp_path / "d"}"\nval_fraction = 0.25\n[model]\nn_layer = 2\n')
+    r = subprocess.run([sys.executable, "prepare.py", "--config", str(preset)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert data.load_meta(tmp_path / "d")["val_fraction"] == 0.25
+
+
+def test_ensure_prepared_never_uses_a_split_the_config_does_not_describe(tmp_path, monkeypatch, capsys):
+    """meta.json records the settings and the input's fingerprint: a default folder made otherwise is
+    prepared again (and says so); a folder the user named is refused with the command that fixes it."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT[:20_000], encoding="utf-8")
+    d = DataConfig(input=str(text))
+    folder, meta = prepare.ensure_prepared(d)
+    assert str(folder) == "data/processed/corpus_char" and "preparing it from" in capsys.readouterr().out
+    assert prepare.ensure_prepared(d)[1] == data.load_meta(folder)  # the same settings: used as it is
+    assert capsys.readouterr().out == ""
+    d.val_fraction = 0.2
+    assert prepare.ensure_prepared(d)[1]["val_fraction"] == 0.2
+    assert "(data.val_fraction: 0.1 there, 0.2 now): preparing it again" in capsys.readouterr().out
+    text.write_text(TEXT[:20_000].upper(), encoding="utf-8")  # same name, other contents
+    meta = prepare.ensure_prepared(d)[1]
+    assert "data.input: " in capsys.readouterr().out and "e" not in meta["chars"]
+    named = DataConfig(input=str(text), processed_dir=str(folder), val_fraction=0.3)
+    with pytest.raises(DataError, match=r"data.val_fraction: 0.2 there, 0.3 now\); prepare it again: "
+                                        r"python prepare.py .* --data.val_fraction 0.3 --force"):
+        prepare.ensure_prepared(named)
+    assert data.load_meta(folder)["val_fraction"] == 0.2  # untouched
+    text.unlink()  # no input any more: the prepared folder is used as it is
+    assert prepare.ensure_prepared(DataConfig(input=str(text), val_fraction=0.2))[0] == folder

@@ -33,7 +33,7 @@ def torchrun(*argv, timeout=240):
 
 
 def final_weights(out_dir):
-    return checkpoint.load_checkpoint(out_dir / "ckpt_last.pt")["model"]
+    return checkpoint.load_weights(out_dir / "ckpt_last.pt").state_dict
 
 
 def test_two_processes_equal_one_process_with_the_same_global_accumulation(tmp_path, char_data):

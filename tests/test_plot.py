@@ -258,13 +258,12 @@ def test_script_writes_png_without_a_display(tmp_path):
 
 def test_real_runs_log_plots_and_overlays(tmp_path):
     """A real short run of train.py, early-stopped and resumed, then plotted and overlaid."""
-    import prepare
     import train
     from config import load_config
-    from conftest import CORPUS
+    from conftest import CORPUS, prepare_text
 
     data_dir = str(tmp_path / "data")
-    prepare.prepare(str(CORPUS), data_dir)
+    prepare_text(CORPUS, data_dir)
 
     def run(out, *extra):
         train.main(load_config([

@@ -158,8 +158,8 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
     assert argv[0] == "python", f"README command with no rule in tests/test_readme.py: {cmd}"
     if argv[1:] == ["-m", "pytest"]:
         return False  # this very suite; CI runs it (checked against .ci/run)
-    if argv[1] == "prepare.py" and "--input" in argv:
-        source = repo / argv[argv.index("--input") + 1]
+    if argv[1] == "prepare.py" and "--data.input" in argv:
+        source = repo / argv[argv.index("--data.input") + 1]
         if not source.exists():  # "your own text": a stand-in made from the shipped corpus
             source.write_text(CORPUS.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
     script_args = shortened(argv[1:], max_iters(argv))

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import export
-import prepare
 import sample
 import train
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_weights, save_checkpoint
 from config import Config, load_config
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, prepare_text
 from model import GPT
 
 FEW = ["--num-samples", "2", "--max-new-tokens", "40"]
@@ -26,7 +25,7 @@ def run_dir(tmp_path_factory):
     must get the tokenizer from the checkpoint, as on a machine the checkpoint was copied to."""
     root = tmp_path_factory.mktemp("sample")
     data = root / "data"
-    prepare.prepare(str(CORPUS), str(data))
+    prepare_text(CORPUS, data)
     train.main(load_config(["--data.processed_dir", str(data), "--model.n_layer", "1", "--model.n_head", "2",
                             "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
                             "--training.batch_size", "4", "--training.max_iters", "20",
@@ -97,12 +96,13 @@ def test_long_prompt_is_cropped_with_a_notice(run_dir, capsys):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--temperature", "-1", "temperature = -1.0 must be >= 0"),
-    ("--top-k", "0", "top_k = 0 must be at least 1"),
-    ("--top-p", "0", "top_p = 0.0 must be in (0, 1]"),
-    ("--top-p", "1.5", "top_p = 1.5 must be in (0, 1]"),
-    ("--num-samples", "0", "--num-samples must be at least 1"),
-    ("--top-k", "many", "invalid int value")])
+    ("--temperature", "-1", "--temperature = -1.0 must be >= 0"),
+    ("--top-k", "-1", "--top-k = -1 must be at least 1"),
+    ("--temperature", "nan", "--temperature = nan is not a finite number"),
+    ("--top-p", "0", "--top-p = 0.0 must be in (0, 1]"),
+    ("--top-p", "1.5", "--top-p = 1.5 must be in (0, 1]"),
+    ("--num-samples", "0", "--num-samples = 0 must be at least 1"),
+    ("--top-k", "many", "--top-k = 'many' is not an int")])
 def test_bad_sampling_settings(run_dir, capsys, flag, value, message):
     code, out, err = run(capsys, "--ckpt", run_dir, flag, value)
     assert code == 2 and out == "" and err.startswith("error: ") and message in err
@@ -118,30 +118,34 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
     assert code == 2 and "no ckpt_best.pt or ckpt_last.pt" in err
 
 
-def test_default_checkpoint(run_dir, tmp_path, monkeypatch, capsys):
+def test_default_checkpoint_is_the_readme_run(run_dir, tmp_path, monkeypatch, capsys):
+    """Without --ckpt: checkpoints/small, the run the README's first command makes."""
     monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *FEW)
+    assert code == 2 and "checkpoints/small does not exist" in err
     (tmp_path / "checkpoints" / "small").mkdir(parents=True)
+    code, _, err = run(capsys, *FEW)
+    assert code == 2 and "no checkpoint in checkpoints/small/" in err
     shutil.copy(run_dir / "ckpt_last.pt", tmp_path / "checkpoints" / "small")
     code, _, err = run(capsys, *FEW)
-    assert code == 2 and "no checkpoint in checkpoints/" in err and "runs found: checkpoints/small" in err
-    shutil.copy(run_dir / "ckpt_last.pt", tmp_path / "checkpoints")
+    assert code == 0 and "checkpoints/small/ckpt_last.pt" in err
+    shutil.copy(run_dir / "ckpt_best.pt", tmp_path / "checkpoints" / "small")
     code, _, err = run(capsys, *FEW)
-    assert code == 0 and "checkpoints/ckpt_last.pt" in err
-    shutil.copy(run_dir / "ckpt_best.pt", tmp_path / "checkpoints")
-    code, _, err = run(capsys, *FEW)
-    assert code == 0 and "checkpoints/ckpt_best.pt" in err
+    assert code == 0 and "checkpoints/small/ckpt_best.pt" in err
+    code, _, err = run(capsys, "--ckpt", "checkpoints", *FEW)  # the parent: the runs in it are named
+    assert code == 2 and "runs found: checkpoints/small" in err
 
 
 @pytest.mark.parametrize("fmt", ["native", "hf"])
 def test_exported_folder_samples_the_same_text(run_dir, tmp_path, capsys, fmt):
     folder = export.export(run_dir / "ckpt_best.pt", tmp_path / fmt, fmt)
     code, out, err = run(capsys, "--ckpt", folder, "--start", "ROMEO:", *FEW)
-    assert code == 0 and f"({fmt}, char tokenizer)" in err
+    assert code == 0 and f"({fmt}, step 20, char tokenizer)" in err
     assert out == run(capsys, "--ckpt", run_dir, "--start", "ROMEO:", *FEW)[1]
 
 
 def test_data_folder_is_not_needed(run_dir, capsys):
-    processed_dir = load_checkpoint(run_dir / "ckpt_best.pt")["config"]["data"]["processed_dir"]
+    processed_dir = load_weights(run_dir / "ckpt_best.pt").config["data"]["processed_dir"]
     assert processed_dir and not Path(processed_dir).exists()  # the fixture deleted it
     model, tokenizer, info = sample.load_model(run_dir / "ckpt_best.pt")
     assert tokenizer.kind == "char" and tokenizer.vocab_size == 65 and not model.training
@@ -171,7 +175,9 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     expected = ["a" + tokenizer.decode(model.generate(prompt, 40, 2.0, generator=generator)[0, 1:].tolist())
                 + "\n" for _ in range(2)]
     assert samples(plain[1]) == expected
-    assert sample.encode_prompt("", gpt2_tokenizer, 32) == [50256]  # empty prompt: end-of-text
+    assert sample.encode_prompt("", gpt2_tokenizer, 32, 50257) == [50256]  # empty prompt: end-of-text
+    with pytest.raises(sample.DataError, match="token 50256, outside this model's vocabulary of 512"):
+        sample.encode_prompt("", gpt2_tokenizer, 32, 512)
     ids = gpt2_tokenizer.encode("naïve café 🙂 日本")
     stream = sample.TextStream(gpt2_tokenizer)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]

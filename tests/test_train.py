@@ -14,7 +14,7 @@ import train
 from checkpoint import CheckpointError
 from config import load_config
 from data import DataError
-from conftest import CORPUS, ROOT, run_killed_after_checkpoint
+from conftest import CORPUS, ROOT, prepare_text, run_killed_after_checkpoint
 
 
 def tiny(out_dir, data_dir, *extra):
@@ -28,7 +28,12 @@ def tiny(out_dir, data_dir, *extra):
 
 
 def weights(path):
-    return checkpoint.load_checkpoint(path)["model"]
+    return checkpoint.load_weights(path).state_dict
+
+
+def stored(path) -> dict:
+    """The whole checkpoint: weights, optimizer and loop state."""
+    return checkpoint.load_weights(path).training
 
 
 def read_log(out_dir):
@@ -46,7 +51,7 @@ def test_a_short_run_writes_everything(tmp_path, char_data, capsys):
     assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
     assert log["config"]["model"]["vocab_size"] == 65 and log["run"]["status"] == "finished"
     assert set(log["evals"][0]) >= {"step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"}
-    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt_last.pt")
+    ckpt = stored(tmp_path / "ckpt_last.pt")
     assert ckpt["step"] == 20 and ckpt["config"] == log["config"] and ckpt["meta"]["tokenizer"] == "char"
     assert json.loads((tmp_path / "ckpt_last.json").read_text())["step"] == 20
     out = capsys.readouterr().out
@@ -121,8 +126,7 @@ def test_kill_during_a_checkpoint_write_leaves_loadable_files(tmp_path, char_dat
 
     def dies_halfway(obj, f):
         real_save(obj, f)
-        with open(f, "r+b") as fh:
-            fh.truncate(100)  # the process dies with half a file written
+        f.truncate(100)  # the process dies with half a file written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)
@@ -170,7 +174,7 @@ def test_init_from_starts_a_new_run_from_weights(tmp_path, char_data, capsys):
 def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_data, capsys):
     """Another text is prepared with the model's characters, so a char model can go on training on it."""
     train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "4"))
-    model_chars = checkpoint.load_checkpoint(tmp_path / "a" / "ckpt_last.pt")["meta"]["chars"]
+    model_chars = stored(tmp_path / "a" / "ckpt_last.pt")["meta"]["chars"]
     text = tmp_path / "mine.txt"
     text.write_text("the cat sat on the mat. " * 400, encoding="utf-8")  # 11 of the model's 65 characters
     start = ["--training.init_from", str(tmp_path / "a" / "ckpt_last.pt"), "--training.max_iters", "4"]
@@ -179,11 +183,11 @@ def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_
     assert f"preparing it from {text} with the model's characters" in capsys.readouterr().out
     meta = json.loads((tmp_path / "data_b" / "meta.json").read_text())
     assert meta["chars"] == model_chars and cfg.model.vocab_size == 65
-    # The same text prepared on its own has 12 characters: named, with the fix.
-    import prepare
-    prepare.prepare(str(text), str(tmp_path / "own"))
-    with pytest.raises(CheckpointError, match="was prepared with other characters: set data.processed_dir"):
-        train.main(tiny(tmp_path / "c", tmp_path / "own", *start))
+    # The same text prepared on its own has its 11 characters: a folder the user named is not replaced.
+    prepare_text(text, tmp_path / "own")
+    with pytest.raises(DataError, match=r"other characters \(11 there, 65 now\)\); set data.processed_dir to a "
+                                        "new folder"):
+        train.main(tiny(tmp_path / "c", tmp_path / "own", *start, "--data.input", str(text)))
     text.write_text("the café sat on the mat. " * 400, encoding="utf-8")
     with pytest.raises(DataError, match="has characters the model does not know: 'é'"):
         train.main(tiny(tmp_path / "d", tmp_path / "data_d", *start, "--data.input", str(text)))
@@ -191,10 +195,9 @@ def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_
 
 def test_a_model_on_data_of_another_tokenizer_names_the_setting(tmp_path, char_data, gpt2_tokenizer):
     train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "2"))
-    import prepare
-    prepare.prepare(str(CORPUS), str(tmp_path / "bpe"), "bpe")
-    with pytest.raises(CheckpointError, match=r"tokenizer tokenizer: 'char' in the weights, 'bpe' in the data; .*"
-                                              r"set data.tokenizer = char \(the model's\)"):
+    prepare_text(CORPUS, tmp_path / "bpe", tokenizer="bpe")
+    with pytest.raises(CheckpointError, match=r"does not match this run: data.tokenizer: 'char' in the weights, "
+                                              r"'bpe' in the config$"):
         train.main(tiny(tmp_path / "b", tmp_path / "bpe", "--data.tokenizer", "bpe",
                         "--training.init_from", str(tmp_path / "a" / "ckpt_last.pt")))
 
@@ -232,7 +235,7 @@ def test_data_is_prepared_on_first_use_and_never_mixed(tmp_path, monkeypatch, ca
     # The same folder, asked for with the other tokenizer, is refused rather than used.
     cfg = tiny(tmp_path / "run2", "data/processed/corpus_char", "--data.input", "corpus/input.txt",
                "--tokenizer", "bpe")
-    with pytest.raises(train.DataError, match="tokenizer 'char' \\(config: 'bpe'\\)"):
+    with pytest.raises(DataError, match="data.tokenizer: 'char' there, 'bpe' now"):
         train.main(cfg)
 
 
@@ -242,7 +245,7 @@ def test_no_gpu_for_device_cuda(tmp_path, char_data):
     r = subprocess.run([sys.executable, "train.py", "--data.processed_dir", char_data, "--device", "cuda",
                         "--training.out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "sees no CUDA GPU; use --device cpu" in r.stderr
+    assert "training.device = cuda, but this torch" in r.stderr and "sees no CUDA GPU; use cpu" in r.stderr
 
 
 @pytest.mark.parametrize("fmt", ["native", "hf"])
@@ -264,10 +267,10 @@ def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
                        "--device", "cpu", "--model.n_embd", "48", "--training.init_from", str(tmp_path / "exp")])
     with pytest.raises(CheckpointError, match="model.n_embd: 32 in the weights, 48 in the config"):
         train.main(cfg)
-    # --resume wants a checkpoint: an export has no optimizer state.
+    # --resume continues out_dir's own run: where there is none, it says so.
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "d"),
-                       "--device", "cpu", "--resume", str(tmp_path / "exp")])
-    with pytest.raises(CheckpointError, match="start from it with training.init_from"):
+                       "--device", "cpu", "--resume"])
+    with pytest.raises(CheckpointError, match="ckpt_last.pt does not exist; train without --resume first"):
         train.main(cfg)
 
 
