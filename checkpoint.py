@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from config import Config, ModelConfig, apply, validate
+from data import meta_problems
 from errors import UserError
 from files import atomic_file, atomic_write_text
 from model import GPT
@@ -77,8 +78,10 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
                               "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    if ckpt.get("meta") is not None and meta_problems(ckpt["meta"]):
+        raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(meta_problems(ckpt['meta']))})")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this code; update it")
     return Weights(model_config(ckpt["config"].get("model"), path), ckpt["model"], ckpt.get("meta"),
@@ -124,10 +127,9 @@ def model_config(values, where: Path) -> ModelConfig:
     if not isinstance(values, dict):
         raise CheckpointError(f"{where} has no model settings; it was not written by this code")
     apply(cfg, {"model": values}, False, str(where), problems, sections=("model",))
-    problems += validate(cfg, ("model",))
+    problems += [f"{where}: {p}" for p in validate(cfg, ("model",))] if not problems else []
     if problems:
-        raise CheckpointError(f"{where} holds model settings this code cannot use ({'; '.join(problems)}); "
-                              "it is damaged or from a newer version")
+        raise CheckpointError(f"{'; '.join(problems)}; it is damaged, or written by a newer version of this code")
     return cfg.model
 
 
@@ -143,6 +145,8 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder}/config.json is not a JSON object; export it again")
+    if meta is not None and meta_problems(meta):
+        raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(meta_problems(meta))}); export it again")
     if config.get("format") == NATIVE:
         cfg = model_config(config.get("model"), folder / "config.json")
         if "transformer.wte.weight" in tensors:

@@ -113,6 +113,8 @@ class TrainingConfig:
     save_best: bool = doc("write ckpt_best.pt whenever val loss improves", True)
     out_dir: str = doc("folder for checkpoints, train_log.json and config.toml", "checkpoints")
     resume: bool = doc("continue the run in out_dir from its ckpt_last.pt", False)
+    overwrite: bool = doc("start afresh in an out_dir that holds a run, replacing it (else that is refused)",
+                          False)
     init_from: str = doc("start from these weights (checkpoint, run folder or export); empty: random", "")
 
     def problems(self) -> list[str]:
@@ -120,6 +122,10 @@ class TrainingConfig:
         if self.min_lr > self.learning_rate:
             out.append(f"training.min_lr ({self.min_lr}) must not exceed training.learning_rate "
                        f"({self.learning_rate})")
+        if self.resume and (self.init_from or self.overwrite):
+            other = "training.init_from" if self.init_from else "training.overwrite"
+            out.append(f"training.resume and {other} contradict each other: --resume continues the run in "
+                       f"out_dir from its own checkpoint; drop one of them")
         return out
 
 
@@ -133,6 +139,7 @@ class Config:
         self.explicit: set[str] = set()  # "section.key" names set by a preset or the command line
         self.preset: str | None = None  # the --config file
         self.overrides: list[str] = []  # the command line's config arguments, to apply to other presets
+        self.argv: list[str] = []  # the whole command line, to print how to continue a run
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -330,7 +337,7 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
         problems += validate(opts)
     if problems:
         raise ConfigError(problems)
-    cfg.preset, cfg.overrides = preset, overrides
+    cfg.preset, cfg.overrides, cfg.argv = preset, overrides, list(argv)
     return opts, cfg
 
 
@@ -378,10 +385,23 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section in SECTIONS:
         lines.append(f"[{section}]")
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
-            lines.append(f"{key} = {text}")
+        lines += [f"{key} = {toml_value(value)}" for key, value in dataclasses.asdict(getattr(cfg, section)).items()]
         lines.append("")
+    return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else json.dumps(value)
+
+
+def config_changes(cfg: Config) -> str:
+    """The settings that differ from the defaults, one line per section."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        default = dataclasses.asdict(cls())
+        changed = [f"{k}={toml_value(v)}" for k, v in dataclasses.asdict(getattr(cfg, section)).items()
+                   if v != default[k]]
+        lines += [f"  [{section}] {' '.join(changed)}"] if changed else []
     return "\n".join(lines)
 
 

@@ -107,9 +107,10 @@ def load_tiktoken(name: str):
         return tiktoken.get_encoding(ENCODING_FILES.get(name, name))
     except Exception as e:  # tiktoken raises requests' errors when offline
         raise DataError(
-            f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads its "
-            "files once; connect to the internet once, or set TIKTOKEN_CACHE_DIR to a folder "
-            "holding its cache files") from None
+            f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads an encoding's "
+            "file once and caches it; offline, set TIKTOKEN_CACHE_DIR to a folder holding that cache (fill one "
+            f"where there is internet: TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
+            f"tiktoken.get_encoding('{ENCODING_FILES.get(name, name)}')\", then copy DIR)") from None
 
 
 def tokenizer_from_meta(meta: dict):
@@ -144,14 +145,36 @@ def load_meta(folder: str | Path) -> dict:
     if not path.exists():
         raise DataError(f"no prepared data: {path} is missing; run: {fix.replace(' --force', '')}")
     try:
-        meta = json.loads(path.read_text())
-        version = meta["format_version"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{path} is corrupt; prepare the data again: {fix}") from None
-    if version > META_VERSION:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({e}); prepare the data again: {fix}") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version > META_VERSION:
         raise DataError(f"{path} has format version {version}, newer than this code reads "
                         f"({META_VERSION}); update the code, or prepare the data again: {fix}")
+    problems = meta_problems(meta, prepared=True)
+    if problems:
+        raise DataError(f"{path} is damaged ({'; '.join(problems)}); prepare the data again: {fix}")
     return meta
+
+
+def meta_problems(meta, prepared: bool = False) -> list[str]:
+    """What is wrong with a tokenizer meta (a prepared folder's meta.json when `prepared`): the
+    fields and types this code reads, so that a damaged file is named rather than crashing later."""
+    if not isinstance(meta, dict):
+        return ["not a JSON object"]
+    wanted = {"tokenizer": str, "vocab_size": int} | (
+        {"chars": str} if meta.get("tokenizer") == "char" else {"encoding": str})
+    if prepared:
+        wanted |= {"format_version": int, "format": str, "dtype": str}
+    out = [f"{k} is missing or not a {t.__name__}" for k, t in wanted.items() if type(meta.get(k)) is not t]
+    allowed = {"tokenizer": ("char", "bpe")} | ({"format": ("bin", "txt"), "dtype": ("uint16", "uint32")}
+                                                if prepared else {})
+    out += [f"{k} = {meta[k]!r} is not one of {', '.join(v)}" for k, v in allowed.items()
+            if isinstance(meta.get(k), str) and meta[k] not in v]
+    if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
+        out.append("vocab_size is not the number of chars")
+    return out
 
 
 def resolve_bin_dir(folder: str | Path) -> Path:
@@ -170,6 +193,10 @@ def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> n
         path = folder / f"{split}.bin"
         if not path.exists():
             raise DataError(f"{path} is missing; prepare the data again with --force")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        if path.stat().st_size % itemsize or path.stat().st_size == 0:
+            raise DataError(f"{path} is damaged ({path.stat().st_size} bytes: not whole {meta['dtype']} tokens); "
+                            f"prepare the data again: python prepare.py --data.processed_dir {folder} --force")
         # memmap: the file is paged in on demand, never read whole into memory.
         return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     text = (folder / f"{split}.txt").read_text(encoding="utf-8")

@@ -8,7 +8,10 @@ ours or in a learner's edit of model.py, and keeps its full traceback.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -35,16 +38,20 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
             print(e)
             return 0
         except UserError as e:
-            for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process has it: say it once
+                for problem in e.problems:
+                    print(f"error: {problem}", file=sys.stderr)
+            if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's failure summary shows it, not a hint
+                text = "error: " + "; ".join(e.problems)
+                with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                    json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                                          "timestamp": str(int(time.time()))}}}, f)
             return 2
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
         except Exception as e:
-            # torch is looked up, not imported: plot.py runs without it.
-            torch = sys.modules.get("torch")
-            if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            if not out_of_memory(e):
                 raise
             print("error: out of memory: use a smaller training.batch_size (a larger "
                   "training.grad_accum_steps keeps the effective batch), a shorter model.block_size, "
@@ -52,3 +59,10 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
             return 2
 
     return run
+
+
+def out_of_memory(e: Exception) -> bool:
+    """A GPU's OutOfMemoryError, or a CPU allocation that failed (torch reports that as a RuntimeError)."""
+    torch = sys.modules.get("torch")  # looked up, not imported: plot.py runs without torch
+    return isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))

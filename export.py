@@ -17,7 +17,6 @@ reads either kind back in our names, for sample.py, training.init_from and expor
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, is_export,
 from config import ModelConfig, doc, parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
+from files import lock, make_folder, readable, staging_folder, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -111,6 +111,7 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     # contiguous: transposed views and slices must be laid out as stored; "pt": transformers wants it.
     save_file({k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()},
               out / "model.safetensors", metadata={"format": "pt"})
+    readable(out / "model.safetensors")  # safetensors writes 0600: an export is meant to be shared
     config = hf_config(src, dtype) if fmt == "hf" else {
         "format": NATIVE, "format_version": 1, "dtype": dtype, "model": dataclasses.asdict(src.model),
         "config": src.config, "source": {"step": src.step, "val_loss": src.val_loss}}
@@ -125,35 +126,36 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
                                                    "model_max_length": src.model.block_size})
 
 
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = "fp32",
            force: bool = False) -> Path:
     """Export weights (a checkpoint, run folder or export) to `out`. The files are written to a
     staging folder that is renamed into place: a kill never leaves a half-written export behind."""
     out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        if not force:
-            raise ExportError(f"{out} exists and is not empty; choose another --out, or add --force "
-                              "to replace an earlier export")
-        if not is_export(out):
-            raise ExportError(f"{out} is not an export, so --force will not delete it; choose another --out")
     src = load_weights(ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Names of this process's own: cleaning up never touches a folder it did not make.
-    staging, old = (out.with_name(f".{out.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
-    staging.mkdir()
-    try:
-        write_export(src, staging, fmt, dtype)
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    if out.exists():
-        os.replace(out, old)  # rename(2) cannot replace a non-empty folder: move the old one aside
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    parent = make_folder(out.parent, "--out's folder")
+    with lock(parent / f".{out.name}.lock", f"--out {out}"):
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            if not force:
+                raise ExportError(f"{out} exists and is not empty; choose another --out, or add --force "
+                                  "to replace an earlier export")
+            if not is_export(out):
+                raise ExportError(f"{out} is not an export, so --force will not delete it; choose another --out")
+        staging = staging_folder(out)  # this process's own: cleaning up never touches anything else
+        try:
+            write_export(src, staging, fmt, dtype)
+        except BaseException as e:  # incomplete: never published
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ExportError(f"cannot write the export into {parent} ({e.strerror}); free some space or "
+                                  "choose another --out") from None
+            raise
+        if out.exists():
+            old = staging_folder(out)
+            os.replace(out, old)  # rename(2) cannot replace a non-empty folder: move the old one aside
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
     return out
 
 

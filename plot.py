@@ -7,7 +7,8 @@
 A run folder may be given instead of its train_log.json. The figure is written to
 --out (default: curves.png next to the first log) and its path is printed.
 Top panel: loss (faint per-step train loss, train/val loss at each evaluation, the best
-checkpoint as a star, an early stop as a dotted vertical line); bottom: learning rate.
+checkpoint as a star, an early stop as a dotted vertical line, each resume as a dashed one);
+bottom: learning rate.
 The log may belong to a run that is still going: it is rewritten atomically.
 """
 
@@ -123,6 +124,10 @@ def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color) -> None:
         ax_loss.plot([x_at_step(log, best["step"], x)], [best["val_loss"]], color=color,
                      marker="*", markersize=14, markeredgecolor="black", linestyle="none",
                      label=f"{name} best {best['val_loss']:.3f} @ step {best['step']}")
+    for i, resume in enumerate(log.get("resumes", [])):  # where a run was continued with --resume
+        for ax in (ax_loss, ax_lr):
+            ax.axvline(x_at_step(log, resume["step"], x), color=color, linestyle="--", linewidth=0.8, alpha=0.6,
+                       label=f"{name} resumed @ step {resume['step']}" if ax is ax_loss and i == 0 else None)
     stop = log["run"].get("early_stop_step")
     if status == "early_stopped" and stop is not None:
         for ax in (ax_loss, ax_lr):

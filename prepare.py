@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError
                   encode_chunks, load_meta, resolve_bin_dir, safe_cut, split_safely, token_dtype,
                   tokenizer_differences)
 from errors import command
-from files import atomic_write_text
+from files import FileError, lock, make_folder, write_json
 
 READ_BYTES = 1 << 22      # 4 MB reads
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
@@ -162,16 +161,27 @@ def differences(meta: dict, d: DataConfig, chars: str | None, source: dict | Non
     return out
 
 
-def ensure_prepared(d: DataConfig, chars: str | None = None) -> tuple[Path, dict]:
+def ensure_prepared(d: DataConfig, chars: str | None = None, min_tokens: int = 2,
+                    explicit: set[str] | None = None) -> tuple[Path, dict]:
     """The prepared folder for `d` and its meta, preparing it when it is missing or was made otherwise.
-    A folder the user named (data.processed_dir) is never replaced: a mismatch there is an error.
-    `chars`: a char model's characters, to encode the text with the model's own ids."""
+
+    The default folder (data.processed_dir empty) is prepared again when it was made otherwise. A
+    folder the user named is never replaced: the settings left at their defaults are taken from how
+    it was made (like a model shape from its weights), and a setting the user chose (`explicit`,
+    e.g. {"data.val_fraction"}) that differs is an error. `chars`: a char model's characters, to
+    encode the text with the model's own ids. `min_tokens`: the shortest usable split."""
     folder = output_dir(d)
     with_chars = " with the model's characters" if chars else ""
     if not (folder / "meta.json").exists():
-        print(f"no prepared data in {folder}: preparing it from {d.input}{with_chars}")
-        return folder, prepare(d, chars=chars)
+        print(f"no prepared data in {folder}: preparing it from {d.input}{with_chars}", flush=True)
+        return folder, prepare(d, chars=chars, min_tokens=min_tokens)
     meta = load_meta(folder)
+    if d.processed_dir:
+        made = {"input": meta.get("source", {}).get("path"), "tokenizer": meta["tokenizer"],
+                "bpe_encoding": meta.get("encoding"), "format": meta["format"], "val_fraction": meta.get("val_fraction")}
+        for key, value in made.items():
+            if value is not None and f"data.{key}" not in (explicit or set()):
+                setattr(d, key, value)
     try:
         docs = list_documents(d.input)
         source = {"stat": stat_digest(docs), "docs": docs}
@@ -185,8 +195,8 @@ def ensure_prepared(d: DataConfig, chars: str | None = None) -> tuple[Path, dict
                "characters)" if chars else f"prepare it again: {prepare_command(d)}, or set "
                "data.processed_dir to another folder")
         raise DataError(f"{folder} holds data prepared differently ({'; '.join(diffs)}); {fix}")
-    print(f"{folder} was prepared differently ({'; '.join(diffs)}): preparing it again{with_chars}")
-    return folder, prepare(d, force=True, chars=chars)
+    print(f"{folder} was prepared differently ({'; '.join(diffs)}): preparing it again{with_chars}", flush=True)
+    return folder, prepare(d, force=True, chars=chars, min_tokens=min_tokens)
 
 
 def prepare_command(d: DataConfig) -> str:
@@ -195,9 +205,11 @@ def prepare_command(d: DataConfig) -> str:
             f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction} --force")
 
 
-def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progress: bool = True) -> dict:
+def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progress: bool = True,
+            min_tokens: int = 2) -> dict:
     """Prepare d.input into output_dir(d); returns the meta dict that was written. `chars` (char only):
-    a model's characters to encode with, instead of the corpus's own, so that model can train on it."""
+    a model's characters to encode with, instead of the corpus's own, so that model can train on it.
+    A split of fewer than `min_tokens` tokens is refused before anything is replaced."""
     out = output_dir(d)
     docs = list_documents(d.input)
     total_bytes = sum(p.stat().st_size for p in docs)
@@ -238,12 +250,25 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
             raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
                             "set data.processed_dir to another folder, or pass --force to replace it")
 
-    # Pass 2: the first (1 - val_fraction) of the characters are train, the rest val.
-    out.mkdir(parents=True, exist_ok=True)
+    # Pass 2, in a folder locked against a second prepare.py: encode, check, then publish.
+    with lock(make_folder(out, "data.processed_dir") / ".lock", f"data.processed_dir = {str(out)!r}"):
+        try:
+            meta["tokens"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
+                                          Progress(total_bytes, "prepare: encoding", progress.enabled))
+        except OSError as e:
+            raise FileError(f"cannot write into {out} ({e.strerror}); free some space or choose another "
+                            "data.processed_dir") from None
+        write_json(out / "meta.json", meta)
+    return meta | {"out": str(out)}
+
+
+def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_chars: int, min_tokens: int,
+                 progress: Progress) -> dict[str, int]:
+    """The first (1 - val_fraction) of the characters are train, the rest val. The splits are written
+    to temporary files, renamed into place only when both are complete and long enough."""
     suffix = ".bin" if d.format == "bin" else ".txt"
-    writers = {s: SplitWriter(out / f"{s}{suffix}", d.format, tok, meta["dtype"]) for s in ("train", "val")}
+    writers = {s: SplitWriter(out / f"{s}{suffix}", d.format, tok, dtype) for s in ("train", "val")}
     n_train_chars, seen = int(n_chars * (1 - d.val_fraction)), 0
-    progress = Progress(total_bytes, "prepare: encoding", progress.enabled)
     try:
         for doc in docs:
             for text in read_text(doc):
@@ -256,10 +281,14 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
                 progress.add(len(text.encode("utf-8")) if progress.enabled else 0)
             # The document ends in whichever split its last character went to.
             writers["train" if seen <= n_train_chars else "val"].end_document()
-        for w in writers.values():
+        for split, w in writers.items():
             w._encode(w.buffer)
             w.buffer = ""
             w.close()
+            if w.n_tokens < min_tokens:
+                raise DataError(f"the {split} split of {d.input} would have {w.n_tokens} tokens, fewer than the "
+                                f"{min_tokens} needed (block_size + 1 when training); use a longer text, or "
+                                "another data.val_fraction")
         (out / "meta.json").unlink(missing_ok=True)  # no meta: the folder is not complete
         for split, w in writers.items():
             os.replace(w.tmp, out / f"{split}{suffix}")
@@ -270,10 +299,7 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
         for w in writers.values():
             w.file.close()
             w.tmp.unlink(missing_ok=True)
-    meta["tokens"] = {s: w.n_tokens for s, w in writers.items()}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    meta["out"] = str(out)
-    return meta
+    return {s: w.n_tokens for s, w in writers.items()}
 
 
 @dataclass

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from checkpoint import CheckpointError, Weights, adopt_model_shape, load_weights, save_checkpoint
-from config import Config, ConfigError, TrainingConfig, parse, to_toml
+from config import Config, ConfigError, TrainingConfig, config_changes, parse, to_toml
 from data import check_split_lengths, document_ids, get_batch, load_tokens
 from errors import UserError, command
-from files import atomic_write_text
+from files import atomic_write_text, lock, make_folder, write_json
 from model import GPT
 from runtime import (Processes, autocast, end_processes, peak_flops, pick_device, pick_precision, rng_state,
                      set_rng_state, start_processes)
@@ -41,6 +43,14 @@ from runtime import (Processes, autocast, end_processes, peak_flops, pick_device
 
 class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving it; `code` is the exit status (128 + signal)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 @dataclass
@@ -57,7 +67,7 @@ class Run:
     procs: Processes
     precision: str
     out_dir: Path
-    resumed_step: int | None  # a resumed run's first step, evaluated before it was saved
+    saved_step: int | None       # the step ckpt_last.pt holds, once there is one
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -67,10 +77,16 @@ def main(cfg: Config) -> dict:
     procs = start_processes(pick_device(cfg.training.device))
     finished = False
     try:
-        run = setup(cfg, procs)
-        train_loop(cfg, run)
-        finished = True
-        return summarize(cfg, run)
+        # One run per out_dir at a time: the lock is held until this process ends, however it ends.
+        with lock(make_folder(cfg.training.out_dir, "training.out_dir") / ".lock",
+                  f"training.out_dir = {cfg.training.out_dir!r}") if procs.master else contextlib.nullcontext():
+            run = setup(cfg, procs)
+            if run.state["step"] >= cfg.training.max_iters:
+                return nothing_to_do(cfg, run)
+            with StopSignals(procs) as signals:
+                train_loop(cfg, run, signals)
+            finished = True
+            return summarize(cfg, run)
     finally:
         end_processes(procs, finished)
 
@@ -80,19 +96,24 @@ def setup(cfg: Config, procs: Processes) -> Run:
     device_type = torch.device(device).type
     precision = pick_precision(training.precision, device_type)
     if training.grad_accum_steps % procs.world:
+        ok = training.grad_accum_steps + procs.world - training.grad_accum_steps % procs.world
         raise ConfigError(f"training.grad_accum_steps = {training.grad_accum_steps} must be divisible by "
-                          f"the number of processes ({procs.world})")
+                          f"the number of processes ({procs.world}), e.g. {ok}")
+    out_dir = Path(training.out_dir)
+    if not training.resume and not training.overwrite and (out_dir / "ckpt_last.pt").exists():
+        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
+                         "it with --resume, replace it with --training.overwrite, or choose another "
+                         "training.out_dir")
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
-    start = load_start(training, device)
+    start = load_start(training, device, procs)
     if start:
         problems = adopt_model_shape(cfg, start)
         if problems:
             raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
     # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
-    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
-    data_dir, meta = prepare_data(cfg, procs, chars)
+    data_dir, meta = prepare_data(cfg, procs, start)
     splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
     if cfg.data.doc_mask and meta.get("eot_token") is None:
         raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
@@ -110,18 +131,17 @@ def setup(cfg: Config, procs: Processes) -> Run:
                                               training.optimizer, training.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     state = restore(start, training.resume, raw_model, optimizer, scaler, device) if start else new_state()
-    if start and procs.master:
-        print(f"{'resuming' if training.resume else 'initialised'} from {start.path} at step {state['step']}")
     model = torch.compile(raw_model) if training.compile else raw_model
     if procs.world > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
 
-    out_dir = Path(training.out_dir)
     log = start_log(cfg, out_dir, raw_model, procs, precision, state if training.resume else None)
     if procs.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.toml", to_toml(cfg))
-        print(to_toml(cfg))
+        print(f"settings: {cfg.preset or 'defaults'}" + (" + command line" if cfg.overrides else "")
+              + f"; all of them in {out_dir / 'config.toml'}\n" + config_changes(cfg))
+        if start:
+            print(f"{'resuming' if training.resume else 'initialised'} from {start.path} at step {state['step']}")
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
               f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
               + (f", {procs.world} processes" if procs.world > 1 else ""))
@@ -132,34 +152,39 @@ def setup(cfg: Config, procs: Processes) -> Run:
                state["step"] if training.resume else None)
 
 
-def load_start(training: TrainingConfig, device: str) -> Weights | None:
+def load_start(training: TrainingConfig, device: str, procs: Processes) -> Weights | None:
     """The weights to start from: the run's own ckpt_last.pt (resume), init_from's, or None (random)."""
-    if training.resume:
-        path = Path(training.out_dir) / "ckpt_last.pt"
-        if not path.is_file():
-            raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
-                                  "set training.out_dir to the run to continue")
-        return load_weights(path, device)
-    return load_weights(training.init_from, device) if training.init_from else None
+    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
+    if not path:
+        return None
+    if training.resume and not path.is_file():
+        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
+                              "set training.out_dir to the run to continue")
+    if procs.master and Path(path).is_file() and Path(path).stat().st_size > 100e6:
+        print(f"loading {path} ({Path(path).stat().st_size / 1e9:.1f} GB)...", flush=True)
+    return load_weights(path, device)
 
 
-def prepare_data(cfg: Config, procs: Processes, chars: str | None) -> tuple[Path, dict]:
+def prepare_data(cfg: Config, procs: Processes, start: Weights | None) -> tuple[Path, dict]:
     """The prepared-data folder and its meta, made by prepare.py when missing or made otherwise.
-    `chars`: a char model's characters, so that it reads a new text with its own token ids."""
+    A char model reads a new text with its own characters (its token ids), and the tokenizer
+    settings taken from the starting weights count as chosen: a folder of another one is refused."""
+    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
+    chosen = cfg.explicit | ({"data.tokenizer", "data.bpe_encoding"} if start and start.meta else set())
     if procs.master:
         # If this fails, the other ranks wait at the barrier below until torchrun ends the job.
-        folder, meta = prepare.ensure_prepared(cfg.data, chars)
+        folder, meta = prepare.ensure_prepared(cfg.data, chars, cfg.model.block_size + 1, chosen)
     if procs.world > 1:
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
     if not procs.master:
-        folder, meta = prepare.ensure_prepared(cfg.data, chars)  # now only reads what rank 0 made
+        folder, meta = prepare.ensure_prepared(cfg.data, chars, explicit=chosen)  # reads what rank 0 made
     return folder, meta
 
 
 def new_state() -> dict:
     """The loop state that a checkpoint carries besides the weights and the optimizer."""
     return {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
-            "elapsed_s": 0.0}
+            "elapsed_s": 0.0, "last_eval_step": None, "start_val_loss": None}
 
 
 def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
@@ -168,26 +193,39 @@ def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device:
     if not resume:
         return new_state()
     ckpt = start.training
+    missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
+                              "from its weights with training.init_from instead")
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
-    return {k: ckpt[k] for k in new_state()}
+    # Checkpoints written before these keys existed were all written right after an evaluation.
+    return new_state() | {"last_eval_step": ckpt["step"]} | {k: ckpt[k] for k in new_state() if k in ckpt}
 
 
 def start_log(cfg: Config, out_dir: Path, model: GPT, procs: Processes, precision: str,
               resumed_state: dict | None) -> dict:
-    """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's step."""
+    """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's
+    step, and the resume is recorded (plot.py marks it)."""
     log = {"version": 1, "config": cfg.to_dict(),
            "run": {"tokens_per_step": tokens_per_step(cfg), "n_params": model.num_params(),
                    "device": procs.device, "precision": precision, "world_size": procs.world,
                    "status": "running", "stop_reason": None, "early_stop_step": None},
-           "evals": [], "train": [], "best": None}
-    old_log = out_dir / "train_log.json"
-    if resumed_state and procs.master and old_log.exists():
-        old, step = json.loads(old_log.read_text()), resumed_state["step"]
+           "evals": [], "train": [], "best": None, "resumes": []}
+    if not (resumed_state and procs.master):
+        return log
+    step = resumed_state["step"]
+    try:
+        old = json.loads((out_dir / "train_log.json").read_text(encoding="utf-8"))
         log["evals"] = [r for r in old["evals"] if r["step"] <= step]
         log["train"] = [r for r in old["train"] if r["step"] <= step]
-        log["best"] = {"step": resumed_state["best_step"], "val_loss": resumed_state["best_val_loss"]}
+        log["resumes"] = [r for r in old.get("resumes", []) if r["step"] <= step]
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"notice: {out_dir / 'train_log.json'} is missing or damaged; the curves before step {step} are "
+              "lost, the log starts again from the checkpoint")
+    log["resumes"].append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    log["best"] = {"step": resumed_state["best_step"], "val_loss": resumed_state["best_val_loss"]}
     return log
 
 
@@ -195,28 +233,67 @@ def tokens_per_step(cfg: Config) -> int:
     return cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
+    finishes the current step, saves ckpt_last.pt and exits. A second signal stops at once."""
+
+    def __init__(self, procs: Processes):
+        self.procs, self.received, self.previous = procs, 0, {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
+        if self.procs.master:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
+                  "(again to stop at once, without saving)", flush=True)
+
+    def requested(self) -> int:
+        """The signal to stop for, agreed by every process (they must stop at the same step), or 0."""
+        if self.procs.world == 1:
+            return self.received
+        flag = torch.tensor(self.received, device=self.procs.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
 # ----------------------------------------------------------------------------- the loop
 
-def train_loop(cfg: Config, run: Run) -> None:
+def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
     training, state, procs = cfg.training, run.state, run.procs
     device, master = procs.device, procs.master
     device_type = torch.device(device).type
     accum = training.grad_accum_steps // procs.world  # micro-steps per process
     eot = run.meta.get("eot_token")
     peak = peak_flops(device)
-    step = state["step"]  # optimizer steps done so far
+    step = first_step = state["step"]  # optimizer steps done so far
     start_time = time.time() - state["elapsed_s"]  # elapsed_s carries on across resumes
     interval_start = time.time()  # start of the current log interval (evaluations left out)
     ms_per_step = None
     # The loop passes max_iters + 1 times: the last pass (step == max_iters) makes no update, it
-    # only evaluates and saves the final weights. A resumed run has evaluated its first step already.
+    # only evaluates and saves the final weights.
     while True:
-        last_step = step == training.max_iters
+        last_step = step >= training.max_iters
         stop_reason = None
+        if signals.requested():
+            stop(cfg, run, signals.requested())
 
-        if (step % training.eval_interval == 0 or last_step) and step != run.resumed_step:
+        # A resumed run's step was evaluated before it was saved: last_eval_step says so.
+        if (step % training.eval_interval == 0 or last_step) and state["last_eval_step"] != step:
             eval_start = time.time()
+            if master:
+                print(f"eval step {step}: ", end="", flush=True)  # the rest once it is done: it can take a while
             losses = evaluate(run.model, run.splits, cfg, device, run.precision, procs, eot)
+            if not all(map(math.isfinite, losses.values())):
+                raise diverged(run, step, f"the val loss became {losses['val']} (train {losses['train']})")
             improved = losses["val"] < state["best_val_loss"] - training.early_stopping_min_delta
             if improved:
                 state.update(best_val_loss=losses["val"], best_step=step, bad_evals=0)
@@ -226,7 +303,9 @@ def train_loop(cfg: Config, run: Run) -> None:
                 stop_reason = (f"early stopping: val loss has not improved by {training.early_stopping_min_delta} "
                                f"for {state['bad_evals']} evaluations (best {state['best_val_loss']:.4f} "
                                f"at step {state['best_step']})")
-            state["elapsed_s"] = time.time() - start_time
+            state.update(elapsed_s=time.time() - start_time, last_eval_step=step)
+            if state["start_val_loss"] is None:
+                state["start_val_loss"] = losses["val"]
             if master:
                 save(cfg, run, losses, improved, stop_reason)
             interval_start += time.time() - eval_start  # keep evaluation time out of ms/step
@@ -255,11 +334,7 @@ def train_loop(cfg: Config, run: Run) -> None:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
-            if master:
-                run.log["run"].update(status="diverged", stop_reason=f"non-finite loss at step {step}")
-                write_log(run.out_dir, run.log)
-            raise TrainError(f"the loss became {loss_value} at step {step}; ckpt_last.pt holds the last "
-                             "good state. Lower training.learning_rate or use bf16 instead of fp16")
+            raise diverged(run, step, f"the loss became {loss_value}")
         if training.grad_clip > 0:
             run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the loss-scaled ones
             torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), training.grad_clip)
@@ -269,10 +344,13 @@ def train_loop(cfg: Config, run: Run) -> None:
         step += 1
         state.update(step=step, tokens=state["tokens"] + tokens_per_step(cfg))
 
-        if step % training.log_interval == 0 and master:
+        if master and step == first_step + 2 and training.log_interval > 2:
+            announce_speed(cfg, run, (time.time() - interval_start) / 2)  # before the first log line
+        if master and step % training.log_interval == 0:
             if device_type == "cuda":
                 torch.cuda.synchronize()
-            dt_ms = (time.time() - interval_start) * 1000 / training.log_interval
+            # A resumed run's first interval may be short: it starts where the checkpoint was.
+            dt_ms = (time.time() - interval_start) * 1000 / min(training.log_interval, step - first_step)
             interval_start = time.time()
             ms_per_step = dt_ms if ms_per_step is None else 0.9 * ms_per_step + 0.1 * dt_ms
             tok_s = tokens_per_step(cfg) * 1000 / dt_ms
@@ -318,29 +396,74 @@ def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, proc
     return out
 
 
-def save(cfg: Config, run: Run, losses: dict, improved: bool, stop_reason: str | None) -> None:
-    """Log the evaluation, then write ckpt_last.pt (and ckpt_best.pt on improvement). The log goes
-    first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back."""
+def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, stop_reason: str | None = None) -> None:
+    """Log the evaluation (if any), then write ckpt_last.pt (and ckpt_best.pt on improvement). The log
+    goes first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back.
+    A fresh run's step 0 is logged, not saved: its weights are the seed's or init_from's, and a run
+    that fails at its start leaves no checkpoint behind."""
     state, step, training = run.state, run.state["step"], cfg.training
-    run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                             "lr": get_lr(min(step, training.max_iters - 1), training),
-                             "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2)})
-    run.log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
+    if losses is not None:
+        run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                                 "lr": get_lr(min(step, training.max_iters - 1), training),
+                                 "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2)})
+        run.log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
     if stop_reason:
         run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
     write_log(run.out_dir, run.log)
-    ckpt = {"version": 1, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **state, "val_loss": losses["val"],
-            "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
-    save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
-    if improved and training.save_best:
-        save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
-    print(f"eval step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-          + (" (best" + (", saved ckpt_best.pt)" if training.save_best else ")") if improved else ""))
+    saved = step > 0 and step != run.saved_step
+    if saved:
+        if run.saved_step is None:  # this run's first checkpoint: a replaced run's best goes with it
+            for old in ("ckpt_best.pt", "ckpt_best.json"):
+                (run.out_dir / old).unlink(missing_ok=True)
+        ckpt = {"version": 1, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(), **state, "val_loss": losses and losses["val"],
+                "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
+        save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
+        run.saved_step = step
+        if improved and training.save_best:
+            save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
+    if losses is not None:
+        print(f"train {losses['train']:.4f}, val {losses['val']:.4f}"
+              + (" (best" + (", saved ckpt_best.pt)" if saved and training.save_best else ")") if improved else ""))
+
+
+def stop(cfg: Config, run: Run, signum: int) -> None:
+    """Save the current step (rank 0) and end the run with exit status 128 + signal."""
+    if run.procs.master:
+        save(cfg, run, None)
+        run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {run.state['step']}")
+        write_log(run.out_dir, run.log)
+        where = (f"ckpt_last.pt holds step {run.saved_step}" if run.saved_step is not None else
+                 "nothing was saved: it was the first step")
+        print(f"stopped at step {run.state['step']}: {where}; continue with:\n  {resume_command(cfg, run.procs)}")
+    raise Stopped(128 + signum)
+
+
+def resume_command(cfg: Config, procs: Processes) -> str:
+    """The command line of this run, with --resume (and without what conflicts with it)."""
+    args, drop = [], ("--resume", "--training.resume", "--training.overwrite", "--training.init_from")
+    for i, arg in enumerate(cfg.argv):
+        flag = arg.split("=")[0]
+        if flag in drop or (i and cfg.argv[i - 1] in drop and not arg.startswith("--")):
+            continue
+        args.append(arg)
+    launcher = "python" if procs.world == 1 else "torchrun [your torchrun options]"
+    return f"{launcher} train.py {shlex.join(args + ['--resume'])}"
+
+
+def diverged(run: Run, step: int, what: str) -> TrainError:
+    """The error for a loss that is no longer a finite number, saying truly which step is safe."""
+    if run.procs.master:
+        run.log["run"].update(status="diverged", stop_reason=f"{what} at step {step}")
+        write_log(run.out_dir, run.log)  # nulls where the values were not finite numbers
+    safe = (f"ckpt_last.pt holds step {run.saved_step}, the last finite state: resume from it with a lower "
+            "training.learning_rate" if run.saved_step is not None else
+            "no checkpoint was written: start again with a lower training.learning_rate")
+    return TrainError(f"{what} at step {step}: training diverged; {safe} (or bf16 instead of fp16)")
 
 
 def write_log(out_dir: Path, log: dict) -> None:
-    atomic_write_text(out_dir / "train_log.json", json.dumps(log, indent=1) + "\n")
+    write_json(out_dir / "train_log.json", log, indent=1)
 
 
 def format_duration(seconds: float) -> str:
@@ -349,30 +472,65 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def announce_speed(cfg: Config, run: Run, seconds_per_step: float) -> None:
+    """After the first steps: how long the whole run will take, and a hint when that is hours on a CPU."""
+    left = (cfg.training.max_iters - run.state["step"]) * seconds_per_step
+    hint = ("; on a CPU this preset takes hours: it is sized for a GPU (--device cuda), or try "
+            "configs/cpu/small.toml" if run.procs.device == "cpu" and left > 3600 else "")
+    print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
+          f"{cfg.training.max_iters - run.state['step']} steps left, evaluations not included{hint}", flush=True)
+
+
 # ----------------------------------------------------------------------------- the end
+
+def nothing_to_do(cfg: Config, run: Run) -> dict:
+    if run.procs.master:
+        print(f"nothing to do: {run.out_dir / 'ckpt_last.pt'} is at step {run.state['step']} and "
+              f"training.max_iters is {cfg.training.max_iters}; raise --max-iters to train further")
+    return summary_of(cfg, run, "nothing_to_do")
+
 
 def summarize(cfg: Config, run: Run) -> dict:
     """Mark the log finished and print what the run did and what to do next."""
     state, out_dir = run.state, run.out_dir
-    wall = state["elapsed_s"]  # set at the last evaluation, which is the end of the loop
     if run.procs.master:
         if run.log["run"]["status"] == "running":
             run.log["run"].update(status="finished", stop_reason=f"reached max_iters = {cfg.training.max_iters}")
         write_log(out_dir, run.log)
+        start, best = state["start_val_loss"], state["best_val_loss"]
+        if state["best_step"] == 0 and state["step"] > 0:
+            start_weights = cfg.training.init_from or f"random (training.seed = {cfg.training.seed})"
+            best_line = (f"no evaluation improved on step 0 (val {best:.4f}), so there is no ckpt_best.pt; "
+                         f"step 0's weights are {start_weights}")
+        else:
+            best_line = f"best val loss {best:.4f} at step {state['best_step']}" + \
+                (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
+        best_file = out_dir / ("ckpt_best.pt" if (out_dir / "ckpt_best.pt").exists() else "ckpt_last.pt")
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
-              f"  {state['step']} steps, {state['tokens']:,} tokens, {format_duration(wall)} wall time\n"
-              f"  best val loss {state['best_val_loss']:.4f} at step {state['best_step']}\n"
-              f"  checkpoints: {out_dir}/ckpt_best.pt, {out_dir}/ckpt_last.pt; log: {out_dir}/train_log.json\n"
-              f"next:\n  python sample.py --ckpt {out_dir}/ckpt_best.pt\n"
+              f"  {state['step']} steps, {state['tokens']:,} tokens, {format_duration(state['elapsed_s'])} wall time\n"
+              f"  {best_line}\n"
+              f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
+              f"log: {out_dir}/train_log.json\n"
+              f"next:\n  python sample.py --ckpt {best_file}\n"
               f"  python plot.py {out_dir}/train_log.json")
+    return summary_of(cfg, run, run.log["run"]["status"])
+
+
+def summary_of(cfg: Config, run: Run, status: str) -> dict:
+    state = run.state
     return {"step": state["step"], "tokens": state["tokens"], "best_val_loss": state["best_val_loss"],
-            "best_step": state["best_step"], "status": run.log["run"]["status"], "out_dir": str(out_dir),
-            "wall_s": wall}
+            "best_step": state["best_step"], "start_val_loss": state["start_val_loss"], "status": status,
+            "out_dir": str(run.out_dir), "wall_s": state["elapsed_s"]}
 
 
 @command
 def cli(argv: list[str] | None = None) -> int:
-    main(parse(argv, about=__doc__)[1])
+    """Exit status: 0 done (or nothing left to do), 2 a mistake to fix, 130 Ctrl-C, 143 SIGTERM
+    (both after saving the current step), 1 a bug (with its traceback)."""
+    try:
+        main(parse(argv, about=__doc__)[1])
+    except Stopped as e:
+        return e.code
     return 0
 
 

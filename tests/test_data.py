@@ -304,10 +304,14 @@ def test_ensure_prepared_never_uses_a_split_the_config_does_not_describe(tmp_pat
     text.write_text(TEXT[:20_000].upper(), encoding="utf-8")  # same name, other contents
     meta = prepare.ensure_prepared(d)[1]
     assert "data.input: " in capsys.readouterr().out and "e" not in meta["chars"]
+    # A folder the user named: settings left at their defaults are taken from how it was made...
+    named = DataConfig(processed_dir=str(folder))
+    assert prepare.ensure_prepared(named)[0] == folder and named.val_fraction == 0.2 and named.input == str(text)
+    # ...and one the user chose that differs is refused, with the command that fixes it.
     named = DataConfig(input=str(text), processed_dir=str(folder), val_fraction=0.3)
     with pytest.raises(DataError, match=r"data.val_fraction: 0.2 there, 0.3 now\); prepare it again: "
                                         r"python prepare.py .* --data.val_fraction 0.3 --force"):
-        prepare.ensure_prepared(named)
+        prepare.ensure_prepared(named, explicit={"data.val_fraction"})
     assert data.load_meta(folder)["val_fraction"] == 0.2  # untouched
     text.unlink()  # no input any more: the prepared folder is used as it is
     assert prepare.ensure_prepared(DataConfig(input=str(text), val_fraction=0.2))[0] == folder

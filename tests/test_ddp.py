@@ -70,6 +70,10 @@ def test_resume_of_a_two_process_run(tmp_path, char_data, monkeypatch):
 def test_accumulation_must_divide_among_processes_and_errors_end_the_job(tmp_path, char_data):
     r = torchrun(*args(tmp_path, char_data, "--training.grad_accum_steps", "3"), timeout=120)
     assert r.returncode != 0
-    assert "training.grad_accum_steps = 3 must be divisible by the number of processes (2)" in r.stderr
+    # One line, from rank 0 only, with a value that would work.
+    assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: training.grad_accum_steps = 3 must be divisible by the number of processes (2), e.g. 4"]
+    assert "traceback : error: training.grad_accum_steps = 3" in r.stderr  # torchrun's summary names it
+    assert "error: training.grad_accum_steps = 3 must be divisible by the number of processes (2), e.g. 4" in r.stderr
     # torchrun itself reports the failed workers; the workers print one line each, no traceback.
     assert 'train.py", line' not in r.stderr

@@ -187,7 +187,12 @@ def test_output_folder_rules(trained, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert export.main(["--ckpt", str(trained), "--out", out, "--dtype", "bf16", "--force"]) == 0
     assert json.loads((tmp_path / "ex" / "config.json").read_text())["dtype"] == "bf16"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "notes"]  # no staging folders left
+    # Readable by others, as any file meant to be shared (safetensors and mkdtemp make theirs private).
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [tmp_path / "ex", *(tmp_path / "ex").iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock") == ["ex", "notes"]  # no staging left
     # Exporting an export (here bf16 -> native fp32) works too: it is a source like a checkpoint.
     assert export.main(["--ckpt", out, "--out", str(tmp_path / "again"), "--format", "hf"]) == 0
 

@@ -282,4 +282,8 @@ def test_real_runs_log_plots_and_overlays(tmp_path):
     log = plot.load_log(tmp_path / "a" / "train_log.json")
     steps = [e["step"] for e in log["evals"]]
     assert steps == sorted(set(steps)) == [0, 5, 10, 15, 20]  # the resume continued the same curve
+    assert [r["step"] for r in log["resumes"]] == [10]
+    fig = plot.plot_logs({"a": log}, None)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "a resumed @ step 10" in labels
     assert plot.load_log(tmp_path / "b" / "train_log.json")["run"]["early_stop_step"] == 5

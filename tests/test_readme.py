@@ -261,3 +261,32 @@ def test_readme_main_command_shortened(tmp_path):
     assert "sample 1/1" in out
     assert len(out.split("sample 1/1")[1].strip("- \n")) > 0, f"no sample text in: {out!r}"
     assert (repo / "checkpoints" / "small" / "ckpt_best.pt").is_file()
+
+
+def test_readme_example_output_is_what_the_main_command_prints(tmp_path, monkeypatch, capsys):
+    """The deterministic part of the README's example output (everything up to the first evaluation)
+    is what `python train.py --config configs/cpu/small.toml` prints in a fresh clone; the run is
+    stopped right after that evaluation."""
+    import train
+
+    text = readme()
+    start = text.index("The main job prepares the data on first use")
+    block = next(b for lang, b, at in code_blocks(text) if lang == "" and at > text[:start].count("\n"))
+    shown = block.splitlines()
+    expected = shown[:next(i for i, line in enumerate(shown) if line.startswith("eval step 0:")) + 1]
+
+    class Stop(Exception):
+        pass
+
+    real_save = train.save
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.chdir(copy_repo(tmp_path))
+    monkeypatch.setattr(train, "save", save_then_stop)
+    with pytest.raises(Stop):
+        assert train.cli(["--config", "configs/cpu/small.toml"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:len(expected)] == expected

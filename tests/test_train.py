@@ -93,9 +93,12 @@ def test_early_stopping_and_best_checkpoint(tmp_path, char_data, capsys):
     assert summary["status"] == "early_stopped" and summary["step"] == 20
     log = read_log(tmp_path)
     assert log["run"]["early_stop_step"] == 20 and "early stopping" in log["run"]["stop_reason"]
-    assert json.loads((tmp_path / "ckpt_best.json").read_text())["step"] == 0
+    assert not (tmp_path / "ckpt_best.pt").exists()  # step 0 is logged, never saved: nothing beat it
     assert json.loads((tmp_path / "ckpt_last.json").read_text())["step"] == 20
-    assert "early stopping: val loss has not improved" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "early stopping: val loss has not improved" in out
+    assert "no evaluation improved on step 0 (val " in out and "so there is no ckpt_best.pt" in out
+    assert f"python sample.py --ckpt {tmp_path}/ckpt_last.pt" in out
 
 
 def test_resume_is_bit_identical(tmp_path, char_data, monkeypatch):
@@ -126,7 +129,7 @@ def test_kill_during_a_checkpoint_write_leaves_loadable_files(tmp_path, char_dat
 
     def dies_halfway(obj, f):
         real_save(obj, f)
-        f.truncate(100)  # the process dies with half a file written
+        f.file.truncate(100)  # the process dies with half a file written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)

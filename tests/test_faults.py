@@ -1,0 +1,313 @@
+"""The fault catalogue: bad files, bad flags and bad environments, across every script. Each case must
+end with a non-zero exit status and exactly one line on stderr, `error: ...`, naming the file or the
+setting at fault; no traceback; and every file that existed before unchanged. The README's "Common
+errors" table quotes messages: each must be one these cases really print.
+
+All cases run once, in this process (each script's entry point is what its command line runs), in a
+session fixture; the tests below read the results."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bench
+import export
+import files
+import plot
+import prepare
+import sample
+import train
+from conftest import ROOT, prepare_text
+
+SCRIPTS = {"prepare": prepare.main, "train": train.cli, "sample": sample.main, "export": export.main,
+           "plot": plot.main, "bench": bench.main}
+NOT_A_FOLDER = "/dev/null/x"  # a path under a file: no folder can be made there, even by root
+
+
+@dataclass
+class Case:
+    id: str
+    script: str
+    argv: list[str]
+    names: str  # what the one error line must mention: the file or setting at fault
+    setup: object = None  # setup(world, case_dir) -> None: makes the bad file, holds a lock...
+
+
+def tiny(out_dir, data_dir, *extra) -> list[str]:
+    return ["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
+            "32", "--model.block_size", "16", "--training.batch_size", "4", "--training.eval_interval", "5",
+            "--training.eval_iters", "2", "--training.log_interval", "5", "--device", "cpu", "--max-iters", "5",
+            "--training.out_dir", str(out_dir), *extra]
+
+
+# ----------------------------------------------------------------------------- setups
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def copy(src: Path, dest: Path) -> Path:
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
+    return dest
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+def held_lock(path: Path):
+    """A setup that holds `path`'s lock (as another process would) while the case runs."""
+    def setup(world, d):
+        return files.lock(path(world, d) if callable(path) else path, "x")
+    return setup
+
+
+def cases(w: Path) -> list[Case]:
+    """Every case, with paths in the world `w` (see the fixture) or in the case's own folder `d`."""
+    data, run, native, hf, text = w / "data", w / "run", w / "native", w / "hf", w / "text.txt"
+    d = Path("{d}")  # replaced by each case's own folder
+    return [
+        # prepare.py
+        Case("prepare-missing-input", "prepare", ["--data.input", str(d / "nope.txt"), "--data.processed_dir", str(d / "o")],
+             "nope.txt"),
+        Case("prepare-empty-input", "prepare", ["--data.input", str(d / "empty.txt"), "--data.processed_dir", str(d / "o")],
+             "empty.txt", lambda w, d: write(d / "empty.txt", "")),
+        Case("prepare-not-utf8", "prepare", ["--data.input", str(d / "latin.txt"), "--data.processed_dir", str(d / "o")],
+             "latin.txt", lambda w, d: write(d / "latin.txt", "caf\xe9\n".encode("latin-1"))),
+        Case("prepare-folder-without-txt", "prepare", ["--data.input", str(d / "docs"), "--data.processed_dir",
+                                                       str(d / "o")], "docs", lambda w, d: write(d / "docs" / "a.md", "x")),
+        Case("prepare-out-is-a-file", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "f")],
+             "data.processed_dir", lambda w, d: write(d / "f", "mine")),
+        Case("prepare-out-not-writable", "prepare", ["--data.input", str(text), "--data.processed_dir", NOT_A_FOLDER],
+             "data.processed_dir"),
+        Case("prepare-val-fraction-range", "prepare", ["--data.val_fraction", "1.5"], "data.val_fraction"),
+        Case("prepare-val-fraction-nan", "prepare", ["--data.val_fraction", "nan"], "data.val_fraction"),
+        Case("prepare-bad-tokenizer", "prepare", ["--tokenizer", "words"], "data.tokenizer"),
+        Case("prepare-unknown-encoding", "prepare", ["--data.input", str(text), "--tokenizer", "bpe",
+                                                     "--data.bpe_encoding", "gpt5", "--data.processed_dir", str(d / "o")],
+             "gpt5"),
+        Case("prepare-one-character", "prepare", ["--data.input", str(d / "one.txt"), "--data.processed_dir", str(d / "o")],
+             "one.txt", lambda w, d: write(d / "one.txt", "a")),
+        Case("prepare-differently-without-force", "prepare", ["--data.input", str(text), "--data.processed_dir",
+                                                              str(d / "data"), "--data.val_fraction", "0.2"],
+             "data.val_fraction", lambda w, d: copy(data, d / "data")),
+        Case("prepare-unknown-option", "prepare", ["--inptu", "x.txt"], "--inptu"),
+        Case("prepare-model-setting", "prepare", ["--model.n_layer", "2"], "--model.n_layer"),
+        Case("prepare-config-is-a-folder", "prepare", ["--config", str(w)], "--config"),
+        Case("prepare-config-not-utf8", "prepare", ["--config", str(d / "p.toml")], "p.toml",
+             lambda w, d: write(d / "p.toml", b"[data]\ninput = \"\xff\xfe\"\n")),
+        Case("prepare-config-missing", "prepare", ["--config", str(d / "nope.toml")], "nope.toml"),
+        Case("prepare-folder-in-use", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "busy"),
+                                                  "--force"], "data.processed_dir",
+             held_lock(lambda w, d: files.make_folder(d / "busy", "x") / ".lock")),
+        # train.py
+        Case("train-unknown-key", "train", ["--training.max_iter", "3"], "training.max_iter"),
+        Case("train-wrong-type-in-preset", "train", ["--config", str(d / "p.toml")], "training.batch_size",
+             lambda w, d: write(d / "p.toml", '[training]\nbatch_size = "64"\n')),
+        Case("train-heads-do-not-divide", "train", ["--model.n_embd", "64", "--model.n_head", "5"], "model.n_head"),
+        Case("train-out-dir-is-a-file", "train", tiny(d / "f", data), "training.out_dir", lambda w, d: write(d / "f", "x")),
+        Case("train-out-dir-not-writable", "train", tiny(NOT_A_FOLDER, data), "training.out_dir"),
+        Case("train-run-exists", "train", tiny(d / "run", data), "training.out_dir", lambda w, d: copy(run, d / "run")),
+        Case("train-resume-without-checkpoint", "train", tiny(d / "empty", data, "--resume"), "ckpt_last.pt"),
+        Case("train-resume-and-init-from", "train", tiny(d / "o", data, "--resume", "--training.init_from", str(run)),
+             "training.init_from"),
+        Case("train-init-from-missing", "train", tiny(d / "o", data, "--training.init_from", str(d / "nope.pt")),
+             "nope.pt"),
+        Case("train-init-from-corrupt", "train", tiny(d / "o", data, "--training.init_from", str(d / "bad.pt")),
+             "bad.pt", lambda w, d: write(d / "bad.pt", b"not a checkpoint")),
+        Case("train-init-from-not-a-checkpoint", "train", tiny(d / "o", data, "--training.init_from", str(d / "t.pt")),
+             "t.pt", lambda w, d: torch.save({"weights": torch.zeros(2)}, d / "t.pt")),
+        Case("train-init-from-damaged-meta", "train", tiny(d / "o", data, "--training.init_from", str(d / "m.pt")),
+             "m.pt", lambda w, d: resave(run / "ckpt_last.pt", d / "m.pt", meta={"tokenizer": "words"})),
+        Case("train-resume-without-optimizer", "train", tiny(d / "r", data, "--resume"), "ckpt_last.pt",
+             lambda w, d: resave(run / "ckpt_last.pt", d / "r" / "ckpt_last.pt", optimizer=None)),
+        Case("train-meta-wrong-types", "train", tiny(d / "o", d / "data"), "meta.json",
+             lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
+                                                             lambda m: m.update(vocab_size="65")))),
+        Case("train-bin-odd-size", "train", tiny(d / "o", d / "data"), "train.bin",
+             lambda w, d: (copy(data, d / "data"), open(d / "data" / "train.bin", "ab").write(b"\x00"))),
+        Case("train-named-data-prepared-differently", "train", tiny(d / "o", d / "data", "--data.val_fraction", "0.3"),
+             "data.val_fraction", lambda w, d: copy(data, d / "data")),
+        Case("train-learning-rate-zero", "train", ["--training.learning_rate", "0", "--training.min_lr", "0"],
+             "training.learning_rate"),
+        Case("train-learning-rate-inf", "train", ["--training.learning_rate", "inf"], "training.learning_rate"),
+        Case("train-min-lr-above-lr", "train", ["--training.min_lr", "0.1"], "training.min_lr"),
+        Case("train-out-dir-in-use", "train", tiny(d / "busy", data), "training.out_dir",
+             held_lock(lambda w, d: files.make_folder(d / "busy", "x") / ".lock")),
+        Case("train-vocab-too-small", "train", tiny(d / "o", data, "--model.vocab_size", "10"), "model.vocab_size"),
+        Case("train-doc-mask-on-char-data", "train", tiny(d / "o", data, "--data.doc_mask"), "data.doc_mask"),
+        Case("train-block-longer-than-split", "train", tiny(d / "o", data, "--model.block_size", "200000"), "block_size"),
+        Case("train-init-from-other-shape", "train", tiny(d / "o", data, "--model.n_embd", "64",
+                                                           "--training.init_from", str(run)), "model.n_embd"),
+        Case("train-out-of-memory", "train", tiny(d / "o", data, "--model.vocab_size", str(10**12)),
+             "out of memory"),
+        *([Case("train-no-cuda", "train", tiny(d / "o", data, "--device", "cuda"), "training.device"),
+           Case("train-flex-on-cpu", "train", tiny(d / "o", data, "--model.attention", "flex"), "model.attention")]
+          if not torch.cuda.is_available() else []),
+        Case("prepare-bpe-offline", "prepare", ["--data.input", str(text), "--tokenizer", "bpe", "--data.bpe_encoding",
+                                                "cl100k_base", "--data.processed_dir", str(d / "o")], "TIKTOKEN_CACHE_DIR",
+             lambda w, d: offline_tiktoken(d / "cache")),
+        # sample.py
+        Case("sample-missing", "sample", ["--ckpt", str(d / "nope.pt")], "nope.pt"),
+        Case("sample-folder-without-checkpoint", "sample", ["--ckpt", str(d / "empty")], "empty",
+             lambda w, d: (d / "empty").mkdir()),
+        Case("sample-corrupt", "sample", ["--ckpt", str(d / "bad.pt")], "bad.pt", lambda w, d: write(d / "bad.pt", b"x")),
+        Case("sample-temperature-nan", "sample", ["--ckpt", str(run), "--temperature", "nan"], "--temperature"),
+        Case("sample-top-p", "sample", ["--ckpt", str(run), "--top-p", "2"], "--top-p"),
+        Case("sample-prompt-file-missing", "sample", ["--ckpt", str(run), "--start", f"FILE:{d / 'p.txt'}"], "p.txt"),
+        Case("sample-unknown-characters", "sample", ["--ckpt", str(run), "--start", "héllo"], "prompt"),
+        Case("sample-export-enormous-config", "sample", ["--ckpt", str(d / "x")], "model.n_layer",
+             lambda w, d: (copy(native, d / "x"), edit_json(d / "x" / "config.json",
+                                                             lambda c: c["model"].update(n_layer=10**6)))),
+        Case("sample-export-wrong-type", "sample", ["--ckpt", str(d / "x")], "model.n_embd",
+             lambda w, d: (copy(native, d / "x"), edit_json(d / "x" / "config.json",
+                                                             lambda c: c["model"].update(n_embd="32")))),
+        Case("sample-export-unknown-key", "sample", ["--ckpt", str(d / "x")], "model.n_heads",
+             lambda w, d: (copy(native, d / "x"), edit_json(d / "x" / "config.json",
+                                                             lambda c: c["model"].update(n_heads=2)))),
+        Case("sample-export-missing-tensor", "sample", ["--ckpt", str(d / "x")], "transformer.ln_f.weight",
+             lambda w, d: (copy(native, d / "x"), drop_tensor(d / "x" / "model.safetensors", "transformer.ln_f.weight"))),
+        Case("sample-export-damaged-meta", "sample", ["--ckpt", str(d / "x")], "tokenizer_meta.json",
+             lambda w, d: (copy(native, d / "x"), write(d / "x" / "tokenizer_meta.json", '{"tokenizer": 3}'))),
+        Case("sample-export-config-not-json", "sample", ["--ckpt", str(d / "x")], "x",
+             lambda w, d: (copy(hf, d / "x"), write(d / "x" / "config.json", "{oops"))),
+        Case("sample-hf-variant", "sample", ["--ckpt", str(d / "x")], "activation_function",
+             lambda w, d: (copy(hf, d / "x"), edit_json(d / "x" / "config.json",
+                                                         lambda c: (c.pop("tinygpt"), c.update(activation_function="relu"))))),
+        # export.py
+        Case("export-no-out", "export", ["--ckpt", str(run)], "--out"),
+        Case("export-force-on-a-user-folder", "export", ["--ckpt", str(run), "--out", str(d / "notes"), "--force"],
+             "notes", lambda w, d: write(d / "notes" / "keep.txt", "mine")),
+        Case("export-over-an-export", "export", ["--ckpt", str(run), "--out", str(d / "ex")], "ex",
+             lambda w, d: copy(native, d / "ex")),
+        Case("export-out-not-writable", "export", ["--ckpt", str(run), "--out", NOT_A_FOLDER + "/ex"], "--out"),
+        Case("export-bad-format", "export", ["--ckpt", str(run), "--out", str(d / "ex"), "--format", "onnx"],
+             "--format"),
+        Case("export-missing-source", "export", ["--ckpt", str(d / "nope"), "--out", str(d / "ex")], "nope"),
+        # plot.py
+        Case("plot-missing-log", "plot", [str(d / "nope.json")], "nope.json"),
+        Case("plot-not-json", "plot", [str(d / "log.json")], "log.json", lambda w, d: write(d / "log.json", "{oops")),
+        Case("plot-no-log", "plot", [], "train_log.json"),
+        Case("plot-bad-axis", "plot", [str(run), "--x", "time"], "--x"),
+        # bench.py
+        Case("bench-bad-what", "bench", ["--what", "nope"], "--what"),
+        Case("bench-misspelt-option", "bench", ["--stpes", "3"], "--stpes"),
+    ]
+
+
+@contextlib.contextmanager
+def offline_tiktoken(cache: Path):
+    """An empty tiktoken cache, and a proxy that refuses every connection: offline, whatever the machine."""
+    cache.mkdir()
+    saved = {k: os.environ.get(k) for k in ("TIKTOKEN_CACHE_DIR", "HTTPS_PROXY", "https_proxy")}
+    os.environ.update(TIKTOKEN_CACHE_DIR=str(cache), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def resave(src: Path, dest: Path, **changes) -> None:
+    """A copy of a checkpoint with some entries changed (None: removed)."""
+    ckpt = torch.load(src, weights_only=True)
+    for k, v in changes.items():
+        ckpt.pop(k) if v is None else ckpt.__setitem__(k, v)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, dest)
+
+
+def drop_tensor(path: Path, name: str) -> None:
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path)
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in root.rglob("*")
+            if p.is_file() and p.suffix != ".lock"}
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> dict[str, dict]:
+    """Run every case once: {id: {"code", "stderr", "changed"}}."""
+    w = tmp_path_factory.mktemp("world")
+    (w / "text.txt").write_text((ROOT / "data/shakespeare/input.txt").read_text()[:20000])
+    prepare_text(w / "text.txt", w / "data")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.cli(tiny(w / "run", w / "data")) == 0
+        export.export(w / "run", w / "native")
+        export.export(w / "run", w / "hf", "hf")
+    out, cwd = {}, os.getcwd()
+    for case in cases(w):
+        d = tmp_path_factory.mktemp(case.id)
+        argv = [a.replace("{d}", str(d)) for a in case.argv]
+        held = case.setup(w, d) if case.setup else None
+        before = snapshot(w, d)
+        stderr = io.StringIO()
+        os.chdir(ROOT if case.script == "bench" else d)  # bench.py reads the shipped presets
+        try:
+            managed = isinstance(held, contextlib.AbstractContextManager) and not isinstance(held, Path)
+            with held if managed else contextlib.nullcontext(), \
+                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+                code = SCRIPTS[case.script](argv)
+        except BaseException:
+            code, stderr = None, io.StringIO(traceback.format_exc())
+        finally:
+            os.chdir(cwd)
+        after = snapshot(w, d)
+        out[case.id] = {"code": code, "stderr": stderr.getvalue(), "names": case.names.replace("{d}", str(d)),
+                        "changed": sorted(p for p in before if before[p] != after.get(p))}
+    return out
+
+
+CASE_IDS = [c.id for c in cases(Path("w"))]
+
+
+def test_there_are_enough_cases():
+    assert len(CASE_IDS) == len(set(CASE_IDS)) >= 60
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_each_fault_is_one_line_naming_what_to_fix(results, case_id):
+    r = results[case_id]
+    assert r["code"] is not None, f"an exception escaped:\n{r['stderr']}"
+    assert r["code"] == 2, (r["code"], r["stderr"])
+    lines = r["stderr"].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r["stderr"]
+    assert "Traceback" not in r["stderr"]
+    assert r["names"] in lines[0], (r["names"], lines[0])
+    assert not r["changed"], f"files changed: {r['changed']}"
+
+
+def test_readme_common_errors_are_what_the_programs_print(results):
+    """Each message quoted in the README's table (`...` stands for an omitted part) is printed by a case."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Common errors"):]
+    section = section[:section.index("\n## ", 4)] if "\n## " in section[4:] else section
+    quoted = [m for m in re.findall(r"^\| `(error: [^`]*)` \|", section, re.MULTILINE)]
+    assert len(quoted) >= 20, f"only {len(quoted)} quoted messages in the README's Common errors"
+    printed = [r["stderr"].strip() for r in results.values()]
+    missing = []
+    for message in quoted:
+        pattern = ".*".join(re.escape(part) for part in message.split("..."))
+        if not any(re.fullmatch(pattern, p, re.DOTALL) for p in printed):
+            missing.append(message)
+    assert not missing, "README messages no case prints:\n" + "\n".join(missing)

@@ -1,0 +1,197 @@
+"""Never lose a run: runs end, finished runs are not replaced, one process per folder, a diverged state
+is never saved, and Ctrl-C or SIGTERM save the current step and say how to continue (tiny models, CPU)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import files
+import train
+from config import load_config
+from conftest import ROOT
+from test_train import read_log, tiny, weights
+
+
+def digest(path) -> bytes:
+    return path.read_bytes()
+
+
+def run_cli(*argv, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_argv(out_dir, data_dir, *extra) -> list[str]:
+    return ["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
+            "32", "--model.block_size", "16", "--model.dropout", "0", "--training.batch_size", "4",
+            "--training.eval_interval", "10", "--training.eval_iters", "2", "--training.log_interval", "1",
+            "--training.warmup_iters", "2", "--device", "cpu", "--training.out_dir", str(out_dir), *extra]
+
+
+def test_resuming_at_or_past_max_iters_ends_at_once(tmp_path, char_data):
+    train.main(tiny(tmp_path, char_data))  # 20 steps
+    before = digest(tmp_path / "ckpt_last.pt")
+    r = run_cli(*tiny_argv(tmp_path, char_data, "--max-iters", "10", "--resume"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do: " in r.stdout and "is at step 20 and training.max_iters is 10" in r.stdout
+    assert digest(tmp_path / "ckpt_last.pt") == before
+    assert train.main(tiny(tmp_path, char_data, "--resume"))["status"] == "nothing_to_do"  # at max_iters too
+
+
+def test_a_finished_run_is_never_replaced_by_a_fresh_one(tmp_path, char_data):
+    train.main(tiny(tmp_path, char_data))
+    best, last = digest(tmp_path / "ckpt_best.pt"), digest(tmp_path / "ckpt_last.pt")
+    log = (tmp_path / "train_log.json").read_text()
+    r = run_cli(*tiny_argv(tmp_path, char_data))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == (f"error: training.out_dir = '{tmp_path}' holds a run already (its ckpt_last.pt); continue "
+                        "it with --resume, replace it with --training.overwrite, or choose another "
+                        "training.out_dir\n")
+    assert digest(tmp_path / "ckpt_best.pt") == best and digest(tmp_path / "ckpt_last.pt") == last
+    assert (tmp_path / "train_log.json").read_text() == log
+    # --training.overwrite replaces it, including an old ckpt_best.pt the new run does not beat.
+    summary = train.main(tiny(tmp_path, char_data, "--training.overwrite", "--max-iters", "10",
+                              "--training.learning_rate", "1e-9", "--training.min_lr", "0",
+                              "--training.warmup_iters", "0"))
+    assert summary["step"] == 10 and digest(tmp_path / "ckpt_last.pt") != last
+    assert not (tmp_path / "ckpt_best.pt").exists() or digest(tmp_path / "ckpt_best.pt") != best
+
+
+def test_a_run_that_fails_at_its_start_writes_no_checkpoint(tmp_path, char_data):
+    # flex attention evaluates on CPU but cannot train there: the failure comes at the first step.
+    with pytest.raises(train.ConfigError, match='model.attention = "flex" cannot run here'):
+        train.main(tiny(tmp_path, char_data, "--model.attention", "flex"))
+    assert not list(tmp_path.glob("ckpt_*"))
+    assert train.main(tiny(tmp_path, char_data, "--max-iters", "2"))["step"] == 2  # not "holds a run"
+
+
+def test_two_trainings_into_one_folder_one_refuses_and_sigterm_saves(tmp_path, char_data):
+    argv = [sys.executable, "-u", "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000",
+                                                          "--training.log_interval", "50")]
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:  # wait until it trains
+            if line.startswith("step "):
+                break
+        second = run_cli(*tiny_argv(tmp_path, char_data, "--max-iters", "5"), timeout=60)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr == (f"error: training.out_dir = '{tmp_path}' is in use by another process "
+                                 f"(PID {first.pid}); wait for it to finish, or choose another folder\n")
+        first.send_signal(signal.SIGTERM)  # what `timeout` and job schedulers send
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 143, err
+    step = json.loads((tmp_path / "ckpt_last.json").read_text())["step"]
+    assert step > 50 and f"stopped at step {step}: ckpt_last.pt holds step {step}; continue with:" in out
+    command = out.strip().splitlines()[-1].strip()
+    assert command.startswith("python train.py ") and command.endswith(" --resume")
+    assert command.count("--resume") == 1 and "--training.out_dir" in command
+    assert read_log(tmp_path)["run"]["status"] == "stopped"
+
+
+def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monkeypatch, capsys):
+    """A signal in the middle of a step (here the 7th, no evaluation due) finishes that step, saves
+    it, and resuming from it gives the weights of an uninterrupted run, bit for bit."""
+    extra = ("--model.dropout", "0.1", "--training.grad_accum_steps", "2")
+    train.main(tiny(tmp_path / "full", char_data, *extra))
+    real_get_batch = train.get_batch
+
+    def signal_at_step_6(tokens, block_size, batch_size, key, *args, **kwargs):
+        if key[0] == "train" and key[2] == 6 and kwargs.get("part") == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while step 6 (the 7th) is being computed
+        return real_get_batch(tokens, block_size, batch_size, key, *args, **kwargs)
+
+    monkeypatch.setattr(train, "get_batch", signal_at_step_6)
+    cut = tiny(tmp_path / "cut", char_data, *extra)
+    cut.argv = tiny_argv(tmp_path / "cut", char_data, *extra)
+    with pytest.raises(train.Stopped) as stopped:
+        train.main(cut)
+    assert stopped.value.code == 130
+    out = capsys.readouterr().out
+    assert "SIGINT: stopping after this step and saving it" in out
+    assert "stopped at step 7: ckpt_last.pt holds step 7; continue with:" in out
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train.main(tiny(tmp_path / "cut", char_data, *extra, "--resume"))
+    a, b = weights(tmp_path / "full" / "ckpt_last.pt"), weights(tmp_path / "cut" / "ckpt_last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
+    assert [e["step"] for e in resumed["evals"]] == [0, 10, 20]
+    assert resumed["resumes"][0]["step"] == 7  # plot.py marks it
+
+
+def test_a_diverged_state_is_never_saved_and_the_log_stays_valid_json(tmp_path, char_data):
+    cfg = tiny(tmp_path, char_data, "--training.learning_rate", "1e6", "--training.grad_clip", "0",
+               "--training.eval_interval", "1", "--training.warmup_iters", "0", "--max-iters", "50")
+    with pytest.raises(train.TrainError) as e:
+        train.main(cfg)
+    message = str(e.value)
+    assert "training diverged" in message
+    if (tmp_path / "ckpt_last.pt").exists():
+        saved = checkpoint.load_weights(tmp_path / "ckpt_last.pt")
+        assert all(torch.isfinite(v).all() for v in saved.state_dict.values())
+        assert math.isfinite(saved.val_loss) and f"ckpt_last.pt holds step {saved.step}, the last finite" in message
+    else:
+        assert "no checkpoint was written" in message
+    text = (tmp_path / "train_log.json").read_text()
+    log = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in train_log.json"))
+    assert log["run"]["status"] == "diverged" and "training diverged" not in log["run"]["stop_reason"]
+
+
+def test_a_damaged_log_is_rebuilt_on_resume(tmp_path, char_data, capsys):
+    train.main(tiny(tmp_path, char_data, "--max-iters", "10"))
+    (tmp_path / "train_log.json").write_text('{"version": 1, "evals": [')  # cut short
+    assert train.main(tiny(tmp_path, char_data, "--resume"))["step"] == 20
+    assert "train_log.json is missing or damaged; the curves before step 10 are lost" in capsys.readouterr().out
+    assert [e["step"] for e in read_log(tmp_path)["evals"]] == [20]
+
+
+def test_locks_are_released_however_the_process_ends(tmp_path):
+    with files.lock(tmp_path / ".lock", "x"):
+        with pytest.raises(files.FileError, match=f"is in use by another process \\(PID {os.getpid()}\\)"):
+            with files.lock(tmp_path / ".lock", "x"):
+                pass
+    # A killed holder leaves its lock file, but not its lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import files; "
+                               f"cm = files.lock({str(tmp_path / '.lock')!r}, 'x'); cm.__enter__(); "
+                               "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(files.FileError, match=f"PID {holder.pid}"):
+        with files.lock(tmp_path / ".lock", "x"):
+            pass
+    holder.kill()
+    holder.wait()
+    with files.lock(tmp_path / ".lock", "x"):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
+    train.main(tiny(tmp_path, char_data, "--training.log_interval", "10"))
+    out = capsys.readouterr().out
+    assert "first steps: " in out and " s/step, so about " in out and "for the 18 steps left" in out
+    assert "eval step 0: train " in out  # printed in two parts: "eval step 0: " before evaluating
+    cfg = load_config(["--max-iters", "5000", "--device", "cpu"])
+
+    class Slow:  # a CPU run of a preset sized for a GPU
+        state, procs = {"step": 0}, train.Processes(device="cpu")
+
+    train.announce_speed(cfg, Slow, 4.0)
+    hint = capsys.readouterr().out
+    assert "about 5h33m for the 5000 steps left" in hint and "sized for a GPU (--device cuda)" in hint
+
+
+def test_resume_and_init_from_together_is_a_conflict(tmp_path, char_data):
+    r = run_cli(*tiny_argv(tmp_path, char_data, "--resume", "--training.init_from", "exports/small"), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: training.resume and training.init_from contradict each other")
