@@ -113,7 +113,7 @@ class SplitWriter:
         self.fmt, self.tokenizer, self.dtype = fmt, tokenizer, np.dtype(dtype)
         self.tmp = path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")
-        self.buffer, self.n_tokens = "", 0
+        self.buffer, self.n_tokens, self.n_bytes = "", 0, 0  # n_bytes: UTF-8 bytes of the text encoded
 
     def add(self, text: str) -> None:
         self.buffer += text
@@ -133,8 +133,10 @@ class SplitWriter:
     def _encode(self, text: str) -> None:
         for ids in encode_chunks(self.tokenizer, split_safely(text)):
             self._write(ids, None)
+        raw = text.encode("utf-8")
+        self.n_bytes += len(raw)
         if self.fmt == "txt":
-            self.file.write(text.encode("utf-8"))
+            self.file.write(raw)
 
     def _write(self, ids: np.ndarray, text: str | None) -> None:
         self.n_tokens += len(ids)
@@ -271,6 +273,7 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
             w.file.close()
             w.tmp.unlink(missing_ok=True)
     meta["tokens"] = {s: w.n_tokens for s, w in writers.items()}
+    meta["bytes"] = {s: w.n_bytes for s, w in writers.items()}  # text bytes, end-of-text tokens not counted
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     meta["out"] = str(out)
     return meta
