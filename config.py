@@ -114,12 +114,26 @@ class TrainingConfig:
     out_dir: str = doc("folder for checkpoints, train_log.json and config.toml", "checkpoints")
     resume: bool = doc("continue the run in out_dir from its ckpt_last.pt", False)
     init_from: str = doc("start from these weights (checkpoint, run folder or export); empty: random", "")
+    sample_tokens: int = doc("at each evaluation, sample this many tokens from sample_prompt, printed and "
+                             "logged; 0: no samples", 0, within="[0, inf)")
+    sample_prompt: str = doc("the text those samples continue; empty: the start of a text", "")
+    profile_start_step: int = doc("torch.profiler records the optimizer steps from this step on", 0,
+                                  within="[0, inf)")
+    profile_end_step: int = doc("... up to this step (0 and 0: no profiling)", 0, within="[0, inf)")
+    profile_dir: str = doc("folder for the profiler's trace; empty: <out_dir>/profile", "")
 
     def problems(self) -> list[str]:
         out = []
         if self.min_lr > self.learning_rate:
             out.append(f"training.min_lr ({self.min_lr}) must not exceed training.learning_rate "
                        f"({self.learning_rate})")
+        start, end = self.profile_start_step, self.profile_end_step
+        if (start or end) and end <= start:
+            out.append(f"training.profile_end_step ({end}) must be greater than training.profile_start_step "
+                       f"({start}); set both to 0 for no profiling")
+        elif end > self.max_iters:
+            out.append(f"training.profile_end_step ({end}) is after the run's last step (training.max_iters = "
+                       f"{self.max_iters}); choose a window within the run")
         return out
 
 
