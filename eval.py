@@ -139,12 +139,17 @@ def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: 
             "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": bits_per_byte(total, n_bytes)}
 
 
-def show_progress(done: int, total: int, shown: list[int]) -> None:
-    """A line on stderr at every 10% of the windows (for texts of more than a few batches)."""
-    tenth = 10 * done // total
-    if total > 50 and tenth > shown[0]:
-        shown[0] = tenth
-        print(f"scoring: {10 * tenth:3d}% of {total:,} windows", file=sys.stderr, flush=True)
+class Progress:
+    """A line on stderr at every 10% of the windows, for texts of more than 50 windows."""
+
+    def __init__(self):
+        self.shown = 0  # tenths done and shown
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if total > 50 and tenth > self.shown:
+            self.shown = tenth
+            print(f"scoring: {10 * tenth:3d}% of {total:,} windows", file=sys.stderr, flush=True)
 
 
 @command
@@ -163,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     step = "" if src.step is None else f", step {src.step}"
     print(f"scoring {opts.text} with {src.path} ({src.format}{step}, {tokenizer.kind} tokenizer) on {device}",
           file=sys.stderr)
-    shown = [0]
-    result = evaluate_text(model, tokenizer, ids, n_bytes, stride, opts.batch_size,
-                           lambda done, total: show_progress(done, total, shown))
+    result = evaluate_text(model, tokenizer, ids, n_bytes, stride, opts.batch_size, Progress())
     result = {"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, "text": opts.text,
               "characters": len(text), **result}
     if opts.json:
