@@ -6,11 +6,17 @@
     python bench.py --what speedrun                          # reference vs speedrun preset, side by side
     python bench.py --what profile                           # where a training step's time goes
     python bench.py --what train --training.compile true     # any config override applies
+    python bench.py --what gpu                               # everything only a CUDA GPU can check
     python bench.py --help                                   # every option, with its default
 
 Each figure is a median over repeats, taken after warm-up steps. Results are printed as
 one table; --json also writes them to a file. docs/benchmarks.md records figures with the
 machine they came from.
+
+--what gpu runs the checks that no CPU run can make (GPU_CHECKS: fp16 with its gradient scaler
+and exact resume, bf16, flex attention against sdpa, torch.compile, MFU and the projected wall
+time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
+Without CUDA it says so in one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,14 +38,15 @@ import torch
 
 import prepare
 import train
+from checkpoint import load_weights
 from config import Config, DataConfig, doc, load_config, parse
 from data import BPETokenizer, DataError, split_safely
-from errors import command
+from errors import UserError, command
 from model import GPT
 from runtime import autocast, cpu_has_bf16, peak_flops, pick_device
 
 CORPUS = "data/shakespeare/input.txt"
-KINDS = ("train", "sample", "prepare", "speedrun", "profile")
+KINDS = ("train", "sample", "prepare", "speedrun", "profile", "gpu")
 
 
 @dataclass
@@ -80,14 +88,19 @@ def model_for(cfg: Config, *extra: str) -> GPT:
     return GPT(cfg.model)
 
 
-def trainer_step_ms(opts: BenchOptions, cfg: Config, device: str, precision: str, out_dir: str) -> float:
-    """Median ms per optimizer step of train.py itself, from its own per-step log."""
+def trainer_log(opts: BenchOptions, cfg: Config, device: str, precision: str, out_dir: str, *extra: str) -> list[dict]:
+    """train.py's own per-step log records of warmup + steps optimizer steps (`extra`: more settings)."""
     run_cfg = configured(cfg, "--device", device, "--training.precision", precision,
                          "--training.max_iters", str(opts.warmup + opts.steps), "--training.log_interval", "1",
                          "--training.eval_interval", str(10**9), "--training.eval_iters", "1",
-                         "--training.out_dir", out_dir, "--training.save_best", "false")
+                         "--training.out_dir", out_dir, "--training.save_best", "false", *extra)
     quiet(train.main, run_cfg)
-    records = json.loads((Path(out_dir) / "train_log.json").read_text())["train"]
+    return json.loads((Path(out_dir) / "train_log.json").read_text())["train"]
+
+
+def trainer_step_ms(opts: BenchOptions, cfg: Config, device: str, precision: str, out_dir: str, *extra: str) -> float:
+    """Median ms per optimizer step of train.py itself, from its own per-step log."""
+    records = trainer_log(opts, cfg, device, precision, out_dir, *extra)
     return statistics.median(r["ms_per_step"] for r in records[opts.warmup:])
 
 
@@ -229,13 +242,139 @@ def bench_speedrun(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- --what gpu
+# Each check: (opts, cfg, device, tmp folder) -> one row, {"what", "result" (words), "ok", figures}.
+# They take the device as an argument, so that their code can be tried on a CPU too (see the tests).
+
+GPU_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.n_embd", "128", "--model.block_size", "128",
+            "--training.batch_size", "16", "--training.warmup_iters", "2", "--training.eval_iters", "4",
+            "--training.log_interval", "1", "--training.save_best", "false"]
+
+
+def gpu_fp16_resume(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """fp16 autocast with the gradient scaler, stopped at step 10 and resumed to step 20: the weights,
+    optimizer and scaler must equal those of an uninterrupted 20-step run bit for bit. (Eager attention
+    and a constant learning rate: a stopped run's schedule must not depend on its max_iters, and the
+    fused attention kernels' backward need not be deterministic.)"""
+    common = [*GPU_TINY, "--device", device, "--training.precision", "fp16", "--training.lr_schedule", "constant",
+              "--model.attention", "eager", "--model.dropout", "0.1", "--training.eval_interval", "10"]
+    quiet(train.main, configured(cfg, *common, "--max-iters", "20", "--training.out_dir", f"{tmp}/full"))
+    quiet(train.main, configured(cfg, *common, "--max-iters", "10", "--training.out_dir", f"{tmp}/cut"))
+    quiet(train.main, configured(cfg, *common, "--max-iters", "20", "--training.out_dir", f"{tmp}/cut", "--resume"))
+    full, cut = (load_weights(f"{tmp}/{run}/ckpt_last.pt").training for run in ("full", "cut"))
+    weights_equal = all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+    moments = [(a, b) for a, b in zip(full["optimizer"]["state"].values(), cut["optimizer"]["state"].values())]
+    optimizer_equal = all(torch.equal(a[k], b[k]) for a, b in moments for k in a)
+    scaler_equal = full["scaler"] == cut["scaler"]
+    identical = weights_equal and optimizer_equal and scaler_equal
+    precision = json.loads((tmp / "cut" / "train_log.json").read_text())["run"]["precision"]  # fp32 on a CPU
+    result = (f"resumed run {'bit-identical' if identical else 'DIFFERS'} (weights {weights_equal}, optimizer "
+              f"{optimizer_equal}, scaler {scaler_equal}); {precision}, loss scale {full['scaler'].get('scale')}")
+    return {"what": "fp16 + GradScaler, save and resume", "result": result, "ok": identical and precision == "fp16"}
+
+
+def gpu_bf16(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """bf16 autocast trains: 40 steps of a small model, finite losses, and val loss going down."""
+    quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--training.precision", "bf16",
+                                 "--max-iters", "40", "--training.eval_interval", "40",
+                                 "--training.out_dir", f"{tmp}/bf16"))
+    log = json.loads((tmp / "bf16" / "train_log.json").read_text())
+    first, last = log["evals"][0]["val_loss"], log["evals"][-1]["val_loss"]
+    ms = statistics.median(r["ms_per_step"] for r in log["train"][opts.warmup:])
+    ok = math.isfinite(last) and last < first and log["run"]["precision"] == "bf16"
+    return {"what": "bf16 training", "result": f"{log['run']['precision']}: val loss {first:.3f} -> {last:.3f} in 40 "
+            f"steps", "ok": ok, "ms_per_step": ms}
+
+
+def gpu_flex_vs_sdpa(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """Flex attention (compiled on CUDA) against sdpa on the same weights and tokens, in fp32 without
+    TF32: logits and every gradient, with the causal mask and with a document mask."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 would hide a real difference in rounding
+    sdpa = model_for(cfg, "--model.dropout", "0").to(device)
+    flex = model_for(cfg, "--model.dropout", "0", "--model.attention", "flex").to(device)
+    flex.load_state_dict(sdpa.state_dict())
+    T, gen = sdpa.config.block_size, torch.Generator().manual_seed(0)
+    x = torch.randint(sdpa.config.vocab_size, (4, T + 1), generator=gen).to(device)
+    docs = (torch.rand(4, T, generator=gen) < 4 / T).long().cumsum(dim=1).to(device)  # (B, T): ~4 documents
+    worst = {"logits": 0.0, "grads": 0.0}
+    for doc_ids in (None, docs):
+        outputs = []
+        for model in (sdpa, flex):
+            model.zero_grad(set_to_none=True)
+            logits, loss = model(x[:, :-1], x[:, 1:], doc_ids)
+            loss.backward()
+            outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (la, ga), (lb, gb) = outputs
+        worst["logits"] = max(worst["logits"], (la - lb).abs().max().item())
+        worst["grads"] = max(worst["grads"], max((ga[n] - gb[n]).abs().max().item() for n in ga))
+    torch.set_float32_matmul_precision(precision)
+    ok = worst["logits"] < 1e-4 and worst["grads"] < 1e-4
+    return {"what": "flex attention vs sdpa, fwd + bwd", "ok": ok,
+            "result": f"max |diff| logits {worst['logits']:.1e}, grads {worst['grads']:.1e} (causal and document "
+                      f"masks; allowed 1e-4)"}
+
+
+def gpu_compile(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """torch.compile on and off: the same per-step losses (no dropout: compiled code draws other dropout
+    masks), and the step time of each."""
+    precision = configured(cfg).training.precision
+    logs = [trainer_log(opts, cfg, device, precision, f"{tmp}/compile_{on}", "--model.dropout", "0",
+                        "--training.compile", on) for on in ("false", "true")]
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(*logs))
+    eager_ms, compiled_ms = (statistics.median(r["ms_per_step"] for r in log[opts.warmup:]) for log in logs)
+    allowed = 1e-3 if precision == "fp32" else 2e-2
+    return {"what": f"torch.compile on/off ({precision})", "ok": diff < allowed,
+            "result": f"max |loss diff| {diff:.1e} (allowed {allowed:g}); {eager_ms:.1f} -> {compiled_ms:.1f} ms/step",
+            "ratio": eager_ms / compiled_ms}
+
+
+def gpu_projection(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """MFU of the measured preset (configs/base/base.toml unless --config) over its first steps, and
+    its projected wall time: max_iters steps, plus its evaluations timed as forward passes."""
+    run_cfg = configured(cfg)
+    t, precision = run_cfg.training, run_cfg.training.precision
+    ms = trainer_step_ms(opts, cfg, device, precision, f"{tmp}/projection")
+    model = model_for(cfg).to(device).eval()
+    x = torch.randint(model.config.vocab_size, (t.batch_size, model.config.block_size), device=device)
+    times = []
+    with torch.no_grad(), autocast(torch.device(device).type, precision):
+        for _ in range(1 + opts.repeats):  # the first is warm-up
+            start = time.perf_counter()
+            model(x, x)[1].item()  # .item(): wait for the device
+            times.append(time.perf_counter() - start)
+    evals = t.max_iters // t.eval_interval + 1
+    eval_s = evals * 2 * t.eval_iters * statistics.median(times[1:])  # 2 splits
+    total = t.max_iters * ms / 1000 + eval_s
+    tok_s, peak = train.tokens_per_step(run_cfg) * 1000 / ms, peak_flops(device)
+    mfu = f"MFU {model.estimate_mfu(tok_s, peak):.1%}" if peak else "MFU unknown (no peak FLOP/s for this GPU)"
+    return {"what": f"{cfg.preset or 'defaults'}, {precision}", "ok": True, "ms_per_step": ms, "tokens_per_s": tok_s,
+            "result": f"{mfu}; {t.max_iters} steps projected at {train.format_duration(total)} "
+                      f"({train.format_duration(eval_s)} of it evaluation)"}
+
+
+# FSDP and LoRA add their checks here when they exist.
+GPU_CHECKS = (gpu_fp16_resume, gpu_bf16, gpu_flex_vs_sdpa, gpu_compile, gpu_projection)
+
+
+def bench_gpu(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
+    if not device.startswith("cuda"):
+        raise UserError(f"--what gpu checks a CUDA GPU, but the device is {device}: leave --device at auto or cuda")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for check in GPU_CHECKS:
+            print(f"gpu: {check.__name__} ...", file=sys.stderr, flush=True)
+            rows.append({"bench": "gpu", **check(opts, cfg, device, Path(tmp) / check.__name__)})
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'bench':<9} {'what':<44} {'result'}")
     for r in rows:
-        parts = []
+        parts = [] if "ok" not in r else ["ok" if r["ok"] else "FAILED"]
         for key, fmt in (("ms_per_step", "{:.1f} ms/step"), ("seconds", "{:.2f} s"), ("tokens_per_s", "{:,.0f} tok/s"),
                          ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("best_val_loss", "val {:.4f}"),
-                         ("ratio", "{:.2f}x")):
+                         ("ratio", "{:.2f}x"), ("result", "{}")):
             if key in r:
                 parts.append(fmt.format(r[key]))
         print(f"{r['bench']:<9} {r['what']:<44} {' | '.join(parts)}")
@@ -244,20 +383,23 @@ def print_table(rows: list[dict]) -> None:
 @command
 def main(argv: list[str] | None = None) -> int:
     opts, cfg = parse(argv, BenchOptions, program="bench.py", about=__doc__, preset="configs/base/base.toml")
+    if "gpu" in opts.what.split(",") and not torch.cuda.is_available():
+        raise UserError(f"--what gpu needs a CUDA GPU, and this torch ({torch.__version__}) sees none; run it on a "
+                        "machine with one (and a CUDA build of torch)")
     device = pick_device(cfg.training.device)
-    machine = (f"{torch.cuda.get_device_name()}" if device.startswith("cuda") else
+    machine = (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if device.startswith("cuda") else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs") + \
         f", torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({machine}); config: {cfg.preset} {' '.join(cfg.overrides)}".rstrip())
     benches = {"train": bench_train, "sample": bench_sample, "prepare": bench_prepare,
-               "speedrun": bench_speedrun, "profile": bench_profile}
+               "speedrun": bench_speedrun, "profile": bench_profile, "gpu": bench_gpu}
     rows = [row for what in opts.what.split(",") for row in benches[what](opts, cfg, device)]
     if rows:
         print_table(rows)
     if opts.json:
         Path(opts.json).write_text(json.dumps({"machine": machine, "device": device, "config": cfg.preset,
                                                "overrides": cfg.overrides, "results": rows}, indent=2) + "\n")
-    return 0
+    return 1 if any(row.get("ok") is False for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain v
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
-native export or a Hugging Face GPT-2 folder into `Weights`. train.py (resume, init_from), sample.py
-and export.py all read through it; export.py writes the export formats. Nothing here runs pickled
+native export or a Hugging Face GPT-2 folder into `Weights`. train.py (resume, init_from), sample.py,
+eval.py and export.py all read through it (`load_model` builds the GPT from it); export.py writes the export formats. Nothing here runs pickled
 code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
 """
 
@@ -119,6 +119,18 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weight
     weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
     check_fits(weights.state_dict, weights.model, path)
     return weights
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Weights]:
+    """A GPT in eval mode on `device`, built from any weights load_weights reads, and the Weights.
+    The weights must carry their tokenizer: the callers (sample.py, eval.py) turn text into tokens."""
+    src = load_weights(path)
+    if src.meta is None:
+        raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
+                              "turned into text; export it again from its checkpoint")
+    model = GPT(src.model)
+    model.load_state_dict(src.state_dict)
+    return model.to(device).eval(), src  # eval: no dropout
 
 
 def model_config(values, where: Path) -> ModelConfig:

@@ -116,6 +116,13 @@ class TrainingConfig:
     overwrite: bool = doc("start afresh in an out_dir that holds a run, replacing it (else that is refused)",
                           False)
     init_from: str = doc("start from these weights (checkpoint, run folder or export); empty: random", "")
+    sample_tokens: int = doc("at each evaluation, sample this many tokens from sample_prompt, printed and "
+                             "logged; 0: no samples", 0, within="[0, inf)")
+    sample_prompt: str = doc("the text those samples continue; empty: the start of a text", "")
+    profile_start_step: int = doc("torch.profiler records the optimizer steps from this step on", 0,
+                                  within="[0, inf)")
+    profile_end_step: int = doc("... up to this step (0 and 0: no profiling)", 0, within="[0, inf)")
+    profile_dir: str = doc("folder for the profiler's trace; empty: <out_dir>/profile", "")
 
     def problems(self) -> list[str]:
         out = []
@@ -126,6 +133,13 @@ class TrainingConfig:
             other = "training.init_from" if self.init_from else "training.overwrite"
             out.append(f"training.resume and {other} contradict each other: --resume continues the run in "
                        f"out_dir from its own checkpoint; drop one of them")
+        start, end = self.profile_start_step, self.profile_end_step
+        if (start or end) and end <= start:
+            out.append(f"training.profile_end_step ({end}) must be greater than training.profile_start_step "
+                       f"({start}); set both to 0 for no profiling")
+        elif end > self.max_iters:
+            out.append(f"training.profile_end_step ({end}) is after the run's last step (training.max_iters = "
+                       f"{self.max_iters}); choose a window within the run")
         return out
 
 

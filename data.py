@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -59,10 +60,13 @@ class CharTokenizer:
         ids = np.full(len(codes), -1, dtype=np.int64)
         known = codes < len(self.table)
         ids[known] = self.table[codes[known]]
-        if (ids < 0).any():
-            bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
-            raise DataError(f"characters not in the vocabulary: {', '.join(map(repr, bad))}; "
-                            "use text made of the training corpus's characters")
+        unknown = codes[ids < 0]
+        if len(unknown):
+            bad = [chr(c) for c in np.unique(unknown)]
+            shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if bad[20:] else "")
+            raise DataError(f"characters not in the vocabulary: {shown} ({len(unknown):,} "
+                            f"occurrence{'s' if len(unknown) > 1 else ''}); use text made of the training "
+                            "corpus's characters")
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -111,6 +115,29 @@ def load_tiktoken(name: str):
             "file once and caches it; offline, set TIKTOKEN_CACHE_DIR to a folder holding that cache (fill one "
             f"where there is internet: TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
             f"tiktoken.get_encoding('{ENCODING_FILES.get(name, name)}')\", then copy DIR)") from None
+
+
+def start_token(tokenizer) -> int:
+    """The token a text starts after: the end-of-text token that separates documents (bpe), or a
+    newline (char; token 0 for a vocabulary without one). An empty prompt starts here, and the
+    first token of a scored text is predicted from it."""
+    if tokenizer.kind == "bpe":
+        return tokenizer.eot_token
+    return tokenizer.chars.index("\n") if "\n" in tokenizer.chars else 0
+
+
+def bits_per_byte(loss_nats: float, n_bytes: int) -> float:
+    """Loss summed over a text's tokens (nats) -> bits per UTF-8 byte of the text: a measure that
+    does not depend on the tokenizer, so a char model and a BPE model compare on the same text."""
+    return loss_nats / n_bytes / math.log(2)
+
+
+def split_bits_per_byte(meta: dict, split: str, mean_loss: float) -> float | None:
+    """A split's bits per byte from a mean loss per token: its tokens per byte converts one into the
+    other. None for data prepared before prepare.py counted the bytes (prepare it again with --force)."""
+    if "bytes" not in meta:
+        return None
+    return bits_per_byte(mean_loss * meta["tokens"][split], meta["bytes"][split])
 
 
 def tokenizer_from_meta(meta: dict):

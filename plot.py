@@ -3,13 +3,17 @@
     python plot.py checkpoints/train_log.json                  # writes checkpoints/curves.png
     python plot.py runs/a/train_log.json runs/b --out cmp.png   # overlay two runs
     python plot.py checkpoints --x tokens --title "char model" --show
+    python plot.py checkpoints/small --watch                    # redraw while the run goes on
 
 A run folder may be given instead of its train_log.json. The figure is written to
 --out (default: curves.png next to the first log) and its path is printed.
 Top panel: loss (faint per-step train loss, train/val loss at each evaluation, the best
 checkpoint as a star, an early stop as a dotted vertical line, each resume as a dashed one);
-bottom: learning rate.
-The log may belong to a run that is still going: it is rewritten atomically.
+below it, when the log has them: validation bits per byte, and the gradient norm before clipping
+(the clipping threshold dashed); bottom: learning rate.
+The log may belong to a run that is still going: it is rewritten atomically. --watch redraws
+the PNG whenever the log changes (checked every --every seconds) until Ctrl-C, which ends it
+with exit status 0; the PNG is replaced whole each time, so an image viewer can keep it open.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from matplotlib.ticker import EngFormatter
 
 from config import doc, parse
 from errors import UserError, command
+from files import atomic_file
 
 LOG_NAME = "train_log.json"
 FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
@@ -101,8 +107,8 @@ def x_at_step(log: dict, step: int, x: str) -> float:
     return step * log["run"].get("tokens_per_step", 0)  # a step that was not evaluated
 
 
-def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color) -> None:
-    """Draw one run on the two panels, in one color."""
+def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, ax_grad=None) -> None:
+    """Draw one run on the panels (bits per byte and gradient norm when those axes are given), in one color."""
     evals, train = dedupe_by_step(log["evals"]), dedupe_by_step(log["train"])
     status = log["run"].get("status", "")
 
@@ -138,6 +144,18 @@ def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color) -> None:
     lr_points = dedupe_by_step(log["evals"] + log["train"])
     ax_lr.plot(xs(lr_points), [r["lr"] for r in lr_points], color=color, label=name)
 
+    # Logs written before these fields existed have none, and draw nothing here.
+    bpb = [r for r in evals if r.get("val_bpb") is not None]
+    if ax_bpb is not None and bpb:
+        ax_bpb.plot(xs(bpb), [r["val_bpb"] for r in bpb], color=color, marker="s", markersize=3,
+                    label=f"{name} val")
+    grad = [r for r in train if r.get("grad_norm") is not None]
+    if ax_grad is not None and grad:
+        ax_grad.plot(xs(grad), [r["grad_norm"] for r in grad], color=color, linewidth=1, label=name)
+        clip = log.get("config", {}).get("training", {}).get("grad_clip")
+        if clip:
+            ax_grad.axhline(clip, color=color, linestyle="--", linewidth=1, label=f"{name} clip at {clip:g}")
+
 
 def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
               title: str | None = None, show: bool = False) -> Figure:
@@ -150,25 +168,40 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
     # Imported here, not at the top, so that main() can choose the backend first.
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE, dpi=DPI,
-                                         height_ratios=(3, 1), layout="constrained")
+    # A panel for bits per byte and one for the gradient norm, when some log has them.
+    has_bpb = any(r.get("val_bpb") is not None for log in logs.values() for r in log["evals"])
+    has_grad = any(r.get("grad_norm") is not None for log in logs.values() for r in log["train"])
+    heights = (3,) + (1.2,) * has_bpb + (1.2,) * has_grad + (1,)
+    fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=FIGSIZE, dpi=DPI,
+                             height_ratios=heights, layout="constrained")
+    ax_loss, ax_lr = axes[0], axes[-1]
+    ax_bpb = axes[1] if has_bpb else None
+    ax_grad = axes[1 + has_bpb] if has_grad else None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, log) in enumerate(logs.items()):
-        plot_run(ax_loss, ax_lr, name, log, x, colors[i % len(colors)])
+        plot_run(ax_loss, ax_lr, name, log, x, colors[i % len(colors)], ax_bpb, ax_grad)
 
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title or "training curves")
     ax_loss.legend(fontsize="small")
+    if ax_bpb is not None:
+        ax_bpb.set_ylabel("val bits/byte")
+    if ax_grad is not None:
+        ax_grad.set_ylabel("grad norm")
+        ax_grad.legend(fontsize="x-small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step" if x == "step" else "tokens seen")
     if x == "tokens":
         ax_lr.xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than 1.2e6
-    for ax in (ax_loss, ax_lr):
+    for ax in axes:
         ax.grid(alpha=0.3)
 
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)  # no bbox_inches="tight": it would change the pixel size
+        # Written whole, then renamed: a viewer never shows half a picture. No bbox_inches="tight":
+        # it would change the pixel size.
+        with atomic_file(out) as f:
+            fig.savefig(f, format=Path(out).suffix[1:] or "png")
     if show:
         plt.show()
     else:
@@ -183,6 +216,46 @@ class PlotOptions:
     x: str = doc("x axis", "step", choices=X_CHOICES)
     show: bool = doc("also open a window with the figure", False)
     title: str = doc("figure title; empty: training curves", "")
+    watch: bool = doc("redraw the PNG whenever a log changes, until Ctrl-C", False)
+    every: float = doc("with --watch: seconds between looks at the logs", 5.0, within="(0, inf)")
+
+    def problems(self) -> list[str]:
+        return ["--watch redraws the PNG for an image viewer to show; it does not go with --show"] \
+            if self.watch and self.show else []
+
+
+def draw(paths: list[Path], out: Path, opts: PlotOptions) -> None:
+    logs = dict(zip(run_labels(paths), (load_log(p) for p in paths)))
+    try:
+        plot_logs(logs, out, x=opts.x, title=opts.title or None, show=opts.show)
+    except OSError as e:  # e.g. --out in a folder that cannot be created
+        raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out") from None
+
+
+def watch(paths: list[Path], out: Path, opts: PlotOptions) -> None:
+    """Redraw whenever a log changes, until Ctrl-C. A log that is not there yet or has no evaluation
+    yet (a run just starting) is waited for, with the reason printed once."""
+    seen, waiting = None, None
+    while True:
+        # train.py replaces the log by a rename, so a new version has a new inode (and a new mtime).
+        stamp = [(s.st_ino, s.st_mtime_ns, s.st_size) if (s := stat_or_none(p)) else None for p in paths]
+        if stamp != seen:
+            try:
+                draw(paths, out, opts)
+                print(f"wrote {out} at {time.strftime('%H:%M:%S')}", flush=True)
+                seen, waiting = stamp, None
+            except PlotError as e:
+                if str(e) != waiting:
+                    print(f"waiting: {e}", file=sys.stderr, flush=True)
+                    waiting = str(e)
+        time.sleep(opts.every)
+
+
+def stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 @command
@@ -193,13 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.show:
         matplotlib.use("Agg")  # draw to files only: works with no display
 
-    paths = [Path(p) / LOG_NAME if Path(p).is_dir() else Path(p) for p in opts.logs]
+    # A run folder means its log; so does a path not there yet that is not a .json file (a run to watch).
+    paths = [Path(p) / LOG_NAME if Path(p).is_dir() or not (Path(p).exists() or p.endswith(".json")) else Path(p)
+             for p in opts.logs]
     out = Path(opts.out) if opts.out else paths[0].parent / "curves.png"
-    logs = dict(zip(run_labels(paths), (load_log(p) for p in paths)))
-    try:
-        plot_logs(logs, out, x=opts.x, title=opts.title or None, show=opts.show)
-    except OSError as e:  # e.g. --out in a folder we may not write to
-        raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out") from None
+    if opts.watch:
+        try:
+            watch(paths, out, opts)
+        except KeyboardInterrupt:  # Ctrl-C: how a watch ends, not an error
+            print(f"stopped watching; the last picture is {out}")
+        return 0
+    draw(paths, out, opts)
     print(f"wrote {out}")
     return 0
 

@@ -112,7 +112,7 @@ class SplitWriter:
         self.fmt, self.tokenizer, self.dtype = fmt, tokenizer, np.dtype(dtype)
         self.tmp = path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")
-        self.buffer, self.n_tokens = "", 0
+        self.buffer, self.n_tokens, self.n_bytes = "", 0, 0  # n_bytes: UTF-8 bytes of the text encoded
 
     def add(self, text: str) -> None:
         self.buffer += text
@@ -132,8 +132,10 @@ class SplitWriter:
     def _encode(self, text: str) -> None:
         for ids in encode_chunks(self.tokenizer, split_safely(text)):
             self._write(ids, None)
+        raw = text.encode("utf-8")
+        self.n_bytes += len(raw)
         if self.fmt == "txt":
-            self.file.write(text.encode("utf-8"))
+            self.file.write(raw)
 
     def _write(self, ids: np.ndarray, text: str | None) -> None:
         self.n_tokens += len(ids)
@@ -253,8 +255,9 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
     # Pass 2, in a folder locked against a second prepare.py: encode, check, then publish.
     with lock(make_folder(out, "data.processed_dir") / ".lock", f"data.processed_dir = {str(out)!r}"):
         try:
-            meta["tokens"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
-                                          Progress(total_bytes, "prepare: encoding", progress.enabled))
+            # "bytes": each split's UTF-8 text bytes (end-of-text tokens not counted), for bits per byte.
+            meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
+                                                         Progress(total_bytes, "prepare: encoding", progress.enabled))
         except OSError as e:
             raise FileError(f"cannot write into {out} ({e.strerror}); free some space or choose another "
                             "data.processed_dir") from None
@@ -263,7 +266,7 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
 
 
 def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_chars: int, min_tokens: int,
-                 progress: Progress) -> dict[str, int]:
+                 progress: Progress) -> tuple[dict[str, int], dict[str, int]]:
     """The first (1 - val_fraction) of the characters are train, the rest val. The splits are written
     to temporary files, renamed into place only when both are complete and long enough."""
     suffix = ".bin" if d.format == "bin" else ".txt"
@@ -299,7 +302,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
         for w in writers.values():
             w.file.close()
             w.tmp.unlink(missing_ok=True)
-    return {s: w.n_tokens for s, w in writers.items()}
+    return {s: w.n_tokens for s, w in writers.items()}, {s: w.n_bytes for s, w in writers.items()}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Where the work runs: the device, the numeric precision, and the processes of a torchrun job.
+"""Where the work runs: the device, the numeric precision, the processes of a torchrun job, and a
+profiler window over some of its steps.
 
     device = pick_device("auto")                  # "cuda", "mps" or "cpu"
     procs = start_processes(device)               # one process, or this process's rank under torchrun
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -106,3 +108,43 @@ def set_rng_state(state: dict, device: str) -> None:
     torch.set_rng_state(state["cpu"].cpu())
     if device.startswith("cuda") and state["cuda"].numel():
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+class ProfileWindow:
+    """torch.profiler over the optimizer steps from `start` to `end`: at `end` it writes a Chrome/Perfetto
+    trace (open it at https://ui.perfetto.dev or chrome://tracing) and prints the operators that took
+    the most time. `enabled`: false on all but rank 0, and when the window is 0 to 0."""
+
+    def __init__(self, start: int, end: int, folder: str | Path, device: str, enabled: bool):
+        self.start, self.end, self.folder, self.device = start, end, Path(folder), device
+        self.enabled = enabled and end > 0
+        self.prof, self.first = None, None  # the running profiler, and the step it started at
+        if self.enabled:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"training.profile_dir: cannot create {self.folder} ({e.strerror}); choose "
+                                  "another folder") from None
+
+    def before_step(self, step: int) -> None:
+        """Call before each optimizer step with the number of steps done; starts recording at `start`
+        (or at once, for a run resumed inside the window)."""
+        if self.enabled and self.prof is None and self.start <= step < self.end:
+            from torch.profiler import ProfilerActivity, profile
+            cuda = [ProfilerActivity.CUDA] if self.device.startswith("cuda") else []
+            self.prof, self.first = profile(activities=[ProfilerActivity.CPU, *cuda]), step
+            self.prof.start()
+
+    def after_step(self, step: int, top: int = 15) -> None:
+        """Call after each optimizer step with the number of steps done; stops at `end` and reports."""
+        if self.prof is None or step != self.end:
+            return
+        self.prof.stop()
+        path = self.folder / f"trace_steps_{self.first}-{step}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, path)  # a viewer never opens half a trace
+        sort = "self_device_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
+        print(f"profile of steps {self.first} to {step}: {path}\n"
+              + self.prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
+        self.prof, self.enabled = None, False

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import META_FILE, CheckpointError, load_weights
+import checkpoint
 from config import ConfigError, doc, parse
-from data import BPETokenizer, CharTokenizer, DataError, tokenizer_from_meta
+from data import BPETokenizer, CharTokenizer, DataError, start_token, tokenizer_from_meta
 from errors import command
 from model import GPT, check_sampling_args
 from runtime import pick_device
@@ -31,13 +31,7 @@ Tokenizer = CharTokenizer | BPETokenizer
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """(model in eval mode on `device`, its tokenizer, info) from a checkpoint file, run folder or
     export folder. info: {"path", "format" ("checkpoint", "native" or "hf"), "step", "val_loss", "meta"}."""
-    src = load_weights(path)
-    if src.meta is None:
-        raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
-                              "turned into text; export it again from its checkpoint")
-    model = GPT(src.model)
-    model.load_state_dict(src.state_dict)
-    model.to(device).eval()  # eval: no dropout while sampling
+    model, src = checkpoint.load_model(path, device)
     info = {"path": str(src.path), "format": src.format, "step": src.step, "val_loss": src.val_loss,
             "meta": src.meta}
     return model, tokenizer_from_meta(src.meta), info
@@ -59,8 +53,7 @@ def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int, vocab_size: 
     """Token ids to start from. An empty prompt starts where a text would: after a newline (char)
     or at the end-of-text token that separates documents (bpe)."""
     if not text:
-        ids = [tokenizer.eot_token] if tokenizer.kind == "bpe" else \
-            [tokenizer.chars.index("\n")] if "\n" in tokenizer.chars else [0]
+        ids = [start_token(tokenizer)]
     else:
         try:
             ids = tokenizer.encode(text)

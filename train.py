@@ -33,12 +33,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from checkpoint import CheckpointError, Weights, adopt_model_shape, load_weights, save_checkpoint
 from config import Config, ConfigError, TrainingConfig, config_changes, parse, to_toml
-from data import check_split_lengths, document_ids, get_batch, load_tokens
+from data import (DataError, check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte,
+                  start_token, tokenizer_from_meta)
 from errors import UserError, command
 from files import atomic_write_text, lock, make_folder, write_json
 from model import GPT
-from runtime import (Processes, autocast, end_processes, peak_flops, pick_device, pick_precision, rng_state,
-                     set_rng_state, start_processes)
+from runtime import (Processes, ProfileWindow, autocast, end_processes, peak_flops, pick_device, pick_precision,
+                     rng_state, set_rng_state, start_processes)
+
+SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
 
 
 class TrainError(UserError):
@@ -123,6 +126,8 @@ def setup(cfg: Config, procs: Processes) -> Run:
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({meta['vocab_size']}); use 0 to take it from the data")
     check_split_lengths(splits, cfg.model.block_size, data_dir)
+    if training.sample_tokens:
+        sample_prompt_ids(training, meta)  # a prompt the tokenizer cannot read fails now, not at the first eval
 
     torch.manual_seed(training.seed)
     raw_model = GPT(cfg.model).to(device)
@@ -277,7 +282,9 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
     step = first_step = state["step"]  # optimizer steps done so far
     start_time = time.time() - state["elapsed_s"]  # elapsed_s carries on across resumes
     interval_start = time.time()  # start of the current log interval (evaluations left out)
-    ms_per_step = None
+    grads = GradNorms(device)
+    window = ProfileWindow(training.profile_start_step, training.profile_end_step,
+                           training.profile_dir or run.out_dir / "profile", device, master)
     # The loop passes max_iters + 1 times: the last pass (step == max_iters) makes no update, it
     # only evaluates and saves the final weights.
     while True:
@@ -313,6 +320,7 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
             break
 
         # One optimizer step: accumulate gradients over micro-batches, then update.
+        window.before_step(step)
         lr = get_lr(step, training)
         for group in run.optimizer.param_groups:
             # lr_scale: a group's peak rate relative to learning_rate (Muon's matrices have their own).
@@ -335,14 +343,13 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             raise diverged(run, step, f"the loss became {loss_value}")
-        if training.grad_clip > 0:
-            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), training.grad_clip)
+        grads.clip(run, training.grad_clip, measure=(step + 1) % training.log_interval == 0)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         step += 1
-        state.update(step=step, tokens=state["tokens"] + tokens_per_step(cfg))
+        state.update(step=step, tokens=state["tokens"] + tokens_per_step(cfg), elapsed_s=time.time() - start_time)
+        window.after_step(step)
 
         if master and step == first_step + 2 and training.log_interval > 2:
             announce_speed(cfg, run, (time.time() - interval_start) / 2)  # before the first log line
@@ -352,14 +359,15 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
             # A resumed run's first interval may be short: it starts where the checkpoint was.
             dt_ms = (time.time() - interval_start) * 1000 / min(training.log_interval, step - first_step)
             interval_start = time.time()
-            ms_per_step = dt_ms if ms_per_step is None else 0.9 * ms_per_step + 0.1 * dt_ms
             tok_s = tokens_per_step(cfg) * 1000 / dt_ms
             mfu = f" | mfu {100 * run.raw_model.estimate_mfu(tok_s, peak * procs.world):.1f}%" if peak else ""
-            eta = format_duration((training.max_iters - step) * ms_per_step / 1000)
-            print(f"step {step}/{training.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {dt_ms:.1f} ms/step "
+            eta = format_duration((training.max_iters - step) * dt_ms / 1000)  # at this interval's speed
+            norms = grads.report()
+            print(f"step {step}/{training.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
+                  f"{norms['grad_norm']:.3f} (clipped {norms['clipped']:.0%}) | {dt_ms:.1f} ms/step "
                   f"| {tok_s:,.0f} tok/s{mfu} | eta {eta}")
             run.log["train"].append({"step": step, "loss": loss_value, "lr": lr, "ms_per_step": round(dt_ms, 2),
-                                     "tokens_per_s": round(tok_s), "tokens": state["tokens"]})
+                                     "tokens_per_s": round(tok_s), "tokens": state["tokens"], **norms})
 
 
 def get_lr(step: int, training: TrainingConfig) -> float:
@@ -396,6 +404,66 @@ def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, proc
     return out
 
 
+class GradNorms:
+    """The global gradient norm before clipping, kept on the device (reading it would make the CPU wait
+    for the GPU at every step): at each log line, the latest norm and the fraction of the steps since
+    the previous log line that were clipped."""
+
+    def __init__(self, device: str):
+        self.latest: torch.Tensor | None = None
+        self.clipped = torch.zeros((), device=device)  # steps clipped since the last report
+        self.steps = 0
+
+    def clip(self, run: Run, clip: float, measure: bool) -> None:
+        """Clip the gradients to norm `clip` (0: no clipping); the norm is measured whenever clipping, and
+        at steps that are logged (`measure`)."""
+        self.steps += 1
+        if clip <= 0 and not measure:
+            return
+        run.scaler.unscale_(run.optimizer)  # the true gradients, not the loss-scaled ones
+        params = [p for p in run.raw_model.parameters() if p.grad is not None]
+        if clip > 0:
+            self.latest = torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
+            self.clipped += self.latest > clip
+        else:
+            self.latest = torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def report(self) -> dict[str, float]:
+        """{"grad_norm": the latest norm, "clipped": fraction of steps clipped since the last report}."""
+        out = {"grad_norm": self.latest.item(), "clipped": self.clipped.item() / self.steps}
+        self.clipped.zero_()
+        self.steps = 0
+        return out
+
+
+def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
+    """training.sample_prompt as token ids (the start of a text when it is empty)."""
+    tokenizer = tokenizer_from_meta(meta)
+    if not training.sample_prompt:
+        return [start_token(tokenizer)]
+    try:
+        return tokenizer.encode(training.sample_prompt)
+    except DataError as e:
+        raise ConfigError(f"training.sample_prompt has {e}") from None
+
+
+@torch.no_grad()
+def eval_sample(run: Run, training: TrainingConfig) -> str | None:
+    """training.sample_tokens tokens after training.sample_prompt (None when 0), from the same seed at
+    every evaluation, so that two samples differ only by the weights. Its generator is its own: the
+    training RNG (dropout) does not move, so a run trains the same with or without samples."""
+    if training.sample_tokens == 0:
+        return None
+    ids = sample_prompt_ids(training, run.meta)
+    device = run.procs.device
+    generator = torch.Generator(device).manual_seed(training.seed)
+    run.raw_model.eval()
+    out = run.raw_model.generate(torch.tensor([ids], device=device), training.sample_tokens,  # (1, T + new)
+                                 SAMPLE_TEMPERATURE, generator=generator)
+    run.raw_model.train()
+    return training.sample_prompt + tokenizer_from_meta(run.meta).decode(out[0, len(ids):].tolist())
+
+
 def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, stop_reason: str | None = None) -> None:
     """Log the evaluation (if any), then write ckpt_last.pt (and ckpt_best.pt on improvement). The log
     goes first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back.
@@ -403,9 +471,11 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
     that fails at its start leaves no checkpoint behind."""
     state, step, training = run.state, run.state["step"], cfg.training
     if losses is not None:
+        val_bpb, sample = split_bits_per_byte(run.meta, "val", losses["val"]), eval_sample(run, training)
         run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                 "lr": get_lr(min(step, training.max_iters - 1), training),
-                                 "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2)})
+                                 "val_bpb": val_bpb, "lr": get_lr(min(step, training.max_iters - 1), training),
+                                 "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2),
+                                 **({"sample": sample} if sample is not None else {})})
         run.log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
     if stop_reason:
         run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
@@ -424,7 +494,10 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
             save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
     if losses is not None:
         print(f"train {losses['train']:.4f}, val {losses['val']:.4f}"
+              + (f" = {val_bpb:.4f} bits/byte" if val_bpb is not None else "")
               + (" (best" + (", saved ckpt_best.pt)" if saved and training.save_best else ")") if improved else ""))
+        if sample is not None:
+            print(f"sample at step {step}:\n{sample}\n")
 
 
 def stop(cfg: Config, run: Run, signum: int) -> None:

@@ -1,7 +1,11 @@
 """Shared test set-up: run from the project root, and find tiktoken's files offline."""
 
 import os
+import queue
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,33 @@ def run_killed_after_checkpoint(monkeypatch, cfg, step: int) -> None:
     with pytest.raises(KeyboardInterrupt):
         train.main(cfg)
     monkeypatch.setattr(train, "save_checkpoint", real_save)
+
+
+def output_lines(proc: subprocess.Popen) -> queue.Queue:
+    """The lines a process prints (its stdout, opened as text), as they come, then None at its end. A
+    thread reads them, so that a test waits for a line with a timeout instead of sleeping."""
+    lines = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def wait_for_line(lines: queue.Queue, text: str, timeout: float = 60) -> list[str]:
+    """The lines up to and including the first one that contains `text`; fails at the end of the output
+    or after `timeout` seconds."""
+    seen, deadline = [], time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no line with {text!r} within {timeout} s; output so far: {seen}") from None
+        if line is None:
+            raise AssertionError(f"the output ended without a line with {text!r}: {seen}")
+        seen.append(line)
+        if text in line:
+            return seen

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import bench
 from conftest import ROOT
 
@@ -44,3 +46,34 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train", "--training.stpes", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "training.stpes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_check_without_cuda_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the one-line refusal is for machines without one")
+    r = subprocess.run([sys.executable, "bench.py", "--what", "gpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --what gpu needs a CUDA GPU, and this torch (") and r.stderr.count("\n") == 1
+
+
+def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch):
+    """The code of three GPU checks, run on the CPU: fp16 falls back to fp32 there, so this shows that
+    the resume comparison and the projection work, not what they find on a GPU (someone with one
+    runs python bench.py --what gpu)."""
+    monkeypatch.setattr(bench, "GPU_TINY", bench.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
+                                                             "--training.batch_size", "4"])
+    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], bench.BenchOptions, program="bench.py",
+                            preset="configs/base/base.toml")
+    row = bench.gpu_fp16_resume(opts, cfg, "cpu", tmp_path / "fp16")
+    assert row["result"].startswith("resumed run bit-identical (weights True, optimizer True, scaler True); fp32")
+    assert not row["ok"]  # no fp16 on a CPU: the check only passes where fp16 really ran
+    row = bench.gpu_bf16(opts, cfg, "cpu", tmp_path / "bf16")
+    assert row["ok"] == ("bf16" in bench.precisions("cpu")) and "val loss" in row["result"]
+    row = bench.gpu_projection(opts, cfg, "cpu", tmp_path / "projection")
+    assert row["ok"] and "100 steps projected at" in row["result"] and row["ms_per_step"] > 0
+    assert "smoke.toml" in row["what"]

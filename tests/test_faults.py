@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bench
+import eval as evaluate
 import export
 import files
 import plot
@@ -33,7 +34,7 @@ import train
 from conftest import ROOT, prepare_text
 
 SCRIPTS = {"prepare": prepare.main, "train": train.cli, "sample": sample.main, "export": export.main,
-           "plot": plot.main, "bench": bench.main}
+           "plot": plot.main, "bench": bench.main, "eval": evaluate.main}
 NOT_A_FOLDER = "/dev/null/x"  # a path under a file: no folder can be made there, even by root
 
 
@@ -206,7 +207,27 @@ def cases(w: Path) -> list[Case]:
         Case("plot-not-json", "plot", [str(d / "log.json")], "log.json", lambda w, d: write(d / "log.json", "{oops")),
         Case("plot-no-log", "plot", [], "train_log.json"),
         Case("plot-bad-axis", "plot", [str(run), "--x", "time"], "--x"),
+        Case("plot-watch-and-show", "plot", [str(run), "--watch", "--show"], "--watch"),
+        # eval.py
+        Case("eval-no-text", "eval", ["--ckpt", str(run)], "--text"),
+        Case("eval-empty-text", "eval", ["--ckpt", str(run), "--text", str(d / "e.txt")], "e.txt",
+             lambda w, d: write(d / "e.txt", "")),
+        Case("eval-unknown-characters", "eval", ["--ckpt", str(run), "--text", str(d / "n.txt")], "n.txt",
+             lambda w, d: write(d / "n.txt", "café au lait, très chaud")),
+        Case("eval-stride-too-long", "eval", ["--ckpt", str(run), "--text", str(text), "--stride", "300"], "--stride"),
+        Case("eval-text-missing", "eval", ["--ckpt", str(run), "--text", str(d / "nope.txt")], "nope.txt"),
+        # train.py's profiler window
+        Case("train-profile-window-reversed", "train", ["--training.profile_start_step", "5",
+                                                        "--training.profile_end_step", "3"], "training.profile_end_step"),
+        Case("train-profile-window-past-the-end", "train", ["--max-iters", "100", "--training.profile_start_step", "5",
+                                                            "--training.profile_end_step", "200"],
+             "training.profile_end_step"),
+        Case("train-sample-prompt-unknown-characters", "train", tiny(d / "o", data, "--training.sample_tokens", "5",
+                                                                     "--training.sample_prompt", "é"),
+             "training.sample_prompt"),
         # bench.py
+        *([Case("bench-gpu-without-cuda", "bench", ["--what", "gpu"], "--what gpu")]
+          if not torch.cuda.is_available() else []),
         Case("bench-bad-what", "bench", ["--what", "nope"], "--what"),
         Case("bench-misspelt-option", "bench", ["--stpes", "3"], "--stpes"),
     ]

@@ -287,3 +287,62 @@ def test_real_runs_log_plots_and_overlays(tmp_path):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "a resumed @ step 10" in labels
     assert plot.load_log(tmp_path / "b" / "train_log.json")["run"]["early_stop_step"] == 5
+
+
+def test_bits_per_byte_and_grad_norm_panels_appear_when_logged(tmp_path):
+    old = make_log()
+    assert len(plot.plot_logs({"run": old}, None).axes) == 2  # a log without them: loss and lr only
+    log = make_log()
+    log["config"]["training"]["grad_clip"] = 1.0
+    for e in log["evals"]:
+        e["val_bpb"] = e["val_loss"] * 1.44
+    for r in log["train"]:
+        r["grad_norm"], r["clipped"] = 2.0 / (1 + r["step"] / 50), 0.0
+    fig = plot.plot_logs({"new": log, "old": old}, tmp_path / "panels.png")
+    check_png(tmp_path / "panels.png")
+    loss, bpb, grad, lr = fig.axes
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "val bits/byte", "grad norm", "learning rate"]
+    assert [line.get_label() for line in bpb.get_lines()] == ["new val"]  # the old log draws nothing there
+    curve = next(line for line in grad.get_lines() if line.get_label() == "new")
+    assert list(curve.get_ydata()) == [r["grad_norm"] for r in log["train"]]
+    assert any(line.get_label() == "new clip at 1" and list(line.get_ydata()) == [1.0, 1.0]
+               for line in grad.get_lines())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows processes do not receive")
+def test_watch_waits_for_the_log_redraws_on_change_and_stops_on_ctrl_c(tmp_path):
+    """plot.py --watch on a run folder that does not exist yet: it waits, draws when the log appears,
+    draws again when the log is replaced, and ends with status 0 on Ctrl-C (SIGINT)."""
+    import signal
+
+    from conftest import output_lines, wait_for_line
+
+    run, out = tmp_path / "run", tmp_path / "live.png"
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "plot.py"), str(run), "--watch", "--every", "0.1",
+                             "--out", str(out)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        lines = output_lines(proc)
+        assert "train_log.json does not exist" in wait_for_line(lines, "waiting: ")[-1]
+        write_log(run, make_log(status="running", max_step=100))
+        wait_for_line(lines, f"wrote {out}")
+        first = out.read_bytes()
+        check_png(out)
+        # As train.py writes it: a new file renamed over the old one.
+        write_log(tmp_path / "next", make_log(status="running", max_step=200))
+        os.replace(tmp_path / "next" / plot.LOG_NAME, run / plot.LOG_NAME)
+        wait_for_line(lines, f"wrote {out}")
+        assert out.read_bytes() != first
+        check_png(out)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        rest = wait_for_line(lines, "stopped watching")
+        assert not any("Traceback" in line for line in rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_watch_does_not_go_with_show(tmp_path, capsys):
+    assert plot.main([str(write_log(tmp_path / "run", make_log())), "--watch", "--show"]) == 2
+    assert "--watch redraws the PNG for an image viewer to show; it does not go with --show" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import config
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, output_lines, wait_for_line
 
 README = ROOT / "README.md"
 # Appended to every train command (later CLI values win): one tiny shape everywhere, so that resume,
@@ -138,6 +139,19 @@ def run_torchrun(argv: list[str], cwd: Path, shown: str, max_iters: int) -> None
         assert p.returncode == 0, f"README command failed on node {rank} (exit {p.returncode}): {shown}\n{out[-3000:]}"
 
 
+def run_watch(argv: list[str], cwd: Path, shown: str) -> None:
+    """plot.py --watch: it draws, then Ctrl-C (SIGINT) ends it with status 0."""
+    proc = subprocess.Popen([sys.executable, *argv[1:], "--every", "0.2"], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(output_lines(proc), "wrote ")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, f"README command did not stop cleanly on Ctrl-C: {shown}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class MaxIters:
     """--max-iters for train commands: 4, raised by 2 at each --resume, so that it extends the run."""
 
@@ -158,6 +172,18 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
     assert argv[0] == "python", f"README command with no rule in tests/test_readme.py: {cmd}"
     if argv[1:] == ["-m", "pytest"]:
         return False  # this very suite; CI runs it (checked against .ci/run)
+    if argv[1] == "plot.py" and "--watch" in argv:
+        run_watch(argv, repo, cmd)
+        return True
+    if argv[1] == "bench.py" and "gpu" in argv[argv.index("--what") + 1].split(","):
+        import torch
+
+        if not torch.cuda.is_available():  # it must say so in one line, and fail
+            r = subprocess.run([sys.executable, *argv[1:]], cwd=repo, capture_output=True, text=True, timeout=TIMEOUT)
+            assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (cmd, r.stdout, r.stderr)
+            assert r.stderr.startswith("error: --what gpu needs a CUDA GPU"), r.stderr
+            return True
+        argv = [*argv, "--device", "cuda"]  # outranks the device of BENCH_SHORT's preset (smoke: cpu)
     if argv[1] == "prepare.py" and "--data.input" in argv:
         source = repo / argv[argv.index("--data.input") + 1]
         if not source.exists():  # "your own text": a stand-in made from the shipped corpus
