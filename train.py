@@ -29,11 +29,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from checkpoint import CheckpointError, Weights, adopt_model_shape, load_weights, save_checkpoint
+from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, load_weights, save_checkpoint,
+                        weights_to_save)
 from config import Config, ConfigError, TrainingConfig, parse, to_toml
 from data import check_split_lengths, document_ids, get_batch, load_tokens
 from errors import UserError, command
 from files import atomic_write_text
+from lora import add_adapters, adapter_state, trainable
 from model import GPT
 from runtime import (Processes, autocast, end_processes, peak_flops, pick_device, pick_precision, rng_state,
                      set_rng_state, start_processes)
@@ -58,6 +60,7 @@ class Run:
     precision: str
     out_dir: Path
     resumed_step: int | None  # a resumed run's first step, evaluated before it was saved
+    lora_base: dict | None = None  # a LoRA run's base weights: {"path", "digest"}, saved in its checkpoints
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -105,6 +108,9 @@ def setup(cfg: Config, procs: Processes) -> Run:
 
     torch.manual_seed(training.seed)
     raw_model = GPT(cfg.model).to(device)
+    lora_base = base_reference(start, training.resume) if cfg.lora.rank else None
+    if cfg.lora.rank:  # freeze the model and add adapters, before the optimizer: only they train
+        add_adapters(raw_model, cfg.lora)
     optimizer = raw_model.configure_optimizer(training.weight_decay, training.learning_rate,
                                               (training.beta1, training.beta2), device_type,
                                               training.optimizer, training.muon_lr)
@@ -125,11 +131,15 @@ def setup(cfg: Config, procs: Processes) -> Run:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
               f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
               + (f", {procs.world} processes" if procs.world > 1 else ""))
+        if cfg.lora.rank:
+            n, total = trainable(raw_model)
+            print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
+                  f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%) | base: {lora_base['path']}")
         print(f"effective batch: {training.batch_size} x {training.grad_accum_steps} accumulation = "
               f"{training.batch_size * training.grad_accum_steps} sequences = {tokens_per_step(cfg):,} "
               "tokens per step")
     return Run(model, raw_model, optimizer, scaler, splits, meta, state, log, procs, precision, out_dir,
-               state["step"] if training.resume else None)
+               state["step"] if training.resume else None, lora_base)
 
 
 def load_start(training: TrainingConfig, device: str) -> Weights | None:
@@ -163,8 +173,10 @@ def new_state() -> dict:
 
 
 def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
-    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state."""
-    model.load_state_dict(start.state_dict)
+    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state. A new
+    LoRA run keeps its fresh adapters (B = 0) on the starting weights; a resumed one gets its own back."""
+    weights = start.lora.state_dict if resume and start.lora else start.state_dict
+    model.load_state_dict(adapter_state(model) | weights)
     if not resume:
         return new_state()
     ckpt = start.training
@@ -179,6 +191,7 @@ def start_log(cfg: Config, out_dir: Path, model: GPT, procs: Processes, precisio
     """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's step."""
     log = {"version": 1, "config": cfg.to_dict(),
            "run": {"tokens_per_step": tokens_per_step(cfg), "n_params": model.num_params(),
+                   "n_trainable": trainable(model)[0],
                    "device": procs.device, "precision": precision, "world_size": procs.world,
                    "status": "running", "stop_reason": None, "early_stop_step": None},
            "evals": [], "train": [], "best": None}
@@ -329,7 +342,8 @@ def save(cfg: Config, run: Run, losses: dict, improved: bool, stop_reason: str |
     if stop_reason:
         run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
     write_log(run.out_dir, run.log)
-    ckpt = {"version": 1, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+    ckpt = {"version": 1, **weights_to_save(run.raw_model, cfg.lora, run.lora_base),
+            "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), **state, "val_loss": losses["val"],
             "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
     save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
