@@ -5,14 +5,14 @@
     python bench.py --what sample,prepare --json bench.json
     python bench.py --what speedrun                          # reference vs speedrun preset, side by side
     python bench.py --what profile                           # where a training step's time goes
-    python bench.py --what lora --config configs/finetune/shakespeare_lora.toml   # LoRA vs full fine-tune
+    python bench.py --what lora --config configs/finetune/shakespeare_lora.toml  # vs a full fine-tune
     python bench.py --what train --training.compile true     # any config override applies
     python bench.py --help                                   # every option, with its default
 
 Each figure is a median over repeats, taken after warm-up steps. Results are printed as
-one table; --json also writes them to a file. Peak memory (--what lora) is measured in a fresh
-process per run: its peak resident set size on CPU, torch's own allocator counter on CUDA. docs/benchmarks.md records figures with the
-machine they came from.
+one table; --json also writes them to a file. docs/benchmarks.md records figures with the
+machine they came from. Peak memory (--what lora) is measured in a fresh process per run: its
+peak resident set size on CPU, torch's own allocator counter on CUDA.
 """
 
 from __future__ import annotations
@@ -279,8 +279,8 @@ def bench_lora(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
             out_dir = Path(tmp) / name.replace(" ", "_")
             argv = [*(["--config", cfg.preset] if cfg.preset else []), *cfg.overrides, *extra, "--device", device,
                     "--training.log_interval", "1", "--training.out_dir", str(out_dir)]
-            r = subprocess.run([sys.executable, "-c", RUN_AND_MEASURE, str(Path(__file__).resolve().parent), *argv],
-                               capture_output=True, text=True)
+            here = str(Path(__file__).resolve().parent)
+            r = subprocess.run([sys.executable, "-c", RUN_AND_MEASURE, here, *argv], capture_output=True, text=True)
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)
                 raise UserError(f"--what lora: the {name} run failed (exit {r.returncode}); its output is above")
@@ -302,8 +302,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         parts = []
         for key, fmt in (("ms_per_step", "{:.1f} ms/step"), ("seconds", "{:.2f} s"), ("tokens_per_s", "{:,.0f} tok/s"),
-                         ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("best_val_loss", "val {:.4f}"),
-                         ("ratio", "{:.2f}x"), ("val_start", "from val {:.4f}"), ("trained_share", "{:.2%} trained"),
+                         ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("val_start", "from val {:.4f}"),
+                         ("best_val_loss", "val {:.4f}"), ("ratio", "{:.2f}x"), ("trained_share", "{:.2%} trained"),
                          ("peak_rss_mb", "peak RSS {:,.0f} MiB"), ("start_rss_mb", "{:,.0f} MiB before training"),
                          ("cuda_peak_mb", "CUDA peak {:,.0f} MiB")):
             if key in r:

@@ -322,7 +322,8 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
     stored = [("model", k, getattr(weights.model, k)) for k in SHAPE_KEYS]
     if cfg.training.resume:
         lora = weights.lora.config if weights.lora else LoraConfig(rank=0)
-        stored += [("lora", k, getattr(lora, k)) for k in (("rank", "alpha", "targets") if lora.rank else ("rank",))]
+        keys = ("rank", "alpha", "targets") if lora.rank else ("rank",)
+        stored += [("lora", k, getattr(lora, k)) for k in keys]
     if weights.meta is not None:
         stored += [("data", "tokenizer", weights.meta["tokenizer"]),
                    ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]

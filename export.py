@@ -156,10 +156,11 @@ def write_adapters(src: Weights, out: Path, dtype: str, base: Path) -> None:
     (out, r): our shapes. GPT-2's layers are Conv1D, whose weight is (in, out) (fan_in_fan_out), but
     PEFT's A and B are ordinary Linear layers beside them, so nothing is transposed."""
     adapters = {k: v for k, v in src.lora.state_dict.items() if is_adapter(k)}
-    save_file({f"base_model.model.{k}.weight": v.to("cpu", DTYPES[dtype]).contiguous() for k, v in adapters.items()},
-              out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file({f"base_model.model.{k}.weight": v.to("cpu", DTYPES[dtype]).contiguous()
+               for k, v in adapters.items()}, out / "adapter_model.safetensors", metadata={"format": "pt"})
     lora = src.lora.config
-    targets = sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters})  # "transformer.h.0.attn.c_attn.lora_A"
+    # "transformer.h.0.attn.c_attn.lora_A" -> "attn.c_attn"; PEFT matches target_modules to the end of a name.
+    targets = sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters})
     write_json(out / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
@@ -218,7 +219,8 @@ class ExportOptions:
                       choices=("native", "hf"))
     dtype: str = doc("fp16/bf16 halve the file", "fp32", choices=tuple(DTYPES))
     force: bool = doc("replace an earlier export in --out", False)
-    adapters_only: bool = doc("a LoRA run's adapters alone, for Hugging Face PEFT (--format does not apply)", False)
+    adapters_only: bool = doc("a LoRA run's adapters alone, for Hugging Face PEFT (--format does not apply)",
+                              False)
     base: str = doc("with --adapters-only: the Hugging Face export of the base weights; empty: the run's own "
                     "base, if it is one", "")
 

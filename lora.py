@@ -69,8 +69,9 @@ def target_problems(cfg: LoraConfig, block: nn.Module) -> list[str]:
     narrow = {n: min(layers[n].in_features, layers[n].out_features) for n in names if n in layers}
     narrow = {n: width for n, width in narrow.items() if cfg.rank > width}
     if narrow:
-        problems.append(f"lora.rank = {cfg.rank} is larger than the width of "
-                        f"{', '.join(f'{n} ({w})' for n, w in narrow.items())}; use at most {min(narrow.values())}")
+        widths = ", ".join(f"{n} ({w})" for n, w in narrow.items())
+        problems.append(f"lora.rank = {cfg.rank} is larger than the width of {widths}; use at most "
+                        f"{min(narrow.values())}")
     return problems
 
 

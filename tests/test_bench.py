@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import bench
 import train
 from config import load_config
@@ -48,6 +50,7 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert err.startswith("error: ") and "training.stpes" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # two fresh processes, each importing torch
 def test_lora_against_a_full_fine_tune_in_fresh_processes(tmp_path, char_data, capsys):
     config_only = [a for i, a in enumerate(TINY) if a not in ("--steps", "--warmup") and TINY[i - 1] not in (
         "--steps", "--warmup")]  # the same model, trained by train.py: the base weights

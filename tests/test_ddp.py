@@ -82,7 +82,8 @@ def test_a_lora_run_on_two_processes_equals_one_process(tmp_path, char_data):
     train.main(load_config(args(tmp_path / "single", char_data, *lora)))
     r = torchrun(*args(tmp_path / "ddp", char_data, *lora))
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    single, ddp = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"] for run in ("single", "ddp"))
+    single, ddp = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"]
+                   for run in ("single", "ddp"))
     assert single.keys() == ddp.keys() and all(k.endswith(("lora_A", "lora_B")) for k in single)
     for k in single:
         assert torch.allclose(single[k], ddp[k], atol=1e-5), k

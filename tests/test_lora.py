@@ -165,7 +165,8 @@ def test_bad_lora_settings_are_refused_when_parsed(extra, message):
     (["--lora.targets", "attn.c_attn,attn.c_fc"],
      "lora.targets: attn.c_fc is not a linear layer of a block (did you mean mlp.c_fc?); they are: attn.c_attn, "
      "attn.c_proj, mlp.c_fc, mlp.c_proj (or all)"),
-    (["--lora.targets", "c_attn"], "lora.targets: c_attn is not a linear layer of a block (did you mean attn.c_attn?)"),
+    (["--lora.targets", "c_attn"],
+     "lora.targets: c_attn is not a linear layer of a block (did you mean attn.c_attn?)"),
     (["--lora.rank", "40"], "lora.rank = 40 is larger than the width of attn.c_attn (32), attn.c_proj (32), "
                             "mlp.c_fc (32), mlp.c_proj (32); use at most 32"),
 ])
