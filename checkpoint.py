@@ -205,7 +205,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weight
     return weights
 
 
-def model_config(values, where: Path, section: str = "model"):
+def model_config(values, where: Path, section: str = "model") -> ModelConfig | LoraConfig:
     """A ModelConfig (or another section's) from stored settings, checked by the command line's rules."""
     cfg, problems = Config(), []
     if not isinstance(values, dict):

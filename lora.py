@@ -22,6 +22,7 @@ The update B A has rank at most r and costs r * (in + out) parameters instead of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -98,7 +99,7 @@ def plain_linear(layer: LoRALinear) -> nn.Linear:
     return linear
 
 
-def replace_adapted(model: nn.Module, make) -> None:
+def replace_adapted(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> None:
     """Replace every LoRALinear in `model` by make(that layer)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
