@@ -5,6 +5,7 @@
     python bench.py --what sample,prepare --json bench.json
     python bench.py --what speedrun                          # reference vs speedrun preset, side by side
     python bench.py --what profile                           # where a training step's time goes
+    python bench.py --what lora --config configs/finetune/shakespeare_lora.toml  # vs a full fine-tune
     python bench.py --what train --training.compile true     # any config override applies
     python bench.py --what gpu                               # everything only a CUDA GPU can check
     python bench.py --help                                   # every option, with its default
@@ -17,6 +18,8 @@ machine they came from.
 and exact resume, bf16, flex attention against sdpa, torch.compile, MFU and the projected wall
 time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
 Without CUDA it says so in one line and exits with status 2.
+Peak memory (--what lora) is measured in a fresh process per run: its peak resident set size
+on CPU, torch's own allocator counter on CUDA.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,15 +42,15 @@ import torch
 
 import prepare
 import train
-from checkpoint import load_weights
-from config import Config, DataConfig, doc, load_config, parse
+from checkpoint import adopt_model_shape, load_weights
+from config import Config, ConfigError, DataConfig, doc, load_config, parse
 from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
 from model import GPT
 from runtime import autocast, cpu_has_bf16, peak_flops, pick_device
 
 CORPUS = "data/shakespeare/input.txt"
-KINDS = ("train", "sample", "prepare", "speedrun", "profile", "gpu")
+KINDS = ("train", "sample", "prepare", "speedrun", "profile", "gpu", "lora")
 
 
 @dataclass
@@ -75,8 +79,12 @@ def precisions(device_type: str) -> list[str]:
 
 
 def configured(cfg: Config, *extra: str) -> Config:
-    """The measured config (preset and command-line overrides) with `extra` settings on top."""
-    return load_config(["--config", cfg.preset, *cfg.overrides, *extra] if cfg.preset else [*cfg.overrides, *extra])
+    """The measured config (preset and command-line overrides) with `extra` settings on top, and the
+    model shape of training.init_from's weights, as train.py takes it."""
+    run_cfg = load_config(["--config", cfg.preset, *cfg.overrides, *extra] if cfg.preset else [*cfg.overrides, *extra])
+    if run_cfg.training.init_from:
+        adopt_model_shape(run_cfg, load_weights(run_cfg.training.init_from))
+    return run_cfg
 
 
 def model_for(cfg: Config, *extra: str) -> GPT:
@@ -153,7 +161,7 @@ def bench_profile(opts: BenchOptions, cfg: Config, device: str, top: int = 12) -
 
 
 def bench_train(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
-    tokens = train.tokens_per_step(cfg)
+    tokens = train.tokens_per_step(configured(cfg))
     peak, rows = peak_flops(device), []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions(torch.device(device).type):
@@ -368,13 +376,75 @@ def bench_gpu(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
     return rows
 
 
+# A training run in a process of its own, which then reports its own peak memory. On CPU: the peak
+# resident set size. On Linux that is VmHWM, whose count restarts just before training (clear_refs 5)
+# at the RSS of Python, torch and the imports, so that the peak is the run's, not an import's passing
+# peak (ru_maxrss is not used there: it can carry the parent's RSS from the fork). Elsewhere (macOS):
+# ru_maxrss, the peak since the process started. On CUDA: the most memory torch's allocator held.
+RUN_AND_MEASURE = """
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])  # this project's folder
+import torch
+import train
+
+def peak_rss():
+    if not os.path.exists("/proc/self/status"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+if os.path.exists("/proc/self/clear_refs"):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+start = peak_rss()
+code = train.cli(sys.argv[2:])
+cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+print("peak memory: " + json.dumps({"start_rss": start, "peak_rss": peak_rss(), "cuda_peak": cuda}))
+sys.exit(code)
+"""
+
+
+def bench_lora(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
+    """The config's LoRA run against a full fine-tune of the same model (lora.rank = 0, every other
+    setting the same, its learning rate included), each in a fresh process: val loss at the start and
+    the best, the trained share of the parameters, ms per step (median after the warm-up steps; the
+    whole config runs, so shorten it with --max-iters) and peak memory."""
+    if cfg.lora.rank == 0:
+        raise ConfigError("--what lora compares a LoRA run with a full fine-tune: give a config with lora.rank "
+                          "> 0, e.g. --config configs/finetune/shakespeare_lora.toml")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("LoRA", []), ("full fine-tune", ["--lora.rank", "0"])):
+            out_dir = Path(tmp) / name.replace(" ", "_")
+            argv = [*(["--config", cfg.preset] if cfg.preset else []), *cfg.overrides, *extra, "--device", device,
+                    "--training.log_interval", "1", "--training.out_dir", str(out_dir)]
+            here = str(Path(__file__).resolve().parent)
+            r = subprocess.run([sys.executable, "-c", RUN_AND_MEASURE, here, *argv], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise UserError(f"--what lora: the {name} run failed (exit {r.returncode}); its output is above")
+            memory = json.loads(r.stdout.rsplit("peak memory: ", 1)[1])
+            log = json.loads((out_dir / "train_log.json").read_text())
+            row = {"bench": "lora", "what": f"{name}, {log['run']['precision']}",
+                   "ms_per_step": statistics.median(t["ms_per_step"] for t in log["train"][opts.warmup:]),
+                   "val_start": log["evals"][0]["val_loss"], "best_val_loss": log["best"]["val_loss"],
+                   "trained_share": log["run"]["n_trainable"] / log["run"]["n_params"],
+                   "peak_rss_mb": memory["peak_rss"] / 2**20, "start_rss_mb": memory["start_rss"] / 2**20}
+            if memory["cuda_peak"] is not None:
+                row["cuda_peak_mb"] = memory["cuda_peak"] / 2**20
+            rows.append(row)
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'bench':<9} {'what':<44} {'result'}")
     for r in rows:
         parts = [] if "ok" not in r else ["ok" if r["ok"] else "FAILED"]
         for key, fmt in (("ms_per_step", "{:.1f} ms/step"), ("seconds", "{:.2f} s"), ("tokens_per_s", "{:,.0f} tok/s"),
-                         ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("best_val_loss", "val {:.4f}"),
-                         ("ratio", "{:.2f}x"), ("result", "{}")):
+                         ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("val_start", "from val {:.4f}"),
+                         ("best_val_loss", "val {:.4f}"), ("ratio", "{:.2f}x"), ("trained_share", "{:.2%} trained"),
+                         ("peak_rss_mb", "peak RSS {:,.0f} MiB"), ("start_rss_mb", "{:,.0f} MiB before training"),
+                         ("cuda_peak_mb", "CUDA peak {:,.0f} MiB"), ("result", "{}")):
             if key in r:
                 parts.append(fmt.format(r[key]))
         print(f"{r['bench']:<9} {r['what']:<44} {' | '.join(parts)}")
@@ -392,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         f", torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({machine}); config: {cfg.preset} {' '.join(cfg.overrides)}".rstrip())
     benches = {"train": bench_train, "sample": bench_sample, "prepare": bench_prepare,
-               "speedrun": bench_speedrun, "profile": bench_profile, "gpu": bench_gpu}
+               "speedrun": bench_speedrun, "profile": bench_profile, "gpu": bench_gpu, "lora": bench_lora}
     rows = [row for what in opts.what.split(",") for row in benches[what](opts, cfg, device)]
     if rows:
         print_table(rows)

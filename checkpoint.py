@@ -6,7 +6,10 @@ A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain v
     step, best_val_loss, best_step, bad_evals, tokens, elapsed_s   loop state
     rng                        RNG states as tensors (dropout draws from them)
     config, meta               the resolved config and the tokenizer meta
+    lora_base                  LoRA runs only: {"path", "digest"} of the base weights under the adapters
 
+A LoRA run (lora.py) saves only its adapters as `model` (lora.save = "adapters"; "full" adds the base
+weights): the base weights are read again from their path, and their digest must match.
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
@@ -17,6 +20,7 @@ code: checkpoints load with torch.load(weights_only=True), exports are safetenso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -25,10 +29,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from config import Config, ModelConfig, apply, validate
+from config import Config, LoraConfig, ModelConfig, apply, validate
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, atomic_write_text
+from lora import add_adapters, adapter_state, is_adapter, merge
 from model import GPT
 
 CHECKPOINT_VERSION = 1
@@ -47,10 +52,18 @@ class CheckpointError(UserError):
 
 
 @dataclass
+class Adapters:
+    """A LoRA checkpoint's adapters, with the base weights under them (Weights.lora)."""
+    config: LoraConfig
+    state_dict: dict[str, torch.Tensor]  # the adapted model's: base weights and lora_A / lora_B, unmerged
+    base: dict                           # {"path", "digest"} of the base weights, as its checkpoints record
+
+
+@dataclass
 class Weights:
     """Weights and what came with them, whatever file or folder they were read from."""
     model: ModelConfig
-    state_dict: dict[str, torch.Tensor]  # fp32, in our names; lm_head.weight is wte (tied)
+    state_dict: dict[str, torch.Tensor]  # fp32, in our names; lm_head.weight is wte (tied); LoRA: merged
     meta: dict | None       # the tokenizer; None for a GPT-2 folder of unknown vocabulary
     config: dict | None     # the training config they were trained with, when stored
     training: dict | None   # the whole checkpoint (optimizer, scaler, rng, loop state); None for exports
@@ -59,6 +72,7 @@ class Weights:
     dtype: str = "fp32"     # how they were stored
     step: int | None = None
     val_loss: float | None = None
+    lora: Adapters | None = None  # a LoRA checkpoint's adapters, unmerged (train.py resumes from them)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -84,8 +98,81 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(meta_problems(ckpt['meta']))})")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this code; update it")
-    return Weights(model_config(ckpt["config"].get("model"), path), ckpt["model"], ckpt.get("meta"),
-                   ckpt["config"], ckpt, path, "checkpoint", "fp32", ckpt.get("step"), ckpt.get("val_loss"))
+    cfg = model_config(ckpt["config"].get("model"), path)
+    state, lora = ckpt["model"], None
+    if "lora_base" in ckpt:
+        lora = read_adapters(ckpt, cfg, path, device)
+        state = merged(lora, cfg, device)
+    return Weights(cfg, state, ckpt.get("meta"), ckpt["config"], ckpt, path, "checkpoint", "fp32",
+                   ckpt.get("step"), ckpt.get("val_loss"), lora)
+
+
+# ----------------------------------------------------------------------------- LoRA checkpoints
+
+def read_adapters(ckpt: dict, cfg: ModelConfig, path: Path, device: str | torch.device) -> Adapters:
+    """A LoRA checkpoint's adapters and the base weights under them: stored in it (lora.save = "full"),
+    or read from the base's path and checked against its digest."""
+    lora, base, state = model_config(ckpt["config"].get("lora"), path, "lora"), ckpt["lora_base"], ckpt["model"]
+    if all(is_adapter(k) for k in state):
+        state = base_weights(base, path, device) | state
+    check_fits(state, cfg, path, lora)
+    return Adapters(lora, state, base)
+
+
+def base_weights(base: dict, path: Path, device: str | torch.device) -> dict:
+    """The base weights of a LoRA checkpoint, refused when they are gone or are not the same any more."""
+    where = Path(base["path"])  # as training.init_from gave it: a relative path is from the current folder
+    if not where.exists():
+        shown = where if where.is_absolute() else f"{where} (from {Path.cwd()})"
+        raise CheckpointError(f"{path} holds LoRA adapters for the base weights {where}, which are gone "
+                              f"(moved or deleted); put them back at {shown}: the adapters need them")
+    weights = load_weights(where, device)
+    if digest(weights.state_dict, weights.model) != base["digest"]:
+        raise CheckpointError(f"{path} holds LoRA adapters for the base weights {where}, which have changed "
+                              "since (their digest differs); put the original weights back there, or train the "
+                              "adapters again on the new ones")
+    return weights.state_dict
+
+
+def merged(lora: Adapters, cfg: ModelConfig, device: str | torch.device) -> dict:
+    """The weights of a plain GPT that computes what the adapted model computes: W + (alpha / r) B A."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+        add_adapters(model, lora.config)
+    model.to_empty(device=device)  # memory, left uninitialised (no random draws): all of it is loaded next
+    model.load_state_dict(lora.state_dict)
+    merge(model)
+    return model.state_dict()
+
+
+def digest(state: dict, cfg: ModelConfig) -> str:
+    """sha256 of weights' names, shapes and values (as fp32): the same for every copy of the same
+    weights in any file or format (a native export and its Hugging Face export), different after
+    any change. The embedding's padding rows are left out: never used, and an HF export drops them."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().float()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            t = t[:cfg.vocab_size]
+        h.update(f"{name} {tuple(t.shape)}\n".encode())
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_reference(start: Weights, resume: bool) -> dict:
+    """What a LoRA run's checkpoints record of its base weights: their path and digest. A resumed run
+    keeps its own; a new one takes them from the weights it starts from (training.init_from)."""
+    if resume:
+        return start.lora.base
+    return {"path": str(start.path), "digest": digest(start.state_dict, start.model)}
+
+
+def weights_to_save(model: GPT, lora: LoraConfig, base: dict | None) -> dict:
+    """A checkpoint's weights: the model's; for a LoRA run (base: its reference) the adapters only,
+    or with lora.save = "full" every weight, unmerged so that training can resume."""
+    if base is None:
+        return {"model": model.state_dict()}
+    return {"model": model.state_dict() if lora.save == "full" else adapter_state(model), "lora_base": base}
 
 
 # ----------------------------------------------------------------------------- one loader
@@ -133,16 +220,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     return model.to(device).eval(), src  # eval: no dropout
 
 
-def model_config(values, where: Path) -> ModelConfig:
-    """A ModelConfig from stored settings, checked by the same rules as the command line's."""
+def model_config(values, where: Path, section: str = "model") -> ModelConfig | LoraConfig:
+    """A ModelConfig (or another section's) from stored settings, checked by the command line's rules."""
     cfg, problems = Config(), []
     if not isinstance(values, dict):
-        raise CheckpointError(f"{where} has no model settings; it was not written by this code")
-    apply(cfg, {"model": values}, False, str(where), problems, sections=("model",))
-    problems += [f"{where}: {p}" for p in validate(cfg, ("model",))] if not problems else []
+        raise CheckpointError(f"{where} has no {section} settings; it was not written by this code")
+    apply(cfg, {section: values}, False, str(where), problems, sections=(section,))
+    problems += [f"{where}: {p}" for p in validate(cfg, (section,))] if not problems else []
     if problems:
         raise CheckpointError(f"{'; '.join(problems)}; it is damaged, or written by a newer version of this code")
-    return cfg.model
+    return getattr(cfg, section)
 
 
 def read_export(folder: Path, device: str | torch.device) -> Weights:
@@ -217,10 +304,10 @@ def from_hf(state: dict, cfg: ModelConfig, folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- checks
 
-def check_fits(state: dict, cfg: ModelConfig, where: Path) -> None:
-    """Refuse weights that would not load into GPT(cfg), naming what differs. The cheap counts come
-    first, so a config that describes an enormous model fails before anything is built; then the
-    model is built on the "meta" device (shapes only, no memory)."""
+def check_fits(state: dict, cfg: ModelConfig, where: Path, lora: LoraConfig | None = None) -> None:
+    """Refuse weights that would not load into GPT(cfg) (with `lora`'s adapters), naming what differs.
+    The cheap counts come first, so a config that describes an enormous model fails before anything
+    is built; then the model is built on the "meta" device (shapes only, no memory)."""
     layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     wte, wpe = state.get("transformer.wte.weight"), state.get("transformer.wpe.weight")
     found = {"n_layer": len(layers), "n_embd": None if wte is None else wte.shape[-1],
@@ -229,7 +316,10 @@ def check_fits(state: dict, cfg: ModelConfig, where: Path) -> None:
              if v is not None and v != getattr(cfg, k)]
     if not wrong:
         with torch.device("meta"):
-            expected = GPT(cfg).state_dict()
+            model = GPT(cfg)
+            if lora:
+                add_adapters(model, lora)
+            expected = model.state_dict()
         wrong = [f"{k}: {tuple(state[k].shape) if k in state else 'missing'}, expected {tuple(v.shape)}"
                  for k, v in expected.items() if k not in state or state[k].shape != v.shape]
         wrong += [f"{k}: not a weight of this model" for k in state if k not in expected]
@@ -243,8 +333,13 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
 
     Settings the user left at their defaults are replaced by the stored ones (so `--resume` or
     `init_from` needs no model settings); ones set in a preset or on the command line must agree.
+    A resumed run also goes on with the same LoRA adapters, or with none.
     """
     stored = [("model", k, getattr(weights.model, k)) for k in SHAPE_KEYS]
+    if cfg.training.resume:
+        lora = weights.lora.config if weights.lora else LoraConfig(rank=0)
+        keys = ("rank", "alpha", "targets") if lora.rank else ("rank",)
+        stored += [("lora", k, getattr(lora, k)) for k in keys]
     if weights.meta is not None:
         stored += [("data", "tokenizer", weights.meta["tokenizer"]),
                    ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]

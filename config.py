@@ -144,10 +144,31 @@ class TrainingConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc("rank r of the LoRA adapters (see lora.py); 0: no LoRA, every weight trains", 0,
+                    within="[0, inf)")
+    alpha: float = doc("the adapters' output is scaled by alpha / rank", 16.0, within="(0, inf)")
+    dropout: float = doc("dropout on the adapters' input in training", 0.0, within="[0, 1)")
+    targets: str = doc("comma-separated linear layers of each block to adapt (attn.c_attn, attn.c_proj, "
+                       "mlp.c_fc, mlp.c_proj), or all", "all")
+    save: str = doc("what checkpoints hold: the adapters (the base weights are referenced), or the full "
+                    "model too", "adapters", choices=("adapters", "full"))
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def problems(self) -> list[str]:
+        # Which names exist depends on the model: lora.add_adapters checks them against its layers.
+        return [] if self.target_list() else ['lora.targets is empty: name the layers to adapt, e.g. '
+                                              '"attn.c_attn,attn.c_proj", or "all"']
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         self.explicit: set[str] = set()  # "section.key" names set by a preset or the command line
@@ -157,6 +178,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def problems(self) -> list[str]:
+        """Rules that involve more than one section."""
+        if self.lora.rank > 0 and not self.training.init_from and not self.training.resume:
+            # Only the adapters train: on random base weights the model would stay mostly random.
+            return [f"lora.rank = {self.lora.rank} needs pretrained weights to adapt: set training.init_from "
+                    "to a checkpoint, run folder or export, or lora.rank = 0 to train every weight"]
+        return []
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -264,7 +293,8 @@ def suggest(name: str, candidates: list[str]) -> str:
 def validate(obj, sections: tuple[str, ...] = tuple(SECTIONS)) -> list[str]:
     """Every broken rule of a Config (its `sections`) or of a script's options, all at once."""
     if isinstance(obj, Config):
-        return [p for section in sections for p in validate_section(getattr(obj, section), section + ".")]
+        out = [p for section in sections for p in validate_section(getattr(obj, section), section + ".")]
+        return out + (obj.problems() if set(sections) == set(SECTIONS) else [])
     return validate_section(obj, "--")
 
 

@@ -3,6 +3,7 @@
     python export.py --ckpt checkpoints/small --out exports/small                 # native
     python export.py --ckpt checkpoints/small --out exports/small_hf --format hf  # transformers
     python export.py --ckpt checkpoints/small --out exports/small_fp16 --dtype fp16
+    python export.py --ckpt checkpoints/lora --out exports/lora_adapters --adapters-only --base exports/small_hf
 
 native: model.safetensors (our names; lm_head.weight is left out: it is wte, tied), config.json
     ({"format": "tinygpt-native", "model": ..., "config": the training config}), tokenizer_meta.json
@@ -10,6 +11,9 @@ hf: what transformers' GPT2LMHeadModel.from_pretrained(folder) reads: model.safe
     names and its Conv1D layout, i.e. Linear weights transposed), config.json (GPT-2's; ours under
     "tinygpt"), tokenizer_meta.json, and for GPT-2 BPE models its tokenizer files (vocab.json,
     merges.txt, tokenizer_config.json)
+A LoRA run exports as the merged model (W + (alpha / r) B A, see lora.py), in either format. With
+--adapters-only, only its adapters are written, in Hugging Face PEFT's layout (adapter_config.json,
+adapter_model.safetensors), for PEFT to load onto the Hugging Face export of the base weights.
 safetensors holds no pickle: loading runs no code. This file only writes; checkpoint.load_weights
 reads either kind back in our names, for sample.py, training.init_from and export.py itself.
 """
@@ -17,6 +21,7 @@ reads either kind back in our names, for sample.py, training.init_from and expor
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -26,13 +31,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, is_export, load_weights
+from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, load_weights
 from config import ModelConfig, doc, parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
 from files import lock, make_folder, readable, staging_folder, write_json
+from lora import is_adapter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"  # with adapter_model.safetensors: PEFT's adapter folder
 
 
 class ExportError(UserError):
@@ -126,23 +133,70 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
                                                    "model_max_length": src.model.block_size})
 
 
+# ----------------------------------------------------------------------------- LoRA adapters for PEFT
+
+def hf_base(src: Weights, given: str) -> Path:
+    """The Hugging Face GPT-2 folder of the weights under `src`'s adapters, which PEFT loads them onto:
+    `given` (--base), else the base the run started from; either must hold those very weights."""
+    path = Path(given or src.lora.base["path"])
+    base = load_weights(path)
+    if base.format != "hf":
+        name = path.parent.name if path.is_file() else path.name
+        raise ExportError(f"--adapters-only: PEFT loads adapters onto a Hugging Face GPT-2 model, and the base "
+                          f"{path} is not one ({base.format}); export it first (python export.py --ckpt {path} "
+                          f"--out exports/{name}_hf --format hf), then add --base exports/{name}_hf")
+    if digest(base.state_dict, base.model) != src.lora.base["digest"]:
+        raise ExportError(f"--base {path} holds other weights than those the adapters were trained on "
+                          f"({src.lora.base['path']}); pass the Hugging Face export of that one")
+    return path
+
+
+def write_adapters(src: Weights, out: Path, dtype: str, base: Path) -> None:
+    """adapter_model.safetensors and adapter_config.json, as PEFT's save_pretrained writes them.
+
+    PEFT names a layer's adapters base_model.model.<layer>.lora_A.weight, (r, in), and .lora_B.weight,
+    (out, r): our shapes. GPT-2's layers are Conv1D, whose weight is (in, out) (fan_in_fan_out), but
+    PEFT's A and B are ordinary Linear layers beside them, so nothing is transposed."""
+    adapters = {k: v for k, v in src.lora.state_dict.items() if is_adapter(k)}
+    save_file({f"base_model.model.{k}.weight": v.to("cpu", DTYPES[dtype]).contiguous()
+               for k, v in adapters.items()}, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    readable(out / "adapter_model.safetensors")
+    lora = src.lora.config
+    # "transformer.h.0.attn.c_attn.lora_A" -> "attn.c_attn"; PEFT matches target_modules to the end of a name.
+    targets = sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters})
+    write_json(out / ADAPTER_CONFIG, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
+        "fan_in_fan_out": True, "bias": "none", "inference_mode": True})
+    if src.meta is not None:
+        write_json(out / META_FILE, src.meta)
+
+
 def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = "fp32",
-           force: bool = False) -> Path:
-    """Export weights (a checkpoint, run folder or export) to `out`. The files are written to a
-    staging folder that is renamed into place: a kill never leaves a half-written export behind."""
+           force: bool = False, adapters_only: bool = False, base: str = "") -> Path:
+    """Export weights (a checkpoint, run folder or export) to `out`, or with `adapters_only` a LoRA run's
+    adapters for PEFT (`base`: the HF export of its base weights). The files are written to a staging
+    folder that is renamed into place: a kill never leaves a half-written export behind."""
     out = Path(out)
     src = load_weights(ckpt)
+    if adapters_only and src.lora is None:
+        raise ExportError(f"--adapters-only: {src.path} is not a LoRA run, it has no adapters; export the "
+                          "whole model without --adapters-only")
+    base_folder = hf_base(src, base) if adapters_only else None
     parent = make_folder(out.parent, "--out's folder")
     with lock(parent / f".{out.name}.lock", f"--out {out}"):
         if out.exists() and (out.is_file() or any(out.iterdir())):
             if not force:
                 raise ExportError(f"{out} exists and is not empty; choose another --out, or add --force "
                                   "to replace an earlier export")
-            if not is_export(out):
+            if not (is_export(out) or (out / ADAPTER_CONFIG).is_file()):
                 raise ExportError(f"{out} is not an export, so --force will not delete it; choose another --out")
         staging = staging_folder(out)  # this process's own: cleaning up never touches anything else
         try:
-            write_export(src, staging, fmt, dtype)
+            if adapters_only:
+                write_adapters(src, staging, dtype, base_folder)
+            else:
+                write_export(src, staging, fmt, dtype)
         except BaseException as e:  # incomplete: never published
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
@@ -169,6 +223,10 @@ class ExportOptions:
                       choices=("native", "hf"))
     dtype: str = doc("fp16/bf16 halve the file", "fp32", choices=tuple(DTYPES))
     force: bool = doc("replace an earlier export in --out", False)
+    adapters_only: bool = doc("a LoRA run's adapters alone, for Hugging Face PEFT (--format does not apply)",
+                              False)
+    base: str = doc("with --adapters-only: the Hugging Face export of the base weights; empty: the run's own "
+                    "base, if it is one", "")
 
 
 @command
@@ -176,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, ExportOptions, sections=(), program="export.py", about=__doc__)
     if not opts.out:
         raise ExportError("--out is required: the folder to write the export to, e.g. --out exports/small")
-    out = export(opts.ckpt, opts.out, opts.format, opts.dtype, opts.force)
+    out = export(opts.ckpt, opts.out, opts.format, opts.dtype, opts.force, opts.adapters_only, opts.base)
+    if opts.adapters_only:
+        size = (out / "adapter_model.safetensors").stat().st_size
+        base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        print(f"exported LoRA adapters ({opts.dtype}, {size / 1e6:.2f} MB) to {out}\nnext: PeftModel."
+              f"from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r}) in peft")
+        return 0
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {opts.format} ({opts.dtype}, {size / 1e6:.1f} MB) to {out}\nnext: " +
           (f"GPT2LMHeadModel.from_pretrained({str(out)!r}) in transformers" if opts.format == "hf" else

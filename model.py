@@ -376,11 +376,15 @@ class GPT(nn.Module):
         """AdamW with weight decay on matrices and embeddings (dim >= 2) only: decaying biases and
         LayerNorm gains towards 0 would fight their job of shifting and scaling activations.
         name="muon": the matrices inside the blocks get Muon instead (see muon.py).
-        A group's "lr_scale" is its learning rate relative to the schedule's."""
+        A group's "lr_scale" is its learning rate relative to the schedule's.
+        Frozen weights (requires_grad False) are left out. With LoRA (lora.py) that leaves only the
+        adapters' A and B: matrices, so they are decayed, which pulls B A, the change made to the
+        pretrained model, towards 0: towards the pretrained weights, not towards zero weights."""
         params = [p for p in self.parameters() if p.requires_grad]
         if name == "muon":
             from muon import MuonAdamW
-            hidden = [p for n, p in self.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+            hidden = [p for n, p in self.named_parameters()
+                      if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
             ids = {id(p) for p in hidden}
             groups = [{"params": hidden, "use_muon": True, "weight_decay": weight_decay,
                        "lr_scale": muon_lr / learning_rate},

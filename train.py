@@ -31,12 +31,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from checkpoint import CheckpointError, Weights, adopt_model_shape, load_weights, save_checkpoint
+from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, load_weights, save_checkpoint,
+                        weights_to_save)
 from config import Config, ConfigError, TrainingConfig, config_changes, parse, to_toml
 from data import (DataError, check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte,
                   start_token, tokenizer_from_meta)
 from errors import UserError, command
 from files import atomic_write_text, lock, make_folder, write_json
+from lora import add_adapters, adapter_state, trainable
 from model import GPT
 from runtime import (Processes, ProfileWindow, autocast, end_processes, peak_flops, pick_device, pick_precision,
                      rng_state, set_rng_state, start_processes)
@@ -71,6 +73,7 @@ class Run:
     precision: str
     out_dir: Path
     saved_step: int | None       # the step ckpt_last.pt holds, once there is one
+    lora_base: dict | None = None  # a LoRA run's base weights: {"path", "digest"}, saved in its checkpoints
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -131,6 +134,9 @@ def setup(cfg: Config, procs: Processes) -> Run:
 
     torch.manual_seed(training.seed)
     raw_model = GPT(cfg.model).to(device)
+    lora_base = base_reference(start, training.resume) if cfg.lora.rank else None
+    if cfg.lora.rank:  # freeze the model and add adapters, before the optimizer: only they train
+        add_adapters(raw_model, cfg.lora)
     optimizer = raw_model.configure_optimizer(training.weight_decay, training.learning_rate,
                                               (training.beta1, training.beta2), device_type,
                                               training.optimizer, training.muon_lr)
@@ -150,11 +156,15 @@ def setup(cfg: Config, procs: Processes) -> Run:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
               f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
               + (f", {procs.world} processes" if procs.world > 1 else ""))
+        if cfg.lora.rank:
+            n, total = trainable(raw_model)
+            print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
+                  f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%) | base: {lora_base['path']}")
         print(f"effective batch: {training.batch_size} x {training.grad_accum_steps} accumulation = "
               f"{training.batch_size * training.grad_accum_steps} sequences = {tokens_per_step(cfg):,} "
               "tokens per step")
     return Run(model, raw_model, optimizer, scaler, splits, meta, state, log, procs, precision, out_dir,
-               state["step"] if training.resume else None)
+               state["step"] if training.resume else None, lora_base)
 
 
 def load_start(training: TrainingConfig, device: str, procs: Processes) -> Weights | None:
@@ -193,8 +203,10 @@ def new_state() -> dict:
 
 
 def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
-    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state."""
-    model.load_state_dict(start.state_dict)
+    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state. A new
+    LoRA run keeps its fresh adapters (B = 0) on the starting weights; a resumed one gets its own back."""
+    weights = start.lora.state_dict if resume and start.lora else start.state_dict
+    model.load_state_dict(adapter_state(model) | weights)
     if not resume:
         return new_state()
     ckpt = start.training
@@ -215,6 +227,7 @@ def start_log(cfg: Config, out_dir: Path, model: GPT, procs: Processes, precisio
     step, and the resume is recorded (plot.py marks it)."""
     log = {"version": 1, "config": cfg.to_dict(),
            "run": {"tokens_per_step": tokens_per_step(cfg), "n_params": model.num_params(),
+                   "n_trainable": trainable(model)[0],
                    "device": procs.device, "precision": precision, "world_size": procs.world,
                    "status": "running", "stop_reason": None, "early_stop_step": None},
            "evals": [], "train": [], "best": None, "resumes": []}
@@ -485,7 +498,8 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
         if run.saved_step is None:  # this run's first checkpoint: a replaced run's best goes with it
             for old in ("ckpt_best.pt", "ckpt_best.json"):
                 (run.out_dir / old).unlink(missing_ok=True)
-        ckpt = {"version": 1, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        ckpt = {"version": 1, **weights_to_save(run.raw_model, cfg.lora, run.lora_base),
+                "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict(), **state, "val_loss": losses and losses["val"],
                 "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
         save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)

@@ -5,6 +5,8 @@ import json
 import pytest
 
 import bench
+import train
+from config import load_config
 from conftest import ROOT
 
 TINY = ["--config", str(ROOT / "configs/cpu/smoke.toml"), "--device", "cpu", "--steps", "1", "--warmup", "1",
@@ -77,3 +79,24 @@ def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch
     row = bench.gpu_projection(opts, cfg, "cpu", tmp_path / "projection")
     assert row["ok"] and "100 steps projected at" in row["result"] and row["ms_per_step"] > 0
     assert "smoke.toml" in row["what"]
+
+
+@pytest.mark.slow  # two fresh processes, each importing torch
+def test_lora_against_a_full_fine_tune_in_fresh_processes(tmp_path, char_data, capsys):
+    config_only = [a for i, a in enumerate(TINY) if a not in ("--steps", "--warmup") and TINY[i - 1] not in (
+        "--steps", "--warmup")]  # the same model, trained by train.py: the base weights
+    train.main(load_config([*config_only, "--data.processed_dir", char_data, "--max-iters", "2",
+                            "--training.eval_iters", "1", "--training.out_dir", str(tmp_path / "base")]))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--what", "lora", *TINY, "--data.processed_dir", char_data, "--max-iters", "3",
+                       "--training.eval_iters", "1", "--training.init_from", str(tmp_path / "base"),
+                       "--lora.rank", "2", "--json", str(out)]) == 0
+    lora, full = json.loads(out.read_text())["results"]
+    assert lora["what"].startswith("LoRA, ") and full["what"].startswith("full fine-tune, ")
+    assert lora["val_start"] == full["val_start"]  # the same weights at step 0
+    assert 0 < lora["trained_share"] < 0.2 and full["trained_share"] == 1.0
+    for row in (lora, full):
+        assert 50 < row["start_rss_mb"] < row["peak_rss_mb"] and row["ms_per_step"] > 0
+    assert "peak RSS" in capsys.readouterr().out
+    assert bench.main(["--what", "lora", *TINY]) == 2  # a config without LoRA: nothing to compare
+    assert "--what lora compares a LoRA run with a full fine-tune" in capsys.readouterr().err

@@ -77,3 +77,18 @@ def test_accumulation_must_divide_among_processes_and_errors_end_the_job(tmp_pat
     assert "error: training.grad_accum_steps = 3 must be divisible by the number of processes (2), e.g. 4" in r.stderr
     # torchrun itself reports the failed workers; the workers print one line each, no traceback.
     assert 'train.py", line' not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_two_processes_equals_one_process(tmp_path, char_data):
+    train.main(load_config(args(tmp_path / "base", char_data, "--training.max_iters", "3")))
+    lora = ("--training.init_from", str(tmp_path / "base"), "--lora.rank", "4", "--training.learning_rate", "1e-2")
+    train.main(load_config(args(tmp_path / "single", char_data, *lora)))
+    r = torchrun(*args(tmp_path / "ddp", char_data, *lora))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    single, ddp = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"]
+                   for run in ("single", "ddp"))
+    assert single.keys() == ddp.keys() and all(k.endswith(("lora_A", "lora_B")) for k in single)
+    for k in single:
+        assert torch.allclose(single[k], ddp[k], atol=1e-5), k
+    assert any(v.abs().max() > 1e-3 for k, v in single.items() if k.endswith("lora_B"))  # the adapters trained

@@ -225,6 +225,17 @@ def cases(w: Path) -> list[Case]:
         Case("train-sample-prompt-unknown-characters", "train", tiny(d / "o", data, "--training.sample_tokens", "5",
                                                                      "--training.sample_prompt", "é"),
              "training.sample_prompt"),
+        # LoRA
+        Case("lora-without-init-from", "train", tiny(d / "o", data, "--lora.rank", "2"), "training.init_from"),
+        Case("lora-unknown-target", "train", tiny(d / "o", data, "--training.init_from", str(run), "--lora.rank", "2",
+                                                  "--lora.targets", "attn.c_fc"), "lora.targets"),
+        Case("lora-rank-too-large", "train", tiny(d / "o", data, "--training.init_from", str(run), "--lora.rank", "64"),
+             "lora.rank"),
+        Case("lora-alpha-zero", "train", tiny(d / "o", data, "--training.init_from", str(run), "--lora.rank", "2",
+                                              "--lora.alpha", "0"), "lora.alpha"),
+        Case("lora-base-gone", "sample", ["--ckpt", str(d / "lora")], "base", lambda w, d: lora_run(w, d, delete_base=True)),
+        Case("lora-adapters-only-of-a-full-run", "export", ["--ckpt", str(run), "--out", str(d / "a"), "--adapters-only"],
+             "--adapters-only"),
         # bench.py
         *([Case("bench-gpu-without-cuda", "bench", ["--what", "gpu"], "--what gpu")]
           if not torch.cuda.is_available() else []),
@@ -244,6 +255,15 @@ def offline_tiktoken(cache: Path):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def lora_run(w: Path, d: Path, delete_base: bool) -> None:
+    """A short LoRA run in d/lora on a copy of the world's run, whose copy is then deleted if asked."""
+    base = copy(w / "run", d / "base")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.cli(tiny(d / "lora", w / "data", "--training.init_from", str(base), "--lora.rank", "2")) == 0
+    if delete_base:
+        shutil.rmtree(base)
 
 
 def resave(src: Path, dest: Path, **changes) -> None:

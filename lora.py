@@ -1,0 +1,137 @@
+"""LoRA: fine-tune a pretrained model by training a small low-rank update of its linear layers.
+
+A linear layer computes y = W x + b, with W of shape (out, in). LoRA (Hu et al. 2021) freezes W and
+learns two small matrices A (r, in) and B (out, r), with r much smaller than in and out:
+
+    y = W x + b + (alpha / r) * B A x
+
+The update B A has rank at most r and costs r * (in + out) parameters instead of in * out.
+- B starts at zero, so B A = 0: at step 0 the model is exactly the pretrained one, and training
+  moves it only as far as the data asks. A starts random: the gradient of B is (alpha / r) dy (A x)^T,
+  which needs A != 0 (with both at zero, neither would ever get a gradient).
+- alpha / r keeps the update's size about the same when r changes, so a learning rate found for one
+  rank carries over to another.
+- Only A and B have requires_grad: only they get gradients and optimizer state (AdamW keeps two
+  numbers per trained parameter), which is where the memory goes, and checkpoints hold only them.
+
+    add_adapters(model, cfg.lora)  # wrap the chosen linear layers of every block; freeze the rest
+    merge(model)                   # W <- W + (alpha / r) B A: plain nn.Linear again, no extra cost
+    remove(model)                  # drop the adapters: the base model again
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ConfigError, LoraConfig, suggest
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus its trainable low-rank update.
+
+    It takes over the wrapped layer's own `weight` and `bias` Parameters, so their names in the
+    state dict stay what they were (attn.c_attn.weight); the adapters add attn.c_attn.lora_A and
+    attn.c_attn.lora_B."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r): B A = 0
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out): two thin matmuls, never the (out, in) matrix B A.
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scale * update
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
+    """A block's linear layers by name ("attn.c_attn", "mlp.c_fc", ...): what lora.targets names."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def target_problems(cfg: LoraConfig, block: nn.Module) -> list[str]:
+    """What is wrong with lora.targets and lora.rank for the model's blocks (one of them is `block`)."""
+    layers = linear_layers(block)
+    names = list(layers) if cfg.targets == "all" else cfg.target_list()
+    problems = [f"lora.targets: {name} is not a linear layer of a block{suggest(name, list(layers))}; "
+                f"they are: {', '.join(layers)} (or all)" for name in names if name not in layers]
+    # B A has rank at most min(in, out): a larger r only adds parameters.
+    narrow = {n: min(layers[n].in_features, layers[n].out_features) for n in names if n in layers}
+    narrow = {n: width for n, width in narrow.items() if cfg.rank > width}
+    if narrow:
+        widths = ", ".join(f"{n} ({w})" for n, w in narrow.items())
+        problems.append(f"lora.rank = {cfg.rank} is larger than the width of {widths}; use at most "
+                        f"{min(narrow.values())}")
+    return problems
+
+
+def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
+    """Freeze every weight of `model` (a GPT) and wrap the target layers of each block in a LoRALinear."""
+    blocks = model.transformer.h
+    problems = target_problems(cfg, blocks[0])
+    if problems:
+        raise ConfigError(problems)
+    for p in model.parameters():
+        p.requires_grad_(False)  # embeddings, norms and biases too: only the adapters train
+    names = list(linear_layers(blocks[0])) if cfg.targets == "all" else cfg.target_list()
+    for block in blocks:
+        for name in names:
+            parent, _, attr = name.rpartition(".")
+            owner = block.get_submodule(parent)
+            setattr(owner, attr, LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout))
+
+
+def plain_linear(layer: LoRALinear) -> nn.Linear:
+    """An nn.Linear holding `layer`'s own weight and bias Parameters (built on "meta": no memory)."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight, linear.bias = layer.weight, layer.bias
+    return linear
+
+
+def replace_adapted(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> None:
+    """Replace every LoRALinear in `model` by make(that layer)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make(module))
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> None:
+    """Write W + (alpha / r) B A into each adapted layer's weight and drop its adapters: the same
+    function (up to rounding) as plain linear layers, which export and sampling need."""
+    def merged(layer: LoRALinear) -> nn.Linear:
+        layer.weight += layer.scale * (layer.lora_B @ layer.lora_A)  # (out, r) @ (r, in) = (out, in)
+        return plain_linear(layer)
+    replace_adapted(model, merged)
+
+
+def remove(model: nn.Module) -> None:
+    """Drop the adapters, keeping the base weights as they are."""
+    replace_adapted(model, plain_linear)
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by state-dict name; empty for a model without adapters."""
+    return {name: t for name, t in model.state_dict().items() if is_adapter(name)}
+
+
+def trainable(model: nn.Module) -> tuple[int, int]:
+    """(parameters that train, all parameters): with LoRA, the adapters out of the whole model."""
+    params = list(model.parameters())  # the tied wte / lm_head matrix once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,355 @@
+"""LoRA (lora.py): adapters start as the base model, train alone, resume exactly, merge, and load in PEFT."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers and peft must never try the network here
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import export  # noqa: E402
+import lora  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from checkpoint import CheckpointError, load_weights, save_checkpoint  # noqa: E402
+from config import ConfigError, LoraConfig, ModelConfig, load_config  # noqa: E402
+from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
+from model import GPT  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
+FEW = ["--num-samples", "1", "--max-new-tokens", "30"]
+
+
+def tiny(out_dir, data_dir, *extra):
+    """As in test_train.py: a run of a few dozen steps takes a second or two."""
+    return load_config(["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2",
+                        "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
+                        "--training.batch_size", "4", "--training.max_iters", "20",
+                        "--training.eval_interval", "10", "--training.eval_iters", "2",
+                        "--training.log_interval", "1", "--training.warmup_iters", "2",
+                        "--training.device", "cpu", "--training.out_dir", str(out_dir), *extra])
+
+
+def with_lora(out_dir, data_dir, base, *extra):
+    """A LoRA run on `base`, with a learning rate high enough that the adapters clearly change the model."""
+    return tiny(out_dir, data_dir, "--training.init_from", str(base), "--lora.rank", "4",
+                "--training.learning_rate", "1e-2", "--training.min_lr", "1e-3", *extra)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, char_data):
+    """A tiny char model after 20 steps, the weights the LoRA runs start from: its run folder."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    train.main(tiny(out, char_data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, char_data, base):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    train.main(with_lora(out, char_data, base))
+    return out
+
+
+def adapted(src) -> GPT:
+    """The unmerged model of a LoRA checkpoint, as training had it: base weights plus adapters."""
+    model = GPT(src.model)
+    lora.add_adapters(model, src.lora.config)
+    model.load_state_dict(src.lora.state_dict)
+    return model.eval()
+
+
+def plain(src) -> GPT:
+    model = GPT(src.model)
+    model.load_state_dict(src.state_dict)
+    return model.eval()
+
+
+def logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0] if isinstance(model, GPT) else model(idx).logits
+
+
+IDX = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def test_adapters_start_as_the_base_model_and_only_they_train():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    idx = torch.randint(37, (2, 16))
+    before = logits(model, idx)
+    lora.add_adapters(model, LoraConfig(rank=4, dropout=0.1))
+    assert torch.equal(logits(model.eval(), idx), before)  # B = 0: exactly the base model at step 0
+    layers = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
+    assert layers == [f"transformer.h.{i}.{name}" for i in range(2)
+                      for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    # The base weights keep their names; the adapters add theirs.
+    assert "transformer.h.0.attn.c_attn.weight" in model.state_dict()
+    assert model.transformer.h[0].attn.c_attn.lora_A.shape == (4, 16)  # (r, in)
+    assert model.transformer.h[0].attn.c_attn.lora_B.shape == (48, 4)  # (out, r)
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters == {f"{layer}.lora_{x}" for layer in layers for x in "AB"}
+    for name in ("adamw", "muon"):  # frozen weights are in no optimizer group
+        optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", name)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    _, loss = model.train()(idx, idx)
+    loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    assert model.transformer.h[0].attn.c_attn.lora_B.grad.abs().sum() > 0  # A random: B learns at once
+
+
+def test_layer_computes_w_x_plus_scaled_b_a_x_and_merges_into_w():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.add_adapters(model, LoraConfig(rank=4, alpha=8, targets="attn.c_attn, mlp.c_fc"))
+    layer = model.transformer.h[1].mlp.c_fc
+    with torch.no_grad():
+        for p in lora.adapter_state(model).values():
+            p.normal_(0.0, 0.3)  # a trained-looking update
+    x = torch.randn(3, 16)
+    expected = x @ layer.weight.T + layer.bias + (8 / 4) * x @ layer.lora_A.T @ layer.lora_B.T
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    idx = torch.randint(37, (2, 16))
+    unmerged = logits(model.eval(), idx)
+    assert not torch.allclose(unmerged, logits(plain_gpt(base), idx), atol=1e-3)  # the adapters matter
+
+    lora.merge(model)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    assert type(model.transformer.h[1].mlp.c_fc) is nn.Linear and model.state_dict().keys() == base.keys()
+    assert torch.allclose(logits(model, idx), unmerged, atol=1e-5)
+
+    model = plain_gpt(base)
+    lora.add_adapters(model, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in lora.adapter_state(model).values():
+            p.normal_(0.0, 0.3)
+    lora.remove(model)
+    assert all(torch.equal(model.state_dict()[k], base[k]) for k in base)  # the base, untouched
+
+
+def plain_gpt(state) -> GPT:
+    model = GPT(ModelConfig(**TINY))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora.rank", "4"], "lora.rank = 4 needs pretrained weights to adapt: set training.init_from to a "
+                           "checkpoint, run folder or export, or lora.rank = 0 to train every weight"),
+    (["--lora.alpha", "0"], "lora.alpha = 0.0 must be greater than 0"),
+    (["--lora.rank", "-1"], "lora.rank = -1 must be at least 0"),
+    (["--lora.targets", " , "], 'lora.targets is empty: name the layers to adapt, e.g. "attn.c_attn,attn.c_proj", '
+                                'or "all"'),
+    (["--lora.save", "merged"], "lora.save = 'merged' is not one of: adapters, full"),
+])
+def test_bad_lora_settings_are_refused_when_parsed(extra, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(extra)
+    assert e.value.problems == [message]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora.targets", "attn.c_attn,attn.c_fc"],
+     "lora.targets: attn.c_fc is not a linear layer of a block (did you mean mlp.c_fc?); they are: attn.c_attn, "
+     "attn.c_proj, mlp.c_fc, mlp.c_proj (or all)"),
+    (["--lora.targets", "c_attn"],
+     "lora.targets: c_attn is not a linear layer of a block (did you mean attn.c_attn?)"),
+    (["--lora.rank", "40"], "lora.rank = 40 is larger than the width of attn.c_attn (32), attn.c_proj (32), "
+                            "mlp.c_fc (32), mlp.c_proj (32); use at most 32"),
+])
+def test_targets_and_rank_are_checked_against_the_model(base, tmp_path, char_data, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.main(with_lora(tmp_path, char_data, base, *extra))
+
+
+def test_a_bad_target_is_one_line_on_the_command_line(base, tmp_path, char_data):
+    r = subprocess.run([sys.executable, "train.py", "--data.processed_dir", char_data, "--device", "cpu",
+                        "--training.out_dir", str(tmp_path), "--training.init_from", str(base), "--lora.rank", "4",
+                        "--lora.targets", "attn.qkv"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: lora.targets: attn.qkv is not a linear layer of a block")
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_a_lora_run_starts_at_the_base_and_trains_only_the_adapters(base, lora_run):
+    log = json.loads((lora_run / "train_log.json").read_text())
+    base_weights = load_weights(base)
+    # B = 0: the first evaluation is the base model's own, to the last bit (same batches, same weights).
+    assert log["evals"][0]["val_loss"] == base_weights.val_loss
+    assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
+    assert log["run"]["n_trainable"] == 2048 and log["run"]["n_params"] == 17408
+    src = load_weights(lora_run / "ckpt_last.pt")
+    # Only the adapters moved: every base weight is still the base's.
+    assert all(torch.equal(src.lora.state_dict[k], v) for k, v in base_weights.state_dict.items())
+    assert src.lora.config.rank == 4 and src.format == "checkpoint"
+
+
+def test_the_run_prints_its_trainable_share(base, tmp_path, char_data, capsys):
+    train.main(with_lora(tmp_path, char_data, base, "--max-iters", "1"))
+    out = capsys.readouterr().out
+    assert (f"lora: rank 4, alpha 16, targets all | trainable: 2,048 of 17,408 parameters (11.76%) | base: "
+            f"{base / 'ckpt_best.pt'}") in out
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_the_base(base, lora_run):
+    ckpt = torch.load(lora_run / "ckpt_last.pt", weights_only=True)
+    assert set(ckpt["model"]) == {f"transformer.h.0.{layer}.lora_{x}" for layer in
+                                  ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for x in "AB"}
+    assert ckpt["lora_base"]["path"] == str(base / "ckpt_best.pt") and len(ckpt["lora_base"]["digest"]) == 64
+    assert json.loads((lora_run / "ckpt_last.json").read_text())["lora_base"] == ckpt["lora_base"]
+    assert (lora_run / "ckpt_last.pt").stat().st_size < 0.3 * (base / "ckpt_last.pt").stat().st_size
+
+
+def test_resume_is_bit_identical(base, tmp_path, char_data, monkeypatch):
+    extra = ("--lora.dropout", "0.1", "--training.grad_accum_steps", "2",  # dropout draws from the RNG
+             "--training.max_iters", "10", "--training.eval_interval", "5")
+    train.main(with_lora(tmp_path / "full", char_data, base, *extra))
+    run_killed_after_checkpoint(monkeypatch, with_lora(tmp_path / "cut", char_data, base, *extra), step=5)
+    # --resume alone: the LoRA settings come from the checkpoint, as the model shape does.
+    train.main(tiny(tmp_path / "cut", char_data, "--training.learning_rate", "1e-2", "--training.min_lr", "1e-3",
+                    *extra, "--resume"))
+    full, cut = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True) for run in ("full", "cut"))
+    assert full["model"].keys() == cut["model"].keys()
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+    losses = [[r["loss"] for r in json.loads((tmp_path / run / "train_log.json").read_text())["train"]]
+              for run in ("full", "cut")]
+    assert losses[0] == losses[1]
+    # A resumed run cannot change the adapters' shape.
+    with pytest.raises(CheckpointError, match="lora.rank: 4 in the weights, 8 in the config"):
+        train.main(tiny(tmp_path / "cut", char_data, "--lora.rank", "8", "--resume"))
+
+
+def test_gradient_accumulation_and_bf16(base, tmp_path, char_data):
+    one_step = ("--training.max_iters", "1")
+    train.main(with_lora(tmp_path / "a", char_data, base, *one_step, "--training.batch_size", "8"))
+    train.main(with_lora(tmp_path / "b", char_data, base, *one_step, "--training.grad_accum_steps", "2"))
+    a, b = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"] for run in "ab")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))  # the step did something
+    train.main(with_lora(tmp_path / "bf16", char_data, base, "--training.precision", "bf16"))
+    log = json.loads((tmp_path / "bf16" / "train_log.json").read_text())
+    assert log["run"]["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
+
+
+# ----------------------------------------------------------------------------- the base weights
+
+def test_the_base_must_be_there_and_unchanged(tmp_path, char_data, base, capsys):
+    shutil.copytree(base, tmp_path / "base")  # our own copy, to move and to change
+    train.main(with_lora(tmp_path / "run", char_data, tmp_path / "base", "--max-iters", "10"))
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(tmp_path / "run"), *FEW]) == 0
+    text = capsys.readouterr().out
+
+    (tmp_path / "base").rename(tmp_path / "moved")
+    assert sample.main(["--ckpt", str(tmp_path / "run"), *FEW]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds LoRA adapters for the base weights" in err
+    assert f"{tmp_path / 'base' / 'ckpt_best.pt'}, which are gone (moved or deleted); put them back at" in err
+    with pytest.raises(CheckpointError, match="which are gone"):
+        train.main(tiny(tmp_path / "run", char_data, "--max-iters", "12", "--resume"))
+
+    (tmp_path / "moved").rename(tmp_path / "base")
+    ckpt = torch.load(tmp_path / "base" / "ckpt_best.pt", weights_only=True)
+    original = ckpt["model"]["transformer.ln_f.bias"].clone()
+    ckpt["model"]["transformer.ln_f.bias"][0] += 1e-3  # the base trained on, or replaced: any change
+    save_checkpoint(tmp_path / "base" / "ckpt_best.pt", ckpt)
+    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "ex")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which have changed since (their digest differs); put the original" in err
+    with pytest.raises(CheckpointError, match="which have changed since"):
+        train.main(tiny(tmp_path / "run", char_data, "--max-iters", "12", "--resume"))
+
+    ckpt["model"]["transformer.ln_f.bias"] = original
+    save_checkpoint(tmp_path / "base" / "ckpt_best.pt", ckpt)
+    assert sample.main(["--ckpt", str(tmp_path / "run"), *FEW]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_save_full_needs_no_base(tmp_path, char_data, base, lora_run):
+    shutil.copytree(base, tmp_path / "base")
+    train.main(with_lora(tmp_path / "run", char_data, tmp_path / "base", "--lora.save", "full"))
+    shutil.rmtree(tmp_path / "base")
+    src = load_weights(tmp_path / "run" / "ckpt_last.pt")
+    same = load_weights(lora_run / "ckpt_last.pt")  # the same run with lora.save = adapters
+    assert src.lora.state_dict.keys() == same.lora.state_dict.keys()
+    assert all(torch.equal(src.lora.state_dict[k], v) for k, v in same.lora.state_dict.items())
+    assert all(torch.equal(src.state_dict[k], v) for k, v in same.state_dict.items())
+
+
+# ----------------------------------------------------------------------------- sampling and export
+
+def test_sample_runs_a_lora_checkpoint(lora_run, tmp_path, capsys):
+    assert sample.main(["--ckpt", str(lora_run / "ckpt_last.pt"), "--start", "ROMEO:", *FEW]) == 0
+    out, err = capsys.readouterr()
+    assert "(checkpoint, step 20, char tokenizer)" in err and out.count("ROMEO:") == 1
+    merged = export.export(lora_run / "ckpt_last.pt", tmp_path / "merged")
+    assert sample.main(["--ckpt", str(merged), "--start", "ROMEO:", *FEW]) == 0
+    assert capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf"])
+def test_the_merged_export_computes_what_the_adapters_do(lora_run, base, tmp_path, fmt):
+    src = load_weights(lora_run)
+    unmerged = logits(adapted(src), IDX)
+    assert (unmerged - logits(plain(load_weights(base)), IDX)).abs().max() > 0.05  # the adapters matter
+    out = export.export(lora_run, tmp_path / fmt, fmt)
+    assert torch.allclose(logits(plain(load_weights(out)), IDX), unmerged, atol=1e-5)
+    if fmt == "hf":
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(out).eval()
+        assert (logits(hf, IDX) - unmerged).abs().max() < 1e-4
+
+
+def test_peft_loads_the_adapters_onto_the_hf_export_of_the_base(lora_run, base, tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import GPT2LMHeadModel
+
+    base_hf = export.export(base, tmp_path / "base_hf", "hf")
+    assert export.main(["--ckpt", str(lora_run), "--out", str(tmp_path / "adapters"), "--adapters-only",
+                        "--base", str(base_hf)]) == 0
+    assert "PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(" in capsys.readouterr().out
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 16 and config["fan_in_fan_out"] is True
+    assert config["base_model_name_or_path"] == str(base_hf)
+    src = load_weights(lora_run)
+    ours = logits(adapted(src), IDX)
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_hf), tmp_path / "adapters").eval()
+    assert (logits(peft_model, IDX) - ours).abs().max() < 1e-4
+    # PEFT finds the base by itself from adapter_config.json.
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapters").eval()
+    assert (logits(auto, IDX) - ours).abs().max() < 1e-4
+    assert (logits(plain(load_weights(base)), IDX) - ours).abs().max() > 0.05  # which the base alone is not
+
+
+def test_adapters_only_errors(lora_run, base, tmp_path, capsys):
+    def fails(*args) -> str:
+        assert export.main(["--out", str(tmp_path / "x"), "--adapters-only", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    assert "is not a LoRA run, it has no adapters; export the whole model without --adapters-only" in \
+        fails("--ckpt", base)
+    err = fails("--ckpt", lora_run)  # the base is a checkpoint: PEFT cannot load adapters onto it
+    assert (f"the base {base / 'ckpt_best.pt'} is not one (checkpoint); export it first (python export.py --ckpt "
+            f"{base / 'ckpt_best.pt'} --out exports/{base.name}_hf --format hf), then add --base exports/"
+            f"{base.name}_hf") in err
+    other = export.export(lora_run, tmp_path / "other_hf", "hf")  # a GPT-2 folder, but other weights
+    assert f"--base {other} holds other weights than those the adapters were trained on" in \
+        fails("--ckpt", lora_run, "--base", other)
+    assert not (tmp_path / "x").exists()
