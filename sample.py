@@ -34,10 +34,15 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, d
     src = load_weights(path)
     if src.meta is None:
         raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
-                              "turned into text; export it again from its checkpoint")
+                              "turned into text; export it again from its checkpoint, or, for weights from "
+                              "elsewhere, fine-tune them on your data first (training.init_from), which adds ours")
     model = GPT(src.model)
     model.load_state_dict(src.state_dict)
     model.to(device).eval()  # eval: no dropout while sampling
+    if src.meta.get("vocab_size", src.model.vocab_size) < src.model.vocab_size:
+        # Weights from elsewhere can score more tokens than the tokenizer has (e.g. a Llama's vocabulary
+        # fine-tuned on char data): ids it cannot spell are cut off the logits, like padding rows.
+        model.config.vocab_size = src.meta["vocab_size"]
     info = {"path": str(src.path), "format": src.format, "step": src.step, "val_loss": src.val_loss,
             "meta": src.meta}
     return model, tokenizer_from_meta(src.meta), info
