@@ -10,9 +10,10 @@ A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain v
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
-native export or a Hugging Face GPT-2 or Llama folder (ours, or one saved by transformers) into `Weights`. train.py (resume, init_from), sample.py
-and export.py all read through it; export.py writes the export formats. Nothing here runs pickled
-code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
+native export or a Hugging Face GPT-2 or Llama folder (ours, or one saved by transformers) into
+`Weights`. train.py (resume, init_from), sample.py and export.py all read through it; export.py
+writes the export formats. Nothing here runs pickled code: checkpoints load with
+torch.load(weights_only=True), exports are safetensors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from config import Config, ModelConfig, apply, validate
+from config import Config, ModelConfig, apply, apply_implied, validate
 from errors import UserError
 from files import atomic_file, atomic_write_text
 from model import GPT
@@ -127,6 +128,7 @@ def model_config(values, where: Path) -> ModelConfig:
     if not isinstance(values, dict):
         raise CheckpointError(f"{where} has no model settings; it was not written by this code")
     apply(cfg, {"model": values}, False, str(where), problems, sections=("model",))
+    apply_implied(cfg, {"model": values}, sections=("model",))
     problems += validate(cfg, ("model",))
     if problems:
         raise CheckpointError(f"{where} holds model settings this code cannot use ({'; '.join(problems)}); "

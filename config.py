@@ -68,10 +68,10 @@ class ModelConfig:
     vocab_size: int = doc("vocabulary size; 0: taken from the prepared data", 0, within="[0, inf)")
     pad_vocab_multiple: int = doc("pad the embedding table to a multiple of this (1: no padding)", 1,
                                   within="[1, inf)")
-    # The architecture. arch names a set of values for the four switches after it (see ARCHS); a
-    # switch you set yourself, in a preset or on the command line, keeps your value.
-    arch: str = doc("gpt2: learned positions, LayerNorm, GELU, biases; llama: rope, RMSNorm, SwiGLU, "
-                    "no biases (the defaults of position, norm, mlp and bias)", "gpt2", choices=("gpt2", "llama"))
+    # The architecture: arch is shorthand for the four switches after it (see ARCHS).
+    arch: str = doc("sets position, norm, mlp and bias: gpt2 (learned, LayerNorm, GELU, biases) or llama "
+                    "(rope, RMSNorm, SwiGLU, none); a switch set beside it or later wins", "gpt2",
+                    choices=("gpt2", "llama"))
     position: str = doc("learned: a table of position vectors added to the tokens; rope: rotary, "
                         "queries and keys rotated by their position", "learned", choices=("learned", "rope"))
     norm: str = doc("layernorm: subtract the mean, divide by the std; rmsnorm: divide by the root mean "
@@ -80,8 +80,8 @@ class ModelConfig:
                    "(ReLU squared)", "gelu", choices=("gelu", "swiglu", "relu2"))
     bias: bool = doc("biases in Linear layers and LayerNorm (RMSNorm never has one), as in GPT-2", True)
     # Settings usable with either arch.
-    rope_theta: float = doc("rotary base: the slowest pair of channels turns once in about "
-                            "2 pi theta positions (position = rope)", 10000.0, within="(0, inf)")
+    rope_theta: float = doc("rotary base: channel pair i of a head turns by position * theta^(-2i / "
+                            "head size); larger is slower (position = rope)", 10000.0, within="(0, inf)")
     norm_eps: float = doc("epsilon added to the variance in every norm", 1e-5, within="(0, 1)")
     mlp_hidden: int = doc("width of the MLP's hidden layer; 0: 4 * n_embd, or for swiglu 8/3 * n_embd "
                           "rounded up to a multiple of 8 (about the same number of weights)", 0,
@@ -183,29 +183,35 @@ class ConfigError(UserError):
     """One or more problems with settings, one per line, each naming the setting."""
 
 
-# ----------------------------------------------------------------------------- defaults that depend on others
+# ----------------------------------------------------------------------------- settings that imply others
 
-# model.arch is a name for these switch values. ModelConfig's own defaults are gpt2's; a switch set
-# in a preset or on the command line keeps its value, so arch = "llama" with mlp = "gelu" is Llama
-# with GPT-2's MLP. model.py reads the switches only, never the arch.
+# model.arch is shorthand for these switch values, written where the arch is written (a preset or
+# the command line). ModelConfig's own defaults are gpt2's. A switch written in the same place wins,
+# so arch = "llama" with mlp = "gelu" is Llama with GPT-2's MLP; and, as always, the command line wins
+# over the preset. model.py reads the switches only, never the arch.
 ARCHS = {
     "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True},
     "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
 }
-# Training lengths that can be given two ways: choosing the first (in a preset or on the command line)
-# turns the second off, unless it was chosen too (then TrainingConfig.problems() reports both).
-ALTERNATIVES = {"warmup_frac": ("warmup_iters", 0), "decay_iters": ("decay_frac", 0.0)}
+# Lengths that can be given two ways: writing one turns the other off (0) in the same place, unless
+# both are written there (then TrainingConfig.problems() reports them, when both are non-zero).
+ALTERNATIVES = {"warmup_iters": ("warmup_frac", 0.0), "warmup_frac": ("warmup_iters", 0),
+                "decay_iters": ("decay_frac", 0.0), "decay_frac": ("decay_iters", 0)}
 
 
-def fill_defaults(cfg: Config) -> None:
-    """Give the settings the user did not choose (cfg.explicit) the defaults that depend on the ones
-    they did: model.arch's switches, and 0 for a length given the other way."""
-    for key, value in ARCHS.get(cfg.model.arch, {}).items():
-        if f"model.{key}" not in cfg.explicit:
-            setattr(cfg.model, key, value)
-    for chosen, (other, off) in ALTERNATIVES.items():
-        if f"training.{chosen}" in cfg.explicit and f"training.{other}" not in cfg.explicit:
-            setattr(cfg.training, other, off)
+def apply_implied(cfg: Config, values: dict, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """Set what the settings in `values` (one preset, or the command line, already applied) imply,
+    except the settings that `values` gives itself."""
+    given = {(s, k) for s, keys in values.items() if s in sections and isinstance(keys, dict) for k in keys}
+    implied = {}
+    if ("model", "arch") in given:
+        implied |= {("model", k): v for k, v in ARCHS.get(cfg.model.arch, {}).items()}
+    for key, (other, off) in ALTERNATIVES.items():
+        if ("training", key) in given:
+            implied[("training", other)] = off
+    for (section, key), value in implied.items():
+        if (section, key) not in given:
+            setattr(getattr(cfg, section), key, value)
 
 
 # ----------------------------------------------------------------------------- values
@@ -384,9 +390,11 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
     cfg = Config()
     if sections:
         if preset is not None:
-            apply(cfg, read_preset(preset, problems), False, preset, problems, sections)
+            values = read_preset(preset, problems)
+            apply(cfg, values, False, preset, problems, sections)
+            apply_implied(cfg, values, sections)
         apply(cfg, cli_values, True, "command line", problems, sections)
-        fill_defaults(cfg)
+        apply_implied(cfg, cli_values, sections)
         problems += validate(cfg, sections)
     if opts is not None:
         problems += validate(opts)

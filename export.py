@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, is_export, llama_names, load_weights
-from config import ModelConfig, doc, parse
+from config import ARCHS, ModelConfig, doc, parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
 from model import mlp_hidden
@@ -44,23 +44,20 @@ class ExportError(UserError):
 
 # ----------------------------------------------------------------------------- Hugging Face layout
 
-# The transformers class each arch exports to, and the switch values it has. Sizes, bias, norm_eps,
-# rope_theta, mlp_hidden and tied or untied embeddings all have a counterpart in both.
-HF_CLASSES = {
-    "gpt2": ("GPT2LMHeadModel", {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
-                                 "logit_softcap": 0.0}),
-    "llama": ("LlamaForCausalLM", {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-                                   "logit_softcap": 0.0}),
-}
+# The transformers class each arch exports to. It has its arch's switches (config.ARCHS; with biases
+# or without, both export) and none of the optional ones. Sizes, norm_eps, rope_theta, mlp_hidden and
+# tied or untied embeddings have counterparts in both.
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
 def check_hf_exportable(cfg: ModelConfig) -> None:
-    """Refuse a model that the arch's transformers class cannot represent, naming each switch."""
-    cls, has = HF_CLASSES[cfg.arch]
+    """Refuse a model that its arch's transformers class cannot represent, naming each switch."""
+    has = {k: v for k, v in ARCHS[cfg.arch].items() if k != "bias"} | {"qk_norm": False, "logit_softcap": 0.0}
     wrong = [f"model.{k} = {json.dumps(getattr(cfg, k))}" for k, v in has.items() if getattr(cfg, k) != v]
     if wrong:
-        raise ExportError(f"--format hf: transformers' {cls} (model.arch = {json.dumps(cfg.arch)}) has no "
-                          f"{', '.join(wrong)}; export with --format native, which keeps every setting")
+        raise ExportError(f"--format hf: transformers' {HF_CLASSES[cfg.arch]} (model.arch = "
+                          f"{json.dumps(cfg.arch)}) has no {', '.join(wrong)}; export with --format native, "
+                          "which keeps every setting")
 
 
 def to_hf(state: dict, cfg: ModelConfig) -> dict:
@@ -81,7 +78,7 @@ def to_hf(state: dict, cfg: ModelConfig) -> dict:
 def hf_config(src: Weights, dtype: str) -> dict:
     cfg, eot = src.model, (src.meta or {}).get("eot_token")
     if cfg.arch == "llama":
-        theirs = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+        theirs = {"model_type": "llama", "hidden_size": cfg.n_embd,
                   "intermediate_size": mlp_hidden(cfg), "num_hidden_layers": cfg.n_layer,
                   "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
                   "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu",
@@ -91,14 +88,15 @@ def hf_config(src: Weights, dtype: str) -> dict:
                   "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
                   "attention_dropout": cfg.attn_dropout}
     else:
-        theirs = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
-                  "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
+        theirs = {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                  "n_positions": cfg.block_size,
                   "n_ctx": cfg.block_size, "n_inner": cfg.mlp_hidden or None,  # None: 4 * n_embd
                   "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout}
     return theirs | {
-        "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot,
-        "eos_token_id": eot, "torch_dtype": HF_DTYPES[dtype],
+        "architectures": [HF_CLASSES[cfg.arch]], "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
+        "torch_dtype": HF_DTYPES[dtype],
         "tinygpt": {"format_version": 1, "tokenizer": (src.meta or {}).get("tokenizer"),
                     "note": "exported by tinygpt; our tokenizer is in tokenizer_meta.json",
                     "model": dataclasses.asdict(cfg), "config": src.config,
@@ -216,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError("--out is required: the folder to write the export to, e.g. --out exports/small")
     out = export(opts.ckpt, opts.out, opts.format, opts.dtype, opts.force)
     size = (out / "model.safetensors").stat().st_size
+    hf_class = json.loads((out / "config.json").read_text()).get("architectures", [""])[0]
     print(f"exported {opts.format} ({opts.dtype}, {size / 1e6:.1f} MB) to {out}\nnext: " +
-          (f"{json.loads((out / 'config.json').read_text())['architectures'][0]}.from_pretrained({str(out)!r}) "
-           "in transformers" if opts.format == "hf" else
+          (f"{hf_class}.from_pretrained({str(out)!r}) in transformers" if opts.format == "hf" else
            f"python sample.py --ckpt {out}, or training.init_from = {str(out)!r} to fine-tune"))
     return 0
 

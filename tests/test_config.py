@@ -157,12 +157,16 @@ def test_arch_sets_the_switches_you_did_not_set(tmp_path):
     assert (llama.position, llama.norm, llama.mlp, llama.bias) == ("rope", "rmsnorm", "swiglu", False)
     mixed = load_config(["--model.arch", "llama", "--model.mlp", "gelu"]).model  # your switch wins
     assert (mixed.position, mixed.mlp) == ("rope", "gelu")
-    preset = write(tmp_path, '[model]\narch = "llama"\nbias = true\n')
-    back = load_config(["--config", preset, "--model.arch", "gpt2"]).model  # the last arch, the preset's bias
-    assert (back.position, back.norm, back.bias) == ("learned", "layernorm", True)
+    preset = write(tmp_path, '[model]\narch = "llama"\nbias = true\n')  # a switch beside the arch wins
+    beside = load_config(["--config", preset]).model
+    assert (beside.position, beside.bias) == ("rope", True)
+    later = load_config(["--config", preset, "--model.arch", "gpt2"]).model  # the command line wins
+    assert (later.position, later.norm, later.bias) == ("learned", "layernorm", True)
     cfg = load_config(["--config", preset, "--model.qk_norm", "--model.logit_softcap", "15"])
-    again = load_config(["--config", write(tmp_path, config.to_toml(cfg), "again.toml")])
-    assert again == cfg and again.model.position == "rope" and again.model.bias is True
+    snapshot = write(tmp_path, config.to_toml(cfg), "again.toml")  # a run's config.toml: every setting
+    assert load_config(["--config", snapshot]) == cfg
+    relabelled = load_config(["--config", snapshot, "--model.arch", "gpt2"]).model
+    assert (relabelled.position, relabelled.mlp, relabelled.qk_norm) == ("learned", "gelu", True)
 
 
 def test_arch_problems_are_reported_together():

@@ -253,7 +253,8 @@ def test_llama_export_matches_transformers(tmp_path, settings):
         assert ("lm_head.weight" in f.keys()) == ("tie_embeddings" in settings)  # a tied head is stored once
         assert f.get_tensor("model.layers.1.mlp.gate_proj.weight").shape == (88, 32)  # 8/3 * 32 -> 88
     hf = llama_from(out)
-    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == ("tie_embeddings" not in settings)
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert tied == ("tie_embeddings" not in settings)
     ours = model_from(load_weights(ckpt))
     idx = tokens(len(CHARS), 16)
     with torch.no_grad():
@@ -289,7 +290,8 @@ def test_llama_saved_by_transformers_loads(tmp_path, tie):
     src = load_weights(tmp_path / "hf")
     assert src.format == "hf" and src.meta is None and src.config is None
     m = src.model
-    assert (m.arch, m.position, m.norm, m.mlp, m.bias, m.tie_embeddings) == ("llama", "rope", "rmsnorm", "swiglu", False, tie)
+    assert (m.arch, m.position, m.norm, m.mlp, m.bias) == ("llama", "rope", "rmsnorm", "swiglu", False)
+    assert m.tie_embeddings == tie
     assert (m.mlp_hidden, m.norm_eps, m.rope_theta, m.block_size) == (64, 1e-6, 10000.0, 64)  # transformers' defaults
     idx = tokens(80, 24)
     with torch.no_grad():
@@ -313,7 +315,7 @@ def test_hf_export_names_the_switches_transformers_lacks(tmp_path, capsys):
     assert "model.qk_norm = true, model.logit_softcap = 30.0" in err and "--format native" in err
     assert not (tmp_path / "hf").exists()
     gpt2_with_rope = make_checkpoint(tmp_path / "rope.pt", position="rope", mlp="relu2")
-    with pytest.raises(export.ExportError, match=r"GPT2LMHeadModel .* no model.position = \"rope\", model.mlp = \"relu2\""):
+    with pytest.raises(export.ExportError, match=r'GPT2LMHeadModel .* no model.position = "rope", model.mlp = "relu2"'):
         export.export(gpt2_with_rope, tmp_path / "hf2", "hf")
     # The native format keeps every switch: an exact round trip, untied head included.
     full = make_checkpoint(tmp_path / "full.pt", **LLAMA, qk_norm=True, logit_softcap=30.0, tie_embeddings=False)

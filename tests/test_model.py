@@ -350,7 +350,8 @@ def test_parameter_and_flop_counts_for_every_combination(overrides):
     cfg = m.config
     H = model_module.mlp_hidden(cfg)
     # swiglu: 8/3 * C rounded up to a multiple of 8 (42.7 -> 48; 64 is one already)
-    assert H == cfg.mlp_hidden or H == {("swiglu", 16): 48, ("swiglu", 24): 64}.get((cfg.mlp, cfg.n_embd), 4 * cfg.n_embd)
+    expected_width = {("swiglu", 16): 48, ("swiglu", 24): 64}.get((cfg.mlp, cfg.n_embd), 4 * cfg.n_embd)
+    assert H == (cfg.mlp_hidden or expected_width)
     total, non_embedding = count_weights(cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.n_head, H,
                                          **vars(cfg))
     assert m.num_params() == total and m.num_params(non_embedding=True) == non_embedding

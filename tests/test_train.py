@@ -90,7 +90,7 @@ def test_wsd_schedule_and_lengths_as_fractions():
     t = load_config(["--training.learning_rate", "1e-3", "--training.min_lr", "1e-4", "--training.max_iters", "200",
                      "--training.lr_schedule", "wsd", "--training.warmup_frac", "0.1",
                      "--training.decay_frac", "0.25"]).training
-    assert t.warmup_iters == 0  # warmup_frac chosen: the default warmup_iters (100) steps aside
+    assert t.warmup_iters == 0  # warmup_frac given: the default warmup_iters (100) is turned off
     lrs = [train.get_lr(s, t) for s in range(201)]
     assert lrs[0] == pytest.approx(1e-3 / 20) and lrs[19] == pytest.approx(1e-3)
     assert lrs[20:151] == [pytest.approx(1e-3)] * 131  # stable until step 150
@@ -116,10 +116,13 @@ def test_a_length_given_both_ways_is_refused(tmp_path):
     assert e.value.problems == [
         "training.warmup_iters (10) and training.warmup_frac (0.1) both set a length: set the other one to 0",
         "training.decay_iters (5) and training.decay_frac (0.3) both set a length: set the other one to 0"]
+    # Given in different places, the command line wins over the preset, as for any setting.
     preset = tmp_path / "p.toml"
-    preset.write_text("[training]\nwarmup_iters = 50\n")
-    with pytest.raises(ConfigError, match="training.warmup_iters"):  # a preset's choice counts as a choice
-        load_config(["--config", str(preset), "--training.warmup_frac", "0.1"])
+    preset.write_text("[training]\nwarmup_iters = 50\ndecay_frac = 0.3\n")
+    t = load_config(["--config", str(preset), "--training.warmup_frac", "0.1", "--training.decay_iters", "7"]).training
+    assert (t.warmup_iters, t.warmup_frac, t.decay_iters, t.decay_frac) == (0, 0.1, 7, 0.0)
+    t = load_config(["--config", str(preset), "--training.warmup_iters", "9"]).training
+    assert (t.warmup_iters, t.warmup_frac, t.decay_iters, t.decay_frac) == (9, 0.0, 0, 0.3)
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path, char_data, capsys):
