@@ -44,3 +44,13 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train", "--training.stpes", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "training.stpes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_architecture_is_measured_as_set(char_data, monkeypatch):
+    """bench.py applies model overrides to what it times: --model.arch llama times a Llama."""
+    seen = []
+    real_main = bench.train.main
+    monkeypatch.setattr(bench.train, "main", lambda cfg: seen.append(cfg) or real_main(cfg))
+    assert bench.main(["--what", "train", *TINY, "--data.processed_dir", char_data, "--model.arch", "llama"]) == 0
+    assert seen and all((c.model.position, c.model.norm, c.model.mlp) == ("rope", "rmsnorm", "swiglu") for c in seen)
+    assert bench.model_for(seen[0]).rotary is not None  # the plain loop's model too
