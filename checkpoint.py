@@ -13,9 +13,10 @@ weights): the base weights are read again from their path, and their digest must
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
-native export or a Hugging Face GPT-2 folder into `Weights`. train.py (resume, init_from), sample.py,
-eval.py and export.py all read through it (`load_model` builds the GPT from it); export.py writes the export formats. Nothing here runs pickled
-code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
+native export or a Hugging Face GPT-2 or Llama folder (ours, or one saved by transformers) into
+`Weights`. train.py (resume, init_from), sample.py, eval.py and export.py all read through it
+(`load_model` builds the GPT from it); export.py writes the export formats. Nothing here runs
+pickled code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from config import Config, LoraConfig, ModelConfig, apply, validate
+from config import Config, LoraConfig, ModelConfig, apply, apply_implied, validate
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, atomic_write_text
@@ -37,8 +38,11 @@ from lora import add_adapters, adapter_state, is_adapter, merge
 from model import GPT
 
 CHECKPOINT_VERSION = 1
-# Model settings that change the shapes of the weights (dropout and the backend do not).
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pad_vocab_multiple")
+# Model settings that the weights carry: their shapes, and what they compute (the architecture's
+# switches). A run starting from weights takes these from them. Dropout and the backend are not here.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pad_vocab_multiple", "arch",
+              "position", "norm", "mlp", "mlp_hidden", "tie_embeddings", "qk_norm", "rope_theta", "norm_eps",
+              "logit_softcap")
 NATIVE = "tinygpt-native"  # config.json "format" of a native export
 META_FILE = "tokenizer_meta.json"  # not tokenizer.json: transformers reads that name as its own format
 # GPT-2 stores these Linear weights as Conv1D, i.e. transposed: (in, out).
@@ -63,7 +67,7 @@ class Adapters:
 class Weights:
     """Weights and what came with them, whatever file or folder they were read from."""
     model: ModelConfig
-    state_dict: dict[str, torch.Tensor]  # fp32, in our names; lm_head.weight is wte (tied); LoRA: merged
+    state_dict: dict[str, torch.Tensor]  # fp32, in our names; lm_head.weight is wte when tied; LoRA: merged
     meta: dict | None       # the tokenizer; None for a GPT-2 folder of unknown vocabulary
     config: dict | None     # the training config they were trained with, when stored
     training: dict | None   # the whole checkpoint (optimizer, scaler, rng, loop state); None for exports
@@ -200,8 +204,8 @@ def is_export(folder: Path) -> bool:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weights:
-    """Weights from a checkpoint file, a run folder, a native export or a Hugging Face GPT-2 folder,
-    checked to fit their model config before anything is built from them."""
+    """Weights from a checkpoint file, a run folder, a native export or a Hugging Face GPT-2 or Llama
+    folder, checked to fit their model config before anything is built from them."""
     path = find_weights(path)
     weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
     check_fits(weights.state_dict, weights.model, path)
@@ -214,9 +218,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     src = load_weights(path)
     if src.meta is None:
         raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
-                              "turned into text; export it again from its checkpoint")
+                              "turned into text; export it again from its checkpoint, or, for weights from "
+                              "elsewhere, fine-tune them on your data first (training.init_from), which adds ours")
     model = GPT(src.model)
     model.load_state_dict(src.state_dict)
+    if src.meta["vocab_size"] < src.model.vocab_size:
+        # Weights from elsewhere can score more tokens than the tokenizer has (e.g. a Llama's vocabulary
+        # fine-tuned on char data): ids it cannot spell are cut off the logits, like padding rows.
+        model.config.vocab_size = src.meta["vocab_size"]
     return model.to(device).eval(), src  # eval: no dropout
 
 
@@ -226,6 +235,7 @@ def model_config(values, where: Path, section: str = "model") -> ModelConfig | L
     if not isinstance(values, dict):
         raise CheckpointError(f"{where} has no {section} settings; it was not written by this code")
     apply(cfg, {section: values}, False, str(where), problems, sections=(section,))
+    apply_implied(cfg, {section: values}, sections=(section,))
     problems += [f"{where}: {p}" for p in validate(cfg, (section,))] if not problems else []
     if problems:
         raise CheckpointError(f"{'; '.join(problems)}; it is damaged, or written by a newer version of this code")
@@ -248,58 +258,132 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(meta_problems(meta))}); export it again")
     if config.get("format") == NATIVE:
         cfg = model_config(config.get("model"), folder / "config.json")
-        if "transformer.wte.weight" in tensors:
+        if cfg.tie_embeddings and "transformer.wte.weight" in tensors:
             tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: stored once
         source = config.get("source") or {}
         return Weights(cfg, tensors, meta, config.get("config"), None, folder, "native",
                        config.get("dtype", "fp32"), source.get("step"), source.get("val_loss"))
-    if config.get("model_type") == "gpt2":
-        ours = config.get("tinygpt") or {}
-        cfg = model_config(ours.get("model") or hf_model_config(config, folder), folder / "config.json")
-        if meta is None and config.get("vocab_size") == GPT2_META["vocab_size"]:
+    if config.get("model_type") in HF_READERS:
+        settings, convert = HF_READERS[config["model_type"]]
+        ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
+        cfg = model_config(ours.get("model") or settings(config, tensors, folder), folder / "config.json")
+        if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == GPT2_META["vocab_size"]:
             meta = dict(GPT2_META)  # a GPT-2 BPE model from elsewhere
         dtype = {v: k for k, v in HF_DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
         source = ours.get("source") or {}
-        return Weights(cfg, from_hf(tensors, cfg, folder), meta, ours.get("config"), None, folder, "hf", dtype,
+        return Weights(cfg, convert(tensors, cfg, folder), meta, ours.get("config"), None, folder, "hf", dtype,
                        source.get("step"), source.get("val_loss"))
-    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a GPT-2 config "
+    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a GPT-2 or Llama config "
                           f"(model_type {config.get('model_type')!r})")
 
 
 # ----------------------------------------------------------------------------- Hugging Face GPT-2
 
-def hf_model_config(hf: dict, folder: Path) -> dict:
+def hf_model_config(hf: dict, tensors: dict, folder: Path) -> dict:
     """Our model settings for a GPT-2 config.json written by someone else (e.g. the hub's gpt2)."""
-    if hf.get("n_inner") == 4 * hf.get("n_embd", 0):
-        hf = hf | {"n_inner": None}  # None means 4 * n_embd, the only MLP width we have
     problems = [f"{k} = {hf.get(k)!r} (we support {ok!r})" for k, ok in (
-        ("activation_function", "gelu_new"), ("layer_norm_epsilon", 1e-5), ("n_inner", None),
-        ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)) if hf.get(k, ok) != ok]
+        ("activation_function", "gelu_new"), ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False)) if hf.get(k, ok) != ok]
     if problems:
         raise CheckpointError(f"{folder}: this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
     names = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
-             "vocab_size": "vocab_size", "dropout": "resid_pdrop", "attn_dropout": "attn_pdrop"}
-    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {"bias": True}
+             "vocab_size": "vocab_size", "dropout": "resid_pdrop", "attn_dropout": "attn_pdrop",
+             "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}
+    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {
+        "bias": True, "mlp_hidden": hf.get("n_inner") or 0}  # n_inner None: 4 * n_embd
 
 
 def from_hf(state: dict, cfg: ModelConfig, folder: Path) -> dict:
     """GPT-2's state dict (with or without the "transformer." prefix) -> ours, for `cfg`."""
     out = {}
     for name, w in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # old files carry the causal mask as a buffer; lm_head is wte
-        name = name if name.startswith("transformer.") else "transformer." + name
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # old files carry the causal mask as a buffer; a tied lm_head is wte
+        name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
         out[name] = w.t() if name.endswith(CONV1D) and w.dim() == 2 else w
     if not cfg.bias:  # exported as zero biases; anything else is a different model
         if any(v.any() for k, v in out.items() if k.endswith(".bias")):
             raise CheckpointError(f"{folder} has non-zero biases but model.bias = false in its config")
         out = {k: v for k, v in out.items() if not k.endswith(".bias")}
-    wte, m = out.get("transformer.wte.weight"), cfg.pad_vocab_multiple
-    if wte is not None and wte.dim() == 2:  # padding rows (never used) as in GPT, and lm_head tied again
-        rows = (cfg.vocab_size + m - 1) // m * m - len(wte)
-        wte = torch.cat([wte, wte.new_zeros((max(rows, 0), wte.size(1)))])
-        out["transformer.wte.weight"] = out["lm_head.weight"] = wte
-    return out
+    return pad_vocab(out, cfg)
+
+
+def pad_vocab(state: dict, cfg: ModelConfig) -> dict:
+    """Add back the padding rows (never used) that exports leave out, and tie lm_head to wte again."""
+    m = cfg.pad_vocab_multiple
+    rows = (cfg.vocab_size + m - 1) // m * m
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        w = state.get(name)
+        if w is not None and w.dim() == 2:
+            state[name] = torch.cat([w, w.new_zeros((max(rows - len(w), 0), w.size(1)))])
+    if cfg.tie_embeddings and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+# ----------------------------------------------------------------------------- Hugging Face Llama
+
+def llama_names(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Our parameter names -> LlamaForCausalLM's. Our c_attn holds q, k and v stacked by rows, and
+    c_fc the gate and up projections: each is 3 (or 2) of its matrices. Both use the same rotary
+    pairs (channel i with i + hd/2, see model.RotaryEmbedding), so no weight needs reordering."""
+    names = {"transformer.wte.weight": ["model.embed_tokens.weight"], "transformer.ln_f.weight": ["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        names[ours + "ln_1.weight"] = [theirs + "input_layernorm.weight"]
+        names[ours + "ln_2.weight"] = [theirs + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):  # bias: attention_bias and mlp_bias
+            names[f"{ours}attn.c_attn.{kind}"] = [f"{theirs}self_attn.{p}_proj.{kind}" for p in "qkv"]
+            names[f"{ours}attn.c_proj.{kind}"] = [f"{theirs}self_attn.o_proj.{kind}"]
+            names[f"{ours}mlp.c_fc.{kind}"] = [f"{theirs}mlp.{p}_proj.{kind}" for p in ("gate", "up")]
+            names[f"{ours}mlp.c_proj.{kind}"] = [f"{theirs}mlp.down_proj.{kind}"]
+    return names
+
+
+def llama_model_config(hf: dict, tensors: dict, folder: Path) -> dict:
+    """Our model settings for a LlamaForCausalLM config.json written by someone else (e.g. by
+    transformers' save_pretrained). Grouped-query attention and rotary scaling are not in model.py."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or 4
+    heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    head_dim, rope_type = hf.get("head_dim"), rope.get("rope_type", rope.get("type", "default"))
+    problems = [f"{k} = {v!r} ({why})" for k, v, bad, why in (
+        ("num_key_value_heads", kv_heads, kv_heads not in (None, heads), "grouped-query attention"),
+        ("hidden_act", hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu", "we support 'silu'"),
+        ("rope_type", rope_type, rope_type != "default", "scaled rotary embeddings"),
+        ("head_dim", head_dim, head_dim not in (None, hf.get("hidden_size", 0) // (heads or 1)),
+         "we support hidden_size / num_attention_heads"),
+        ("mlp_bias", hf.get("mlp_bias"), bool(hf.get("mlp_bias")) != bool(hf.get("attention_bias")),
+         "we support biases everywhere or nowhere: attention_bias = mlp_bias")) if bad]
+    if problems:
+        raise CheckpointError(f"{folder}: this Llama variant cannot be loaded: {'; '.join(problems)}")
+    names = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+             "block_size": "max_position_embeddings", "vocab_size": "vocab_size", "mlp_hidden": "intermediate_size",
+             "norm_eps": "rms_norm_eps", "attn_dropout": "attention_dropout"}
+    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {
+        "arch": "llama", "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "dropout": 0.0,
+        "bias": bool(hf.get("attention_bias")), "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
+        # A file without the setting: its weights say (transformers leaves a tied lm_head out).
+        "tie_embeddings": hf.get("tie_word_embeddings", "lm_head.weight" not in tensors)}
+
+
+def from_llama(state: dict, cfg: ModelConfig, folder: Path) -> dict:
+    """LlamaForCausalLM's state dict -> ours, for `cfg`."""
+    names = llama_names(cfg)
+    # A tied lm_head is embed_tokens (some files store it anyway); old files kept rotary tables.
+    state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)
+             and not k.endswith("rotary_emb.inv_freq")}
+    unknown = sorted(set(state) - {t for theirs in names.values() for t in theirs})
+    if unknown:
+        raise CheckpointError(f"{folder} has weights a Llama with these settings does not have "
+                              f"({', '.join(unknown[:3])}); it is not a plain Llama")
+    out = {ours: torch.cat([state[t] for t in theirs]) for ours, theirs in names.items()
+           if all(t in state for t in theirs)}  # anything missing is named by check_fits
+    return pad_vocab(out, cfg)
+
+
+HF_READERS = {"gpt2": (hf_model_config, from_hf), "llama": (llama_model_config, from_llama)}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -343,12 +427,15 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
     if weights.meta is not None:
         stored += [("data", "tokenizer", weights.meta["tokenizer"]),
                    ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]
+    # Rotary positions have no table, so a rope model trains and samples with any context you choose.
+    free = {"block_size"} if weights.model.position == "rope" else set()
     problems = []
     for section, k, theirs in stored:
         ours = getattr(getattr(cfg, section), k)
-        if theirs == ours:
+        chosen = f"{section}.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0)
+        if theirs == ours or (chosen and k in free):
             continue
-        if f"{section}.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0):
+        if chosen:
             problems.append(f"{section}.{k}: {theirs!r} in the weights, {ours!r} in the config")
         else:
             setattr(getattr(cfg, section), k, theirs)

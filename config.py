@@ -64,17 +64,43 @@ class ModelConfig:
                          within="[0, 1)")
     attn_dropout: float = doc("dropout on attention weights; > 0 makes sdpa use its slower unfused path",
                               0.0, within="[0, 1)")
-    bias: bool = doc("biases in Linear and LayerNorm layers, as in GPT-2", True)
     attention: str = doc("attention backend", "sdpa", choices=("eager", "sdpa", "flex"))
     vocab_size: int = doc("vocabulary size; 0: taken from the prepared data", 0, within="[0, inf)")
     pad_vocab_multiple: int = doc("pad the embedding table to a multiple of this (1: no padding)", 1,
                                   within="[1, inf)")
+    # The architecture: arch is shorthand for the four switches after it (see ARCHS).
+    arch: str = doc("sets position, norm, mlp and bias: gpt2 (learned, LayerNorm, GELU, biases) or llama "
+                    "(rope, RMSNorm, SwiGLU, none); a switch set beside it or later wins", "gpt2",
+                    choices=("gpt2", "llama"))
+    position: str = doc("learned: a table of position vectors added to the tokens; rope: rotary, "
+                        "queries and keys rotated by their position", "learned", choices=("learned", "rope"))
+    norm: str = doc("layernorm: subtract the mean, divide by the std; rmsnorm: divide by the root mean "
+                    "square", "layernorm", choices=("layernorm", "rmsnorm"))
+    mlp: str = doc("gelu (GPT-2), swiglu (Llama: a SiLU gate times a second projection), relu2 "
+                   "(ReLU squared)", "gelu", choices=("gelu", "swiglu", "relu2"))
+    bias: bool = doc("biases in Linear layers and LayerNorm (RMSNorm never has one), as in GPT-2", True)
+    # Settings usable with either arch.
+    rope_theta: float = doc("rotary base: channel pair i of a head turns by position * theta^(-2i / "
+                            "head size); larger is slower (position = rope)", 10000.0, within="(0, inf)")
+    norm_eps: float = doc("epsilon added to the variance in every norm", 1e-5, within="(0, 1)")
+    mlp_hidden: int = doc("width of the MLP's hidden layer; 0: 4 * n_embd, or for swiglu 8/3 * n_embd "
+                          "rounded up to a multiple of 8 (about the same number of weights)", 0,
+                          within="[0, inf)")
+    tie_embeddings: bool = doc("the output layer reuses the token embedding matrix; false: its own matrix",
+                               True)
+    qk_norm: bool = doc("RMSNorm on each head's queries and keys before attention", False)
+    logit_softcap: float = doc("squash the logits into (-cap, cap) with cap * tanh(logits / cap); "
+                               "0: off", 0.0, within="[0, inf)")
 
     def problems(self) -> list[str]:
         """Rules that involve more than one field (one-field rules are in the field metadata)."""
         out = []
         if self.n_head > 0 and self.n_embd % self.n_head != 0:
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        elif self.position == "rope" and self.n_head > 0 and self.n_embd // self.n_head % 2:
+            out.append(f'model.position = "rope" needs an even head size, but model.n_embd / model.n_head = '
+                       f"{self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}: rotary embeddings "
+                       "turn channels in pairs")
         if self.attn_dropout > 0 and self.attention == "flex":
             out.append("model.attn_dropout > 0 is not supported by flex attention: use 0, or "
                        'model.attention = "sdpa" or "eager"')
@@ -93,7 +119,13 @@ class TrainingConfig:
     learning_rate: float = doc("peak learning rate", 1e-3, within="(0, inf)")
     min_lr: float = doc("learning rate at the end of the decay", 1e-4, within="[0, inf)")
     warmup_iters: int = doc("steps of linear warmup from 0 to learning_rate", 100, within="[0, inf)")
-    lr_schedule: str = doc("decay after warmup", "cosine", choices=("cosine", "linear", "constant"))
+    warmup_frac: float = doc("the warmup as a fraction of max_iters, instead of warmup_iters", 0.0,
+                             within="[0, 1]")
+    lr_schedule: str = doc("after warmup: cosine or linear decay to min_lr over the rest of the run; "
+                           "constant; wsd: constant, then a linear decay to min_lr at the end",
+                           "cosine", choices=("cosine", "linear", "constant", "wsd"))
+    decay_frac: float = doc("wsd: the decay's share of max_iters", 0.2, within="[0, 1]")
+    decay_iters: int = doc("wsd: the decay's length in steps, instead of decay_frac", 0, within="[0, inf)")
     optimizer: str = doc("adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest",
                          "adamw", choices=("adamw", "muon"))
     muon_lr: float = doc("peak learning rate of the Muon matrices (optimizer = muon)", 0.02, within="(0, inf)")
@@ -140,6 +172,10 @@ class TrainingConfig:
         elif end > self.max_iters:
             out.append(f"training.profile_end_step ({end}) is after the run's last step (training.max_iters = "
                        f"{self.max_iters}); choose a window within the run")
+        for steps, frac in (("warmup_iters", "warmup_frac"), ("decay_iters", "decay_frac")):
+            if getattr(self, steps) > 0 and getattr(self, frac) > 0:
+                out.append(f"training.{steps} ({getattr(self, steps)}) and training.{frac} "
+                           f"({getattr(self, frac)}) both set a length: set the other one to 0")
         return out
 
 
@@ -195,6 +231,37 @@ SHORT_FLAGS = {"--tokenizer": "data.tokenizer", "--max-iters": "training.max_ite
 
 class ConfigError(UserError):
     """One or more problems with settings, one per line, each naming the setting."""
+
+
+# ----------------------------------------------------------------------------- settings that imply others
+
+# model.arch is shorthand for these switch values, written where the arch is written (a preset or
+# the command line). ModelConfig's own defaults are gpt2's. A switch written in the same place wins,
+# so arch = "llama" with mlp = "gelu" is Llama with GPT-2's MLP; and, as always, the command line wins
+# over the preset. model.py reads the switches only, never the arch.
+ARCHS = {
+    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+}
+# Lengths that can be given two ways: writing one turns the other off (0) in the same place, unless
+# both are written there (then TrainingConfig.problems() reports them, when both are non-zero).
+ALTERNATIVES = {"warmup_iters": ("warmup_frac", 0.0), "warmup_frac": ("warmup_iters", 0),
+                "decay_iters": ("decay_frac", 0.0), "decay_frac": ("decay_iters", 0)}
+
+
+def apply_implied(cfg: Config, values: dict, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """Set what the settings in `values` (one preset, or the command line, already applied) imply,
+    except the settings that `values` gives itself."""
+    given = {(s, k) for s, keys in values.items() if s in sections and isinstance(keys, dict) for k in keys}
+    implied = {}
+    if ("model", "arch") in given:
+        implied |= {("model", k): v for k, v in ARCHS.get(cfg.model.arch, {}).items()}
+    for key, (other, off) in ALTERNATIVES.items():
+        if ("training", key) in given:
+            implied[("training", other)] = off
+    for (section, key), value in implied.items():
+        if (section, key) not in given:
+            setattr(getattr(cfg, section), key, value)
 
 
 # ----------------------------------------------------------------------------- values
@@ -374,8 +441,11 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
     cfg = Config()
     if sections:
         if preset is not None:
-            apply(cfg, read_preset(preset, problems), False, preset, problems, sections)
+            values = read_preset(preset, problems)
+            apply(cfg, values, False, preset, problems, sections)
+            apply_implied(cfg, values, sections)
         apply(cfg, cli_values, True, "command line", problems, sections)
+        apply_implied(cfg, cli_values, sections)
         problems += validate(cfg, sections)
     if opts is not None:
         problems += validate(opts)

@@ -1,16 +1,18 @@
-"""Export a checkpoint as safetensors weights: a "native" folder, or a Hugging Face GPT-2 folder.
+"""Export a checkpoint as safetensors weights: a "native" folder, or a Hugging Face folder.
 
     python export.py --ckpt checkpoints/small --out exports/small                 # native
     python export.py --ckpt checkpoints/small --out exports/small_hf --format hf  # transformers
     python export.py --ckpt checkpoints/small --out exports/small_fp16 --dtype fp16
     python export.py --ckpt checkpoints/lora --out exports/lora_adapters --adapters-only --base exports/small_hf
 
-native: model.safetensors (our names; lm_head.weight is left out: it is wte, tied), config.json
+native: model.safetensors (our names; a tied lm_head.weight is left out: it is wte), config.json
     ({"format": "tinygpt-native", "model": ..., "config": the training config}), tokenizer_meta.json
-hf: what transformers' GPT2LMHeadModel.from_pretrained(folder) reads: model.safetensors (GPT-2's
-    names and its Conv1D layout, i.e. Linear weights transposed), config.json (GPT-2's; ours under
-    "tinygpt"), tokenizer_meta.json, and for GPT-2 BPE models its tokenizer files (vocab.json,
-    merges.txt, tokenizer_config.json)
+hf: what transformers reads with from_pretrained(folder): GPT2LMHeadModel for model.arch = "gpt2",
+    LlamaForCausalLM for "llama". model.safetensors (their names; GPT-2's Conv1D layout, i.e. Linear
+    weights transposed; Llama's q/k/v and gate/up matrices split apart), config.json (theirs; ours
+    under "tinygpt"), tokenizer_meta.json, and for GPT-2 BPE models its tokenizer files (vocab.json,
+    merges.txt, tokenizer_config.json). A switch neither class has (qk_norm, a logit soft-cap, ...)
+    is refused, by name.
 A LoRA run exports as the merged model (W + (alpha / r) B A, see lora.py), in either format. With
 --adapters-only, only its adapters are written, in Hugging Face PEFT's layout (adapter_config.json,
 adapter_model.safetensors), for PEFT to load onto the Hugging Face export of the base weights.
@@ -31,12 +33,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, load_weights
-from config import ModelConfig, doc, parse
+from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, llama_names, load_weights
+from config import ARCHS, ModelConfig, doc, parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
 from files import lock, make_folder, readable, staging_folder, write_json
 from lora import is_adapter
+from model import mlp_hidden
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"  # with adapter_model.safetensors: PEFT's adapter folder
@@ -48,30 +51,63 @@ class ExportError(UserError):
 
 # ----------------------------------------------------------------------------- Hugging Face layout
 
+# The transformers class each arch exports to. It has its arch's switches (config.ARCHS; with biases
+# or without, both export) and none of the optional ones. Sizes, norm_eps, rope_theta, mlp_hidden and
+# tied or untied embeddings have counterparts in both.
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def check_hf_exportable(cfg: ModelConfig) -> None:
+    """Refuse a model that its arch's transformers class cannot represent, naming each switch."""
+    has = {k: v for k, v in ARCHS[cfg.arch].items() if k != "bias"} | {"qk_norm": False, "logit_softcap": 0.0}
+    wrong = [f"model.{k} = {json.dumps(getattr(cfg, k))}" for k, v in has.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise ExportError(f"--format hf: transformers' {HF_CLASSES[cfg.arch]} (model.arch = "
+                          f"{json.dumps(cfg.arch)}) has no {', '.join(wrong)}; export with --format native, "
+                          "which keeps every setting")
+
+
 def to_hf(state: dict, cfg: ModelConfig) -> dict:
-    """Our state dict -> GPT-2's. Both use the same names; GPT-2 stores Linear weights as Conv1D
-    (in, out), has biases everywhere and no vocabulary padding."""
-    state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte: stored once
+    """Our state dict -> GPT-2's or Llama's (model.arch), without the vocabulary's padding rows."""
+    state = {k: v[:cfg.vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else v
+             for k, v in state.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}  # tied: stored once
+    if cfg.arch == "llama":  # split c_attn into q, k, v and c_fc into gate, up
+        return {theirs: part for ours, names in llama_names(cfg).items()
+                for theirs, part in zip(names, state[ours].chunk(len(names)))}
+    # GPT-2 has the same names as ours, biases everywhere, and stores Linear weights as Conv1D (in, out).
     for name, w in list(state.items()):
         # bias = false is the same model as zero biases, so the export is exact.
-        if name.endswith(".weight") and "wte" not in name and "wpe" not in name:
+        if (name.startswith("transformer.h.") and name.endswith(".weight")) or name == "transformer.ln_f.weight":
             state.setdefault(name[:-len("weight")] + "bias", torch.zeros(w.shape[0], dtype=w.dtype))
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][:cfg.vocab_size]  # no padding rows
     return {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
 
 
 def hf_config(src: Weights, dtype: str) -> dict:
     cfg, eot = src.model, (src.meta or {}).get("eot_token")
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
-            "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout, "tie_word_embeddings": True,
-            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": HF_DTYPES[dtype],
-            "tinygpt": {"format_version": 1, "tokenizer": (src.meta or {}).get("tokenizer"),
-                        "note": "exported by tinygpt; our tokenizer is in tokenizer_meta.json",
-                        "model": dataclasses.asdict(cfg), "config": src.config,
-                        "source": {"step": src.step, "val_loss": src.val_loss}}}
+    if cfg.arch == "llama":
+        theirs = {"model_type": "llama", "hidden_size": cfg.n_embd,
+                  "intermediate_size": mlp_hidden(cfg), "num_hidden_layers": cfg.n_layer,
+                  "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+                  "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu",
+                  "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+                  # rope_parameters: transformers >= 5; rope_theta: earlier versions
+                  "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+                  "attention_dropout": cfg.attn_dropout}
+    else:
+        theirs = {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                  "n_positions": cfg.block_size,
+                  "n_ctx": cfg.block_size, "n_inner": cfg.mlp_hidden or None,  # None: 4 * n_embd
+                  "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                  "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout}
+    return theirs | {
+        "architectures": [HF_CLASSES[cfg.arch]], "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
+        "torch_dtype": HF_DTYPES[dtype],
+        "tinygpt": {"format_version": 1, "tokenizer": (src.meta or {}).get("tokenizer"),
+                    "note": "exported by tinygpt; our tokenizer is in tokenizer_meta.json",
+                    "model": dataclasses.asdict(cfg), "config": src.config,
+                    "source": {"step": src.step, "val_loss": src.val_loss}}}
 
 
 # ----------------------------------------------------------------------------- GPT-2 tokenizer files
@@ -113,8 +149,8 @@ def merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, b
 
 def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     """Write all files into `out` (a fresh staging folder; export() publishes it)."""
-    state = to_hf(src.state_dict, src.model) if fmt == "hf" else \
-        {k: v for k, v in src.state_dict.items() if k != "lm_head.weight"}  # tied to wte
+    state = to_hf(src.state_dict, src.model) if fmt == "hf" else {
+        k: v for k, v in src.state_dict.items() if not (k == "lm_head.weight" and src.model.tie_embeddings)}
     # contiguous: transposed views and slices must be laid out as stored; "pt": transformers wants it.
     save_file({k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()},
               out / "model.safetensors", metadata={"format": "pt"})
@@ -183,6 +219,8 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
         raise ExportError(f"--adapters-only: {src.path} is not a LoRA run, it has no adapters; export the "
                           "whole model without --adapters-only")
     base_folder = hf_base(src, base) if adapters_only else None
+    if fmt == "hf" and not adapters_only:
+        check_hf_exportable(src.model)
     parent = make_folder(out.parent, "--out's folder")
     with lock(parent / f".{out.name}.lock", f"--out {out}"):
         if out.exists() and (out.is_file() or any(out.iterdir())):
@@ -219,8 +257,8 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
 class ExportOptions:
     ckpt: str = doc("checkpoint file, run folder or export folder to export", "checkpoints/small")
     out: str = doc("folder to create (required)", "")
-    format: str = doc("native: for this code; hf: for transformers' GPT2LMHeadModel", "native",
-                      choices=("native", "hf"))
+    format: str = doc("native: for this code; hf: for transformers (GPT2LMHeadModel or LlamaForCausalLM)",
+                      "native", choices=("native", "hf"))
     dtype: str = doc("fp16/bf16 halve the file", "fp32", choices=tuple(DTYPES))
     force: bool = doc("replace an earlier export in --out", False)
     adapters_only: bool = doc("a LoRA run's adapters alone, for Hugging Face PEFT (--format does not apply)",
@@ -242,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
               f"from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r}) in peft")
         return 0
     size = (out / "model.safetensors").stat().st_size
+    hf_class = json.loads((out / "config.json").read_text()).get("architectures", [""])[0]
     print(f"exported {opts.format} ({opts.dtype}, {size / 1e6:.1f} MB) to {out}\nnext: " +
-          (f"GPT2LMHeadModel.from_pretrained({str(out)!r}) in transformers" if opts.format == "hf" else
+          (f"{hf_class}.from_pretrained({str(out)!r}) in transformers" if opts.format == "hf" else
            f"python sample.py --ckpt {out}, or training.init_from = {str(out)!r} to fine-tune"))
     return 0
 

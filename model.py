@@ -1,16 +1,20 @@
-"""A GPT-2 style language model, written to be read.
+"""A GPT-2 style language model, written to be read, with the switches that make it a Llama.
 
 Shapes in comments use B = batch, T = sequence length, C = n_embd, V = vocab size,
-nh = n_head, hd = head_dim = C // nh.
+nh = n_head, hd = head_dim = C // nh, H = the MLP's hidden width.
 
 The parameter names follow GPT-2's layout (transformer.wte, transformer.h.0.attn.c_attn, ...),
 so exporting to Hugging Face is a rename of the prefix plus a transpose of the Linear weights
 (GPT-2 stores them as Conv1D, i.e. (in, out)).
+
+model.arch = "llama" (config.ARCHS) turns four switches, each a few lines beside GPT-2's version:
+position = "rope" (RotaryEmbedding, apply_rotary instead of the wpe table), norm = "rmsnorm"
+(RMSNorm instead of LayerNorm), mlp = "swiglu" (in MLP) and bias = false. qk_norm, logit_softcap,
+tie_embeddings and mlp = "relu2" work with either.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 
@@ -18,118 +22,79 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import (BlockMask, KVCache, causal_block_mask, document_block_mask, document_bool_mask,
+                       eager_attention, flex_attention_checked, flex_unavailable, sdpa_attention)
 from config import ConfigError, ModelConfig, validate_section
 
-try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # older torch: "flex" is then refused with a clear error in GPT.__init__
-    BlockMask = create_block_mask = flex_attention = None
+# ----------------------------------------------------------------------------- Llama's pieces
 
-FLEX_ALTERNATIVES = 'use model.attention = "sdpa" or "eager" instead (they compute the same thing)'
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (RoFormer, Su et al. 2021), as Llama uses them. Instead of adding a
+    learned position vector to each token (GPT-2's wpe), the queries and keys of a token at position
+    p are rotated: channel pair i turns by the angle p * theta^(-2i / hd). A rotated query and key then
+    score q . k according to how far apart they are (p_q - p_k), not where they are. No weights.
 
+    The pairs are (channel i, channel i + hd/2) of each head: transformers' Llama convention
+    ("rotate_half"), so its weights load as they are. cos and sin are tabulated for block_size positions."""
 
-# ----------------------------------------------------------------------------- attention backends
-# All three take q, k, v of shape (B, nh, T, hd) and return (B, nh, T, hd). A token may attend to
-# itself and to earlier tokens (causal); with document ids, only to those of its own document.
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)  # (max_len, hd/2)
+        # persistent=False: computed, not learned, so not in the state dict (nor in checkpoints).
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                    dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v, written out. mask: (B, 1, T, T) bool, True = may attend."""
-    T = q.size(-2)
-    if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) causal
-    # Dividing by sqrt(hd) keeps the scores' variance near 1, so softmax does not saturate.
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-    scores = scores.masked_fill(~mask, float("-inf"))  # -inf becomes weight 0 after softmax
-    weights = F.softmax(scores, dim=-1)  # each row sums to 1 over the keys it may see
-    weights = F.dropout(weights, dropout_p)
-    return weights @ v  # (B, nh, T, hd)
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (T,) -> cos, sin of their angles, each (T, hd/2)."""
+        return self.cos[pos], self.sin[pos]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   dropout_p: float) -> torch.Tensor:
-    """The same math as eager_attention, in PyTorch's fused kernel (flash/memory-efficient)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=mask is None)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (x1, x2) of x (B, nh, T, hd) by its angle: a 2-D rotation
+    (x1 cos - x2 sin, x2 cos + x1 sin), with cos and sin (T, hd/2) broadcast over batch and heads."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each: channel i pairs with channel i + hd/2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast, q and k may be bf16
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           block_mask: BlockMask) -> torch.Tensor:
-    """FlexAttention with a block mask. It has no dropout on the attention weights, so
-    model.attn_dropout > 0 is refused for it.
+class RMSNorm(nn.Module):
+    """Llama's norm: divide by the root mean square of the channels, then scale. LayerNorm also
+    subtracts the mean and adds a bias; RMSNorm skips both, which works as well and costs less.
+    Computed in fp32 whatever the input, as transformers' LlamaRMSNorm does (so logits match)."""
 
-    FlexAttention is meant to be compiled: uncompiled it runs reference math that builds the full
-    (T, T) score matrix. So on CUDA it is compiled (fused Triton kernel). In torch 2.13 it has no
-    backward pass on CPU (compiled or not), so on CPU it runs forward-only (evaluation, sampling);
-    training there raises the error below instead of silently switching backend.
-    """
-    # Inside a compiled model, torch.compile fuses the plain call already.
-    run = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    try:
-        return run(q, k, v, block_mask=block_mask)
-    except NotImplementedError as err:  # e.g. "FlexAttention does not support backward on CPU"
-        raise ConfigError(f'model.attention = "flex" cannot run here ({err}); {FLEX_ALTERNATIVES}, '
-                          "or train on a CUDA GPU") from err
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., size), rms 1
+        return self.weight * x32.to(x.dtype)
 
 
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or Llama's RMSNorm (model.norm), over the n_embd channels of the stream."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-@functools.lru_cache(maxsize=8)
-def causal_block_mask(T: int, device: torch.device) -> BlockMask:
-    """Flex's causal mask, cached: the same for every batch of length T."""
-    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
-                             B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
-    """Flex's mask for packed documents: causal and same document. doc_ids: (B, T)."""
-    B, T = doc_ids.shape
-
-    def causal_same_doc(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-
-    return create_block_mask(causal_same_doc, B=B, H=None, Q_LEN=T, KV_LEN=T, device=doc_ids.device)
-
-
-def document_bool_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """The same rule as a dense boolean mask for eager/sdpa: (B, T) ids -> (B, 1, T, T)."""
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): query doc == key doc
-    return (causal & same_doc)[:, None]  # (B, 1, T, T), broadcast over heads
-
-
-# ----------------------------------------------------------------------------- key/value cache
-
-class KVCache:
-    """One layer's keys and values for the tokens seen so far, so that generating a token costs
-    one new query instead of recomputing the whole context. Storage is allocated on the first
-    append, taking dtype/device from the keys (this also makes it work under autocast)."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.length = 0  # tokens stored so far; also the position of the next token
-        self.k = self.v = None  # (B, nh, max_len, hd) once allocated
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v of shape (B, nh, T, hd); return all keys and values so far (B, nh, length, hd)."""
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens; {end} do not fit")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The MLP's hidden width H. GPT-2 uses 4 * C with two matrices (8 C^2 weights); SwiGLU has three,
+    so Llama shrinks H to 8/3 * C (here rounded up to a multiple of 8) for about the same count."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return math.ceil(8 * cfg.n_embd / 3 / 8) * 8
+    return 4 * cfg.n_embd
 
 
 # ----------------------------------------------------------------------------- the network
+
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin for this forward's positions, each (T, hd/2)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -140,13 +105,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one gain per channel of a head, shared by the heads (as in Qwen 3)
+            self.q_norm = RMSNorm(cfg.n_embd // cfg.n_head, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_embd // cfg.n_head, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None, rotary: Rotary | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # Give each head its own hd-wide slice of the channels: (B, T, C) -> (B, nh, T, hd).
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # qk_norm: unit-rms queries and keys keep the scores from growing
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:  # rope: positions enter here, as rotations of q and k (v is left alone)
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
 
         if cache is not None:
             y = self._attend_cached(q, k, v, cache)
@@ -172,31 +145,43 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Each token on its own: widen to H, a nonlinearity, back to C. model.mlp picks the nonlinearity:
+    gelu (GPT-2), relu2 (ReLU squared, from Primer and modded-nanogpt) or swiglu (Llama)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's approximation, so its logits match exactly
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind, hidden = cfg.mlp, mlp_hidden(cfg)
+        # swiglu's two input projections (gate and up) are one matmul, as c_attn holds q, k and v.
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.c_fc(x)  # (B, T, H), or (B, T, 2H) for swiglu
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's approximation, so its logits match exactly
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:  # swiglu: one half, through SiLU, gates the other half channel by channel
+            gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: normalise, transform, add back. The residual stream x itself is
+    """Pre-norm block: normalise, transform, add back. The residual stream x itself is
     never normalised, which keeps gradients flowing straight through deep stacks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)  # "ln" for GPT-2's LayerNorm, whichever norm it is
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None, rotary: Rotary | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)  # tokens exchange information
+        x = x + self.attn(self.ln_1(x), mask, rotary, cache)  # tokens exchange information
         return x + self.mlp(self.ln_2(x))  # each token is processed on its own
 
 
@@ -207,9 +192,8 @@ class GPT(nn.Module):
         problems = validate_section(cfg, "model.")
         if cfg.vocab_size == 0:
             problems.append("model.vocab_size = 0 means not set: it is normally taken from the prepared data")
-        if cfg.attention == "flex" and flex_attention is None:
-            problems.append(f'model.attention = "flex" needs torch.nn.attention.flex_attention, which '
-                            f"torch {torch.__version__} does not have; {FLEX_ALTERNATIVES}")
+        if cfg.attention == "flex" and (why := flex_unavailable()):
+            problems.append(why)
         if problems:
             raise ConfigError(problems)
         self.config = cfg
@@ -218,17 +202,20 @@ class GPT(nn.Module):
         m = cfg.pad_vocab_multiple
         self.padded_vocab_size = (cfg.vocab_size + m - 1) // m * m
 
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(self.padded_vocab_size, cfg.n_embd),  # token embeddings
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),  # learned position embeddings
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias),
-        ))
+        self.transformer = nn.ModuleDict()  # GPT-2's names: transformer.wte, .wpe, .h.0, ..., .ln_f
+        self.transformer.wte = nn.Embedding(self.padded_vocab_size, cfg.n_embd)  # token embeddings
+        if cfg.position == "learned":
+            self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # GPT-2: learned positions
+        else:  # rope: no table; the attention layers rotate queries and keys instead
+            self.rotary = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.transformer.drop = nn.Dropout(cfg.dropout)
+        self.transformer.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.transformer.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
-        # Weight tying: one matrix both embeds tokens and scores them as outputs (fewer parameters,
-        # and it helps small models). It is the same Parameter object, not a copy.
-        self.lm_head.weight = self.transformer.wte.weight
+        if cfg.tie_embeddings:
+            # Weight tying: one matrix both embeds tokens and scores them as outputs (fewer parameters,
+            # and it helps small models). It is the same Parameter object, not a copy.
+            self.lm_head.weight = self.transformer.wte.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -291,14 +278,24 @@ class GPT(nn.Module):
         """Token ids (B, T) -> final normalised hidden states (B, T, C)."""
         start = caches[0].length if caches else 0  # with a cache, idx continues what it holds
         pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(pos)  # GPT-2: where a token is, added to what it is
+        else:
+            rotary = self.rotary(pos)  # rope: passed down to every attention layer
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, caches[i] if caches else None)
+            x = block(x, mask, rotary, caches[i] if caches else None)
         return self.transformer.ln_f(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # Drop the padding rows, so loss and sampling only ever see real tokens.
-        return self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V)
+        cap = self.config.logit_softcap
+        if cap:  # smooth and monotonic, so the ranking of tokens is unchanged; no logit runs away
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     # ------------------------------------------------------------------------- generation
 
@@ -311,12 +308,13 @@ class GPT(nn.Module):
         Call model.eval() first, or dropout makes the samples noisier.
 
         The context the model sees is at most block_size tokens (learned position embeddings
-        exist only for positions < block_size). With the cache, the context is processed once
-        (prefill) and then each step feeds only the newest token. When the context is full, the
-        window slides by half a block: it keeps the last block_size // 2 tokens and prefills the
-        cache on them once, rather than at every step (sliding by one token would shift every
-        position, so each step would cost a full prefill). use_cache=False recomputes the same
-        windows from scratch at every step, so both give the same tokens."""
+        exist only for positions < block_size; rotary ones were never trained beyond). With the
+        cache, the context is processed once (prefill) and then each step feeds only the newest
+        token. When the context is full, the window slides by half a block: it keeps the last
+        block_size // 2 tokens and prefills the cache on them once, rather than at every step
+        (sliding by one token would shift every position, so each step would cost a full prefill).
+        A new window starts again at position 0, learned or rotary. use_cache=False recomputes the
+        same windows from scratch at every step, so both give the same tokens."""
         check_sampling_args(temperature, top_k, top_p)
         block_size = self.config.block_size
         start = max(0, idx.size(1) - block_size)  # first token of the window
@@ -352,17 +350,23 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- accounting, optimizer
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied wte/lm_head matrix counts once). non_embedding leaves out
-        the position embeddings, which are a table lookup rather than compute."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        """Parameter count (a tied wte/lm_head matrix counts once). non_embedding leaves out the
+        tables that are only looked up, not multiplied: the learned position embeddings, and the
+        token embeddings when the output layer has a matrix of its own (untied)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, the standard estimate (Kaplan et al. 2020; PaLM appendix B):
         6 per parameter (2 for the forward multiply-add, 4 for the backward), plus attention's
         q k^T and weights @ v, which use no parameters: each costs 2 * n_embd * T per token and
         layer in the forward, times 3 with the backward, so 12 * n_layer * n_embd * T, counted
-        for a full context of T = block_size."""
+        for a full context of T = block_size. Element-wise work (norms, activations, the SwiGLU
+        product, rotary, softmax, soft-cap) is left out, as is usual: it is small next to matmuls."""
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 

@@ -384,16 +384,22 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
 
 
 def get_lr(step: int, training: TrainingConfig) -> float:
-    """Learning rate from the step alone: linear warmup, then decay to min_lr."""
+    """Learning rate from the step alone: linear warmup, then the schedule. cosine and linear decay
+    to min_lr over the rest of the run; wsd (warmup-stable-decay) holds the peak and decays linearly
+    over the last part only, so a run can be continued from before its decay."""
     t = training
-    if step < t.warmup_iters:
-        return t.learning_rate * (step + 1) / t.warmup_iters
-    if t.lr_schedule == "constant" or t.max_iters <= t.warmup_iters:
+    warmup = t.warmup_iters or round(t.warmup_frac * t.max_iters)  # steps, or a fraction of the run
+    if step < warmup:
+        return t.learning_rate * (step + 1) / warmup
+    decay_start = warmup  # cosine and linear decay from the end of the warmup
+    if t.lr_schedule == "wsd":
+        decay_start = max(warmup, t.max_iters - (t.decay_iters or round(t.decay_frac * t.max_iters)))
+    if t.lr_schedule == "constant" or step < decay_start or t.max_iters <= decay_start:
         return t.learning_rate
-    progress = min(1.0, (step - t.warmup_iters) / (t.max_iters - t.warmup_iters))
-    if t.lr_schedule == "linear":
-        return t.learning_rate - progress * (t.learning_rate - t.min_lr)
-    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
+    progress = min(1.0, (step - decay_start) / (t.max_iters - decay_start))
+    if t.lr_schedule == "cosine":
+        return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
+    return t.learning_rate - progress * (t.learning_rate - t.min_lr)  # linear, and wsd's decay
 
 
 @torch.no_grad()

@@ -100,3 +100,13 @@ def test_lora_against_a_full_fine_tune_in_fresh_processes(tmp_path, char_data, c
     assert "peak RSS" in capsys.readouterr().out
     assert bench.main(["--what", "lora", *TINY]) == 2  # a config without LoRA: nothing to compare
     assert "--what lora compares a LoRA run with a full fine-tune" in capsys.readouterr().err
+
+
+def test_an_architecture_is_measured_as_set(char_data, monkeypatch):
+    """bench.py applies model overrides to what it times: --model.arch llama times a Llama."""
+    seen = []
+    real_main = bench.train.main
+    monkeypatch.setattr(bench.train, "main", lambda cfg: seen.append(cfg) or real_main(cfg))
+    assert bench.main(["--what", "train", *TINY, "--data.processed_dir", char_data, "--model.arch", "llama"]) == 0
+    assert seen and all((c.model.position, c.model.norm, c.model.mlp) == ("rope", "rmsnorm", "swiglu") for c in seen)
+    assert bench.model_for(seen[0]).rotary is not None  # the plain loop's model too

@@ -103,7 +103,7 @@ def test_help_lists_every_field_from_the_schema():
         for key, f in config.fields_of(cls).items():
             assert f"--{section}.{key} " in r.stdout
             assert f.metadata["doc"] in r.stdout
-    assert "default 'sdpa'" in r.stdout and "(cosine | linear | constant)" in r.stdout
+    assert "default 'sdpa'" in r.stdout and "(cosine | linear | constant | wsd)" in r.stdout
 
 
 def test_every_preset_is_valid():
@@ -149,3 +149,30 @@ def test_every_script_parses_with_the_same_machinery_and_shows_defaults(capsys):
     assert "unknown option --num-sample (did you mean --num-samples?)" in capsys.readouterr().err
     assert export.main(["--ckpt", "x"]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_arch_sets_the_switches_you_did_not_set(tmp_path):
+    assert {k: getattr(config.ModelConfig(), k) for k in config.ARCHS["gpt2"]} == config.ARCHS["gpt2"]  # defaults
+    llama = load_config(["--model.arch", "llama"]).model
+    assert (llama.position, llama.norm, llama.mlp, llama.bias) == ("rope", "rmsnorm", "swiglu", False)
+    mixed = load_config(["--model.arch", "llama", "--model.mlp", "gelu"]).model  # your switch wins
+    assert (mixed.position, mixed.mlp) == ("rope", "gelu")
+    preset = write(tmp_path, '[model]\narch = "llama"\nbias = true\n')  # a switch beside the arch wins
+    beside = load_config(["--config", preset]).model
+    assert (beside.position, beside.bias) == ("rope", True)
+    later = load_config(["--config", preset, "--model.arch", "gpt2"]).model  # the command line wins
+    assert (later.position, later.norm, later.bias) == ("learned", "layernorm", True)
+    cfg = load_config(["--config", preset, "--model.qk_norm", "--model.logit_softcap", "15"])
+    snapshot = write(tmp_path, config.to_toml(cfg), "again.toml")  # a run's config.toml: every setting
+    assert load_config(["--config", snapshot]) == cfg
+    relabelled = load_config(["--config", snapshot, "--model.arch", "gpt2"]).model
+    assert (relabelled.position, relabelled.mlp, relabelled.qk_norm) == ("learned", "gelu", True)
+
+
+def test_arch_problems_are_reported_together():
+    found = problems(["--model.arch", "llama", "--model.n_embd", "60", "--model.n_head", "12",
+                      "--model.rope_theta", "-1", "--model.mlp", "swish"])
+    assert found == ["model.mlp = 'swish' is not one of: gelu, swiglu, relu2",
+                     "model.rope_theta = -1.0 must be greater than 0",
+                     'model.position = "rope" needs an even head size, but model.n_embd / model.n_head = '
+                     "60 / 12 = 5: rotary embeddings turn channels in pairs"]

@@ -21,9 +21,9 @@ def copy_code(dest):
 def test_a_bug_in_model_py_keeps_its_traceback(tmp_path):
     repo = copy_code(tmp_path)
     model = (repo / "model.py").read_text()
-    line = "        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))"
+    line = "        return self.dropout(self.c_proj(h))"
     assert line in model
-    # A learner's slip: the MLP's output projection (4C -> C) applied to its C-wide input, not the hidden layer.
+    # A learner's slip: the MLP's output projection (H -> C) applied to its C-wide input, not the hidden layer.
     (repo / "model.py").write_text(model.replace(line, "        return self.dropout(self.c_proj(x))"))
     r = subprocess.run([sys.executable, "train.py", "--config", "configs/cpu/smoke.toml", "--max-iters", "2"],
                        cwd=repo, capture_output=True, text=True, timeout=120)

@@ -15,12 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import export  # noqa: E402
 import train  # noqa: E402
 from checkpoint import GPT2_META, SHAPE_KEYS, CheckpointError, Weights, load_weights, save_checkpoint  # noqa: E402
-from config import Config, load_config  # noqa: E402
+from config import ARCHS, Config, load_config  # noqa: E402
 from conftest import CORPUS, ROOT, prepare_text  # noqa: E402
 from model import GPT  # noqa: E402
 
 CHARS = "\n !'.:;?" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CHAR_META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}  # 60 characters
+LLAMA = dict(arch="llama", **ARCHS["llama"])  # what model.arch = "llama" sets
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +237,144 @@ def test_finetune_preset_takes_its_shape_from_the_export():
     assert not {f"model.{k}" for k in SHAPE_KEYS} & tune.explicit
     assert tune.training.learning_rate < small.training.learning_rate
     assert (ROOT / "configs/finetune/shakespeare_finetune.toml").read_text().startswith("#")
+
+
+# ----------------------------------------------------------------------------- Llama
+
+def llama_from(folder):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(tie_embeddings=False, bias=True, pad_vocab_multiple=64,
+                                                     rope_theta=500.0, norm_eps=1e-6)], ids=["plain", "untied"])
+def test_llama_export_matches_transformers(tmp_path, settings):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", **(LLAMA | settings))
+    out = export.export(ckpt, tmp_path / "hf", "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == ("tie_embeddings" in settings)  # a tied head is stored once
+        assert f.get_tensor("model.layers.1.mlp.gate_proj.weight").shape == (88, 32)  # 8/3 * 32 -> 88
+    hf = llama_from(out)
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert tied == ("tie_embeddings" not in settings)
+    ours = model_from(load_weights(ckpt))
+    idx = tokens(len(CHARS), 16)
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    torch.testing.assert_close(theirs, logits_of(ours, idx), atol=1e-4, rtol=1e-4)
+    prompt = idx[:, :4]  # 4 + 12 new tokens fit in block_size = 16, where ours never slides its window
+    greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(greedy, ours.generate(prompt, 12, temperature=0))
+    back = load_weights(out)  # our settings ride along under "tinygpt": an exact round trip
+    assert back.model == load_weights(ckpt).model
+    assert torch.equal(logits_of(model_from(back), idx), logits_of(ours, idx))
+
+
+def transformers_llama(folder, tie: bool, vocab_size: int = 80):
+    """A small random Llama saved by transformers itself, with weights larger than its init so that
+    any wrong layout shows in the logits. Returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64,
+                                      tie_word_embeddings=tie)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_saved_by_transformers_loads(tmp_path, tie):
+    hf = transformers_llama(tmp_path / "hf", tie)
+    src = load_weights(tmp_path / "hf")
+    assert src.format == "hf" and src.meta is None and src.config is None
+    m = src.model
+    assert (m.arch, m.position, m.norm, m.mlp, m.bias) == ("llama", "rope", "rmsnorm", "swiglu", False)
+    assert m.tie_embeddings == tie
+    assert (m.mlp_hidden, m.norm_eps, m.rope_theta, m.block_size) == (64, 1e-6, 10000.0, 64)  # transformers' defaults
+    idx = tokens(80, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model_from(src), idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_llama_variants_model_py_lacks_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "gqa")
+    with pytest.raises(CheckpointError, match=r"num_key_value_heads = 2 \(grouped-query attention\)"):
+        load_weights(tmp_path / "gqa")
+
+
+def test_hf_export_names_the_switches_transformers_lacks(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", **LLAMA, qk_norm=True, logit_softcap=30.0)
+    assert export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --format hf: transformers' LlamaForCausalLM") and len(err.splitlines()) == 1
+    assert "model.qk_norm = true, model.logit_softcap = 30.0" in err and "--format native" in err
+    assert not (tmp_path / "hf").exists()
+    gpt2_with_rope = make_checkpoint(tmp_path / "rope.pt", position="rope", mlp="relu2")
+    with pytest.raises(export.ExportError, match=r'GPT2LMHeadModel .* no model.position = "rope", model.mlp = "relu2"'):
+        export.export(gpt2_with_rope, tmp_path / "hf2", "hf")
+    # The native format keeps every switch: an exact round trip, untied head included.
+    full = make_checkpoint(tmp_path / "full.pt", **LLAMA, qk_norm=True, logit_softcap=30.0, tie_embeddings=False)
+    src = load_weights(export.export(full, tmp_path / "native"))
+    assert src.model == load_weights(full).model
+    idx = tokens(len(CHARS), 16)
+    assert torch.equal(logits_of(model_from(src), idx), logits_of(model_from(load_weights(full)), idx))
+
+
+def test_gpt2_variants_export_to_gpt2(tmp_path):
+    """GPT-2's config has an MLP width, an epsilon and untied embeddings too: they export exactly."""
+    from transformers import GPT2LMHeadModel
+
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", tie_embeddings=False, mlp_hidden=48, norm_eps=1e-6)
+    out = export.export(ckpt, tmp_path / "hf", "hf")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    idx = tokens(len(CHARS), 16)
+    ours = model_from(load_weights(ckpt))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, logits_of(ours, idx), atol=1e-4, rtol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    del config["tinygpt"]  # as if saved elsewhere: our settings come from GPT-2's config
+    (out / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits_of(model_from(load_weights(out)), idx), logits_of(ours, idx))
+
+
+def test_a_llama_from_transformers_fine_tunes_and_samples(tmp_path, char_data, capsys):
+    """The workflow of a Llama from elsewhere: init_from its folder starts from exactly its weights
+    (the first evaluation is transformers' own loss on the same batches), and sample.py reads it
+    once a tokenizer meta is there."""
+    import sample
+    from data import get_batch, load_meta, load_tokens
+
+    hf = transformers_llama(tmp_path / "hf", tie=True, vocab_size=80)  # more ids than the 65 characters
+    assert sample.main(["--ckpt", str(tmp_path / "hf"), "--max-new-tokens", "5"]) == 2
+    assert "has no tokenizer (tokenizer_meta.json is missing)" in capsys.readouterr().err
+    cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "run"), "--device",
+                       "cpu", "--max-iters", "4", "--training.eval_interval", "10", "--training.eval_iters", "2",
+                       "--training.batch_size", "4", "--model.block_size", "16", "--model.dropout", "0",
+                       "--training.init_from", str(tmp_path / "hf")])
+    assert train.main(cfg)["step"] == 4
+    assert (cfg.model.arch, cfg.model.vocab_size, cfg.model.mlp_hidden, cfg.model.norm_eps) == ("llama", 80, 64, 1e-6)
+    val = load_tokens(char_data, "val", load_meta(char_data))
+    losses = []
+    for k in range(2):  # train.evaluate's batches
+        x, y = get_batch(val, 16, 4, ("eval", "val", cfg.training.seed, k), "cpu")
+        with torch.no_grad():
+            losses.append(torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item())
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["evals"][0]["val_loss"] == pytest.approx(sum(losses) / 2, abs=1e-4)
+    assert sample.main(["--ckpt", str(tmp_path / "run"), "--max-new-tokens", "50", "--num-samples", "1"]) == 0
+    (tmp_path / "hf" / "tokenizer_meta.json").write_text(json.dumps(load_meta(char_data)))
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(tmp_path / "hf"), "--max-new-tokens", "200", "--num-samples", "1",
+                        "--temperature", "2"]) == 0  # wild: without the cut, ids 65-79 would come up
+    assert len(capsys.readouterr().out.split("sample 1/1")[1].strip("- \n")) > 0

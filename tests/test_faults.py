@@ -236,6 +236,15 @@ def cases(w: Path) -> list[Case]:
         Case("lora-base-gone", "sample", ["--ckpt", str(d / "lora")], "base", lambda w, d: lora_run(w, d, delete_base=True)),
         Case("lora-adapters-only-of-a-full-run", "export", ["--ckpt", str(run), "--out", str(d / "a"), "--adapters-only"],
              "--adapters-only"),
+        # the Llama-style switches
+        Case("llama-rope-theta", "train", ["--model.arch", "llama", "--model.rope_theta", "0"], "model.rope_theta"),
+        Case("llama-odd-head-size", "train", ["--model.arch", "llama", "--model.n_embd", "30", "--model.n_head", "2"],
+             "model.n_head"),
+        Case("llama-hf-export-of-a-switch", "export", ["--ckpt", str(d / "run"), "--out", str(d / "hf"), "--format", "hf"],
+             "model.qk_norm", lambda w, d: quiet_train(tiny(d / "run", w / "data", "--model.arch", "llama",
+                                                            "--model.qk_norm", "--max-iters", "1"))),
+        Case("llama-resume-with-another-arch", "train", tiny(d / "run", data, "--model.arch", "llama", "--resume"),
+             "model.arch", lambda w, d: copy(run, d / "run")),
         # bench.py
         *([Case("bench-gpu-without-cuda", "bench", ["--what", "gpu"], "--what gpu")]
           if not torch.cuda.is_available() else []),
@@ -255,6 +264,11 @@ def offline_tiktoken(cache: Path):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def quiet_train(argv: list[str]) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.cli(argv) == 0
 
 
 def lora_run(w: Path, d: Path, delete_base: bool) -> None:

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+import attention
 import model as model_module
-from config import ConfigError, ModelConfig
+from config import ARCHS, ConfigError, ModelConfig
 from model import GPT
 
 # Uncompiled flex_attention warns that it is unfused (slow); expected on CPU, irrelevant here.
@@ -25,6 +26,10 @@ def one_thread():
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
 BACKENDS = ("eager", "sdpa", "flex")
+# What model.arch = "llama" sets (config.ARCHS), and a model with every optional switch on top.
+LLAMA = dict(arch="llama", **ARCHS["llama"])
+EVERY_SWITCH = LLAMA | dict(qk_norm=True, logit_softcap=5.0, tie_embeddings=False, mlp="relu2")
+ARCH_VARIANTS = pytest.mark.parametrize("variant", [{}, LLAMA, EVERY_SWITCH], ids=["gpt2", "llama", "switches"])
 
 
 def tiny(**overrides) -> GPT:
@@ -114,9 +119,10 @@ def test_matches_huggingface_gpt2_logits():
 
 # ----------------------------------------------------------------------------- attention backends
 
+@ARCH_VARIANTS
 @pytest.mark.parametrize("use_docs", [False, True])
-def test_backends_agree_on_forward(use_docs):
-    models = same_weights(BACKENDS)
+def test_backends_agree_on_forward(use_docs, variant):
+    models = same_weights(BACKENDS, **variant)
     idx, targets = batch()
     doc_ids = DOC_IDS if use_docs else None
     with torch.no_grad():  # flex has no backward on CPU; its gradients are tested on CUDA below
@@ -139,9 +145,10 @@ def assert_same_grads(a: dict, b: dict):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@ARCH_VARIANTS
 @pytest.mark.parametrize("use_docs", [False, True])
-def test_eager_and_sdpa_agree_on_gradients(use_docs):
-    models = same_weights(("eager", "sdpa"))
+def test_eager_and_sdpa_agree_on_gradients(use_docs, variant):
+    models = same_weights(("eager", "sdpa"), **variant)
     idx, targets = batch()
     doc_ids = DOC_IDS if use_docs else None
     assert_same_grads(*(grads_of(m, idx, targets, doc_ids) for m in models.values()))
@@ -149,17 +156,19 @@ def test_eager_and_sdpa_agree_on_gradients(use_docs):
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: FlexAttention has no backward pass on CPU in torch 2.13")
+@ARCH_VARIANTS
 @pytest.mark.parametrize("use_docs", [False, True])
-def test_flex_gradients_match_sdpa_on_cuda(use_docs):
-    models = {b: m.cuda() for b, m in same_weights(("sdpa", "flex")).items()}
+def test_flex_gradients_match_sdpa_on_cuda(use_docs, variant):
+    models = {b: m.cuda() for b, m in same_weights(("sdpa", "flex"), **variant).items()}
     idx, targets = (t.cuda() for t in batch())
     doc_ids = DOC_IDS.cuda() if use_docs else None
     assert_same_grads(*(grads_of(m, idx, targets, doc_ids) for m in models.values()))
 
 
+@ARCH_VARIANTS
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_document_mask_isolates_documents(backend):
-    m = tiny(attention=backend)
+def test_document_mask_isolates_documents(backend, variant):
+    m = tiny(attention=backend, **variant)
     idx, _ = batch()
     changed = idx.clone()
     changed[0, :5] = (changed[0, :5] + 1) % 37  # edit document 0 of row 0 only
@@ -185,17 +194,18 @@ def test_flex_training_on_cpu_fails_loudly_or_matches():
 
 
 def test_flex_unavailable_names_the_alternatives(monkeypatch):
-    monkeypatch.setattr(model_module, "flex_attention", None)
+    monkeypatch.setattr(attention, "flex_attention", None)
     with pytest.raises(ConfigError, match='model.attention = "sdpa" or "eager"'):
         tiny(attention="flex")
 
 
 # ----------------------------------------------------------------------------- generation
 
+@ARCH_VARIANTS
 @pytest.mark.parametrize("backend", BACKENDS)  # the cached path uses sdpa whatever the backend
 @pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt itself is cropped
-def test_kv_cache_greedy_equals_no_cache(prompt_len, backend):
-    m = tiny(attention=backend).eval()
+def test_kv_cache_greedy_equals_no_cache(prompt_len, backend, variant):
+    m = tiny(attention=backend, **variant).eval()
     prompt = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(3))
     n_new = 30  # runs well past block_size = 16, through the crop-and-re-prefill path
     cached = m.generate(prompt, n_new, temperature=0)
@@ -205,8 +215,11 @@ def test_kv_cache_greedy_equals_no_cache(prompt_len, backend):
     assert torch.equal(cached, uncached)
 
 
-def test_kv_cache_logits_match_full_forward():
-    m = tiny().eval()
+@ARCH_VARIANTS
+def test_kv_cache_logits_match_full_forward(variant):
+    """Positions continue past the prompt: tokens 6..9 fed one at a time get positions 6..9 (the
+    learned table's rows, or rotary angles), exactly as in one forward over all ten."""
+    m = tiny(**variant).eval()
     idx, _ = batch(B=2, T=10)
     caches = [model_module.KVCache(16) for _ in range(2)]
     with torch.no_grad():
@@ -309,6 +322,90 @@ def test_parameter_and_flop_counts():
     assert m.estimate_mfu(1000.0, 1e9) == pytest.approx(m.flops_per_token() * 1000.0 / 1e9)
 
 
+def count_weights(C, L, V, T, nh, H, *, position="learned", norm="layernorm", mlp="gelu", bias=True,
+                  tie_embeddings=True, qk_norm=False, **_) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters), counted from the architecture on paper."""
+    norm_size = 2 * C if norm == "layernorm" and bias else C  # LayerNorm has a bias; RMSNorm never
+    mlp_in = 2 * H if mlp == "swiglu" else H  # swiglu: gate and up
+    attention = 3 * C * C + C * C + (3 * C + C if bias else 0) + (2 * (C // nh) if qk_norm else 0)
+    per_block = 2 * norm_size + attention + C * mlp_in + H * C + ((mlp_in + C) if bias else 0)
+    lookups = (T * C if position == "learned" else 0) + (0 if tie_embeddings else V * C)
+    total = V * C + (0 if tie_embeddings else V * C) + (T * C if position == "learned" else 0) + \
+        L * per_block + norm_size
+    return total, total - lookups
+
+
+COMBINATIONS = [{}, dict(bias=False), LLAMA, LLAMA | dict(tie_embeddings=False), EVERY_SWITCH,
+                dict(mlp="swiglu", qk_norm=True, n_embd=24, n_head=3), LLAMA | dict(bias=True, mlp_hidden=20),
+                dict(position="rope", mlp="relu2", tie_embeddings=False)]
+
+
+@pytest.mark.parametrize("overrides", COMBINATIONS)
+def test_parameter_and_flop_counts_for_every_combination(overrides):
+    """num_params against a count on paper, and flops_per_token against the matrix multiplications
+    that torch's own FLOP counter sees in a forward and backward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = tiny(attention="eager", **overrides)  # eager: attention is plain matmuls, which the counter sees
+    cfg = m.config
+    H = model_module.mlp_hidden(cfg)
+    # swiglu: 8/3 * C rounded up to a multiple of 8 (42.7 -> 48; 64 is one already)
+    expected_width = {("swiglu", 16): 48, ("swiglu", 24): 64}.get((cfg.mlp, cfg.n_embd), 4 * cfg.n_embd)
+    assert H == (cfg.mlp_hidden or expected_width)
+    total, non_embedding = count_weights(cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.n_head, H,
+                                         **vars(cfg))
+    assert m.num_params() == total and m.num_params(non_embedding=True) == non_embedding
+    idx, targets = batch(B=2, T=cfg.block_size)
+    with FlopCounterMode(display=False) as counter:
+        m(idx, targets)[1].backward()
+    C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
+    matrices = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert counter.get_total_flops() == 2 * T * (6 * matrices + 12 * L * C * T)  # B * T tokens
+    # The estimate also counts 6 FLOPs per bias and norm gain (element-wise, not matmuls).
+    small = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 1)
+    assert m.flops_per_token() == 6 * (matrices + small) + 12 * L * C * T
+
+
+def test_llama_layout():
+    m = tiny(**LLAMA)
+    names = {n for n, _ in m.named_parameters()}
+    assert not any(n.endswith(".bias") for n in names) and "transformer.wpe.weight" not in names
+    assert m.transformer.h[0].ln_1.weight.shape == (16,) and isinstance(m.transformer.ln_f, model_module.RMSNorm)
+    assert m.transformer.h[0].mlp.c_fc.weight.shape == (2 * 48, 16)  # gate and up, 8/3 * 16 rounded up to 48
+    assert m.rotary.cos.shape == (16, 4) and not any("rotary" in k for k in m.state_dict())  # not stored
+    assert m.lm_head.weight is m.transformer.wte.weight
+    untied = tiny(**LLAMA, tie_embeddings=False, qk_norm=True)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert "lm_head.weight" in {n for n, _ in untied.named_parameters()}
+    assert untied.transformer.h[1].attn.q_norm.weight.shape == (8,)  # one gain per channel of a head
+
+
+def test_rotary_scores_depend_on_distance_only():
+    """What rope is for: q . k after rotation depends on how far apart two positions are, not where."""
+    rotary = model_module.RotaryEmbedding(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(pq, pk):
+        qr = model_module.apply_rotary(q, *rotary(torch.tensor([pq])))
+        kr = model_module.apply_rotary(k, *rotary(torch.tensor([pk])))
+        return (qr * kr).sum().item()
+    assert score(5, 2) == pytest.approx(score(20, 17), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+    assert torch.equal(model_module.apply_rotary(q, *rotary(torch.tensor([0]))), q)  # position 0: no turn
+
+
+def test_soft_cap_bounds_the_logits_and_keeps_their_order():
+    plain, capped = tiny(), tiny(logit_softcap=2.0)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.5)  # large logits
+        capped.load_state_dict(plain.state_dict())
+        idx, _ = batch()
+        a, b = plain(idx)[0], capped(idx)[0]
+    assert a.abs().max() > 2 and b.abs().max() < 2
+    assert torch.equal(a.argsort(-1), b.argsort(-1))
+
+
 def test_padded_vocab():
     m = tiny(vocab_size=37, pad_vocab_multiple=8)
     assert m.padded_vocab_size == 40 and m.transformer.wte.weight.shape == (40, 16)
@@ -331,6 +428,10 @@ def test_padded_vocab():
     (dict(vocab_size=0), ["model.vocab_size"]),
     (dict(n_layer=0), ["model.n_layer"]),
     (dict(block_size=-1, attention="bar"), ["model.block_size", "model.attention", "\n"]),
+    (dict(LLAMA, n_embd=20, n_head=4), ['model.position = "rope" needs an even head size', "model.n_embd",
+                                        "model.n_head", "= 20 / 4 = 5"]),
+    (dict(LLAMA, n_embd=15, n_head=3, rope_theta=0.0, mlp="swish"),
+     ["even head size", "model.rope_theta = 0.0 must be greater than 0", "model.mlp = 'swish' is not one of"]),
 ])
 def test_bad_config_is_refused(overrides, fragments):
     """A config that cannot build a model is a user's mistake: the project's error, naming the fields."""

@@ -195,37 +195,63 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
 
 # ----------------------------------------------------------------------------- tests
 
+def table_rows(name: str) -> list[list[str]]:
+    """The cells of each row of the README table between the `name` markers (header left out)."""
+    rows = [line for line in between(readme(), name).splitlines() if line.startswith("|")][2:]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+
+
+def missing_code_and_tests(row: list[str], file: str, functions: str, test_ids: str) -> list[str]:
+    """What a table row names that does not exist: functions (`a`, `Class.method`) in `file`, tests."""
+    names = re.findall(r"`([^`]+)`", functions)
+    ids = re.findall(r"(tests/[\w/]+\.py)::(\w+)", test_ids)
+    if not (ROOT / file).is_file():
+        return [f"{file} does not exist"]
+    problems = [] if names and ids else [f"row names no function or no test: {row}"]
+    module = importlib.import_module(Path(file).stem)
+    for name in names:
+        obj = module
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            problems.append(f"{file}: {name} does not exist")
+    for test_file, test_name in ids:
+        path = ROOT / test_file
+        defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))} if path.is_file() else set()
+        if test_name not in defined:
+            problems.append(f"{test_file}::{test_name} does not exist")
+    return problems
+
+
 def test_reading_guide_names_real_functions_and_tests():
-    rows = [line for line in between(readme(), "reading-guide").splitlines() if line.startswith("|")][2:]
+    rows = table_rows("reading-guide")
     assert len(rows) >= 15, f"the reading guide has {len(rows)} rows; expected at least 15"
     problems = []
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        if len(cells) != 4:
+        if len(row) != 4:
             problems.append(f"row does not have 4 columns: {row}")
             continue
-        _, file, functions, test_ids = cells
-        names = re.findall(r"`([^`]+)`", functions)
-        ids = re.findall(r"(tests/[\w/]+\.py)::(\w+)", test_ids)
-        if not (ROOT / file).is_file():
-            problems.append(f"{file} does not exist")
-            continue
-        if not names or not ids:
-            problems.append(f"row names no function or no test: {row}")
-        module = importlib.import_module(Path(file).stem)
-        for name in names:
-            obj = module
-            for part in name.split("."):
-                obj = getattr(obj, part, None)
-            if obj is None:
-                problems.append(f"{file}: {name} does not exist")
-        for test_file, test_name in ids:
-            path = ROOT / test_file
-            defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))} if path.is_file() else set()
-            if test_name not in defined:
-                problems.append(f"{test_file}::{test_name} does not exist")
+        problems += missing_code_and_tests(row, row[1], row[2], row[3])
     assert not problems, "README reading guide is out of date:\n" + "\n".join(problems)
+
+
+def test_llama_table_names_real_settings_code_and_tests():
+    """Each row of "From GPT-2 to Llama": model settings that exist, model.py names that exist, a test."""
+    rows = table_rows("llama-changes")
+    assert len(rows) >= 8
+    fields, problems = config.fields_of(config.ModelConfig), []
+    for row in rows:
+        if len(row) != 4:
+            problems.append(f"row does not have 4 columns: {row}")
+            continue
+        settings = [s.split()[0] for s in re.findall(r"`([^`]+)`", row[1])]
+        problems += [f"model.{s} is not a setting" for s in settings if s not in fields] or \
+            ([] if settings else [f"row names no setting: {row}"])
+        problems += missing_code_and_tests(row, "model.py", row[2], row[3])
+    switched = {s for row in rows for s in re.findall(r"`(\w+)`: \w+ →", row[1])}
+    assert switched == set(config.ARCHS["llama"]), "every switch of model.arch has a row"
+    assert not problems, "README's From GPT-2 to Llama table is out of date:\n" + "\n".join(problems)
 
 
 def test_config_reference_matches_the_schema():

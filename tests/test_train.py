@@ -12,7 +12,7 @@ import torch
 import checkpoint
 import train
 from checkpoint import CheckpointError
-from config import load_config
+from config import ConfigError, load_config
 from data import DataError
 from conftest import CORPUS, ROOT, prepare_text, run_killed_after_checkpoint
 
@@ -83,6 +83,46 @@ def test_lr_schedule():
     assert train.get_lr(35, t) == pytest.approx(1e-3 - 0.25 * 9e-4)
     t.lr_schedule = "constant"
     assert train.get_lr(100, t) == pytest.approx(1e-3)
+
+
+def test_wsd_schedule_and_lengths_as_fractions():
+    # warmup 10% of 200 steps = 20, stable at the peak, then the last 25% (50 steps) decay linearly.
+    t = load_config(["--training.learning_rate", "1e-3", "--training.min_lr", "1e-4", "--training.max_iters", "200",
+                     "--training.lr_schedule", "wsd", "--training.warmup_frac", "0.1",
+                     "--training.decay_frac", "0.25"]).training
+    assert t.warmup_iters == 0  # warmup_frac given: the default warmup_iters (100) is turned off
+    lrs = [train.get_lr(s, t) for s in range(201)]
+    assert lrs[0] == pytest.approx(1e-3 / 20) and lrs[19] == pytest.approx(1e-3)
+    assert lrs[20:151] == [pytest.approx(1e-3)] * 131  # stable until step 150
+    assert lrs[175] == pytest.approx(1e-3 - 0.5 * 9e-4)  # halfway through the decay
+    assert lrs[200] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[150:], lrs[151:]))  # strictly decreasing in the decay
+    # The same lengths as step counts: the same schedule.
+    steps = load_config(["--training.learning_rate", "1e-3", "--training.min_lr", "1e-4", "--training.max_iters",
+                         "200", "--training.lr_schedule", "wsd", "--training.warmup_iters", "20",
+                         "--training.decay_iters", "50"]).training
+    assert steps.decay_frac == 0.0 and [train.get_lr(s, steps) for s in range(201)] == lrs
+    # A warmup as a fraction works for cosine too: the decay starts where the warmup ends.
+    cos = load_config(["--training.max_iters", "100", "--training.warmup_frac", "0.2"]).training
+    assert train.get_lr(19, cos) == pytest.approx(cos.learning_rate) and train.get_lr(20, cos) == pytest.approx(
+        cos.learning_rate)
+    assert train.get_lr(60, cos) == pytest.approx((cos.learning_rate + cos.min_lr) / 2)
+
+
+def test_a_length_given_both_ways_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--training.warmup_iters", "10", "--training.warmup_frac", "0.1",
+                     "--training.decay_iters", "5", "--training.decay_frac", "0.3"])
+    assert e.value.problems == [
+        "training.warmup_iters (10) and training.warmup_frac (0.1) both set a length: set the other one to 0",
+        "training.decay_iters (5) and training.decay_frac (0.3) both set a length: set the other one to 0"]
+    # Given in different places, the command line wins over the preset, as for any setting.
+    preset = tmp_path / "p.toml"
+    preset.write_text("[training]\nwarmup_iters = 50\ndecay_frac = 0.3\n")
+    t = load_config(["--config", str(preset), "--training.warmup_frac", "0.1", "--training.decay_iters", "7"]).training
+    assert (t.warmup_iters, t.warmup_frac, t.decay_iters, t.decay_frac) == (0, 0.1, 7, 0.0)
+    t = load_config(["--config", str(preset), "--training.warmup_iters", "9"]).training
+    assert (t.warmup_iters, t.warmup_frac, t.decay_iters, t.decay_frac) == (9, 0.0, 0, 0.3)
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path, char_data, capsys):
@@ -319,3 +359,27 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, char_
     assert a.keys() == b.keys()  # no "_orig_mod." prefixes: the uncompiled model was saved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+def test_a_llama_run_fine_tunes_from_its_export_with_its_settings(tmp_path, char_data):
+    import export
+
+    train.main(tiny(tmp_path / "a", char_data, "--model.arch", "llama", "--training.max_iters", "10"))
+    export.export(str(tmp_path / "a" / "ckpt_last.pt"), str(tmp_path / "exp"), fmt="hf")  # LlamaForCausalLM
+
+    def start_from_export(out: str, *extra: str):
+        return load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / out),
+                            "--device", "cpu", "--max-iters", "2", "--training.eval_interval", "10",
+                            "--training.eval_iters", "2", "--training.batch_size", "4",
+                            "--training.init_from", str(tmp_path / "exp"), *extra])
+    cfg = start_from_export("b")  # no model settings: all of them come from the export
+    train.main(cfg)
+    assert (cfg.model.arch, cfg.model.position, cfg.model.mlp, cfg.model.bias) == ("llama", "rope", "swiglu", False)
+    start_loss = read_log(tmp_path / "b")["evals"][0]["val_loss"]
+    assert start_loss == pytest.approx(read_log(tmp_path / "a")["evals"][-1]["val_loss"], abs=1e-5)
+    # Another architecture is refused, every conflicting choice named at once.
+    with pytest.raises(CheckpointError, match=r"model.arch: 'llama' in the weights, 'gpt2' in the config; "
+                                              r"model.mlp: 'swiglu' in the weights, 'relu2' in the config$"):
+        train.main(start_from_export("c", "--model.arch", "gpt2", "--model.mlp", "relu2"))
+    # Rotary positions have no table: a rope model trains with another context length.
+    assert train.main(start_from_export("d", "--model.block_size", "8"))["step"] == 2
