@@ -19,6 +19,7 @@ import export  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from config import Config  # noqa: E402
 from conftest import ROOT  # noqa: E402
+from test_export import make_checkpoint  # noqa: E402
 from model import GPT  # noqa: E402
 
 # Non-ASCII on purpose: 'é', '—' and '日' take 2, 3 and 3 bytes in UTF-8, so bytes and characters differ.
@@ -31,18 +32,7 @@ BLOCK = 16
 def random_checkpoint(path, meta: dict, block_size: int = BLOCK, n_embd: int = 32):
     """A checkpoint with random weights, larger than the usual init so that the losses vary a lot from
     one token to the next: a token scored with the wrong context, or twice, shows."""
-    cfg = Config()
-    for key, value in dict(n_layer=2, n_head=2, n_embd=n_embd, block_size=block_size, dropout=0.0,
-                           vocab_size=meta["vocab_size"]).items():
-        setattr(cfg.model, key, value)
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    save_checkpoint(path, {"version": 1, "model": model.state_dict(), "config": cfg.to_dict(), "meta": meta,
-                           "step": 3, "val_loss": 2.0})
-    return path
+    return make_checkpoint(path, meta, block_size=block_size, n_embd=n_embd)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +181,6 @@ def test_missing_text_option_and_script_run(char_model, tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(char_model[0]), "--text", str(write(tmp_path, LONG)),
                         "--stride", "2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "scoring: 100% of 82 windows" in r.stderr and "(checkpoint, step 3, char tokenizer)" in r.stderr
+    assert "scoring: 100% of 82 windows" in r.stderr and "(checkpoint, step 7, char tokenizer)" in r.stderr
     assert f"177 tokens, 177 characters, {len(LONG.encode())} bytes; context 16, stride 2: 82 windows" in r.stdout
     assert "bits per byte" in r.stdout and "Traceback" not in r.stderr

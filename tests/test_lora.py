@@ -21,20 +21,11 @@ import train  # noqa: E402
 from checkpoint import CheckpointError, load_weights, save_checkpoint  # noqa: E402
 from config import ConfigError, LoraConfig, ModelConfig, load_config  # noqa: E402
 from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
+from test_train import tiny  # noqa: E402
 from model import GPT  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
 FEW = ["--num-samples", "1", "--max-new-tokens", "30"]
-
-
-def tiny(out_dir, data_dir, *extra):
-    """As in test_train.py: a run of a few dozen steps takes a second or two."""
-    return load_config(["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2",
-                        "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
-                        "--training.batch_size", "4", "--training.max_iters", "20",
-                        "--training.eval_interval", "10", "--training.eval_iters", "2",
-                        "--training.log_interval", "1", "--training.warmup_iters", "2",
-                        "--training.device", "cpu", "--training.out_dir", str(out_dir), *extra])
 
 
 def with_lora(out_dir, data_dir, base, *extra):
