@@ -46,6 +46,7 @@ from checkpoint import adopt_model_shape, load_weights
 from config import Config, ConfigError, DataConfig, doc, load_config, parse
 from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
+from files import write_json
 from model import GPT
 from runtime import autocast, cpu_has_bf16, peak_flops, pick_device
 
@@ -361,7 +362,6 @@ def gpu_projection(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> d
                       f"({train.format_duration(eval_s)} of it evaluation)"}
 
 
-# FSDP and LoRA add their checks here when they exist.
 GPU_CHECKS = (gpu_fp16_resume, gpu_bf16, gpu_flex_vs_sdpa, gpu_compile, gpu_projection)
 
 
@@ -467,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print_table(rows)
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"machine": machine, "device": device, "config": cfg.preset,
-                                               "overrides": cfg.overrides, "results": rows}, indent=2) + "\n")
+        write_json(opts.json, {"machine": machine, "device": device, "config": cfg.preset,
+                               "overrides": cfg.overrides, "results": rows})
     return 1 if any(row.get("ok") is False for row in rows) else 0
 
 

@@ -3,7 +3,9 @@
 A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain values:
 
     model, optimizer, scaler   state dicts (the uncompiled model's weights)
-    step, best_val_loss, best_step, bad_evals, tokens, elapsed_s   loop state
+    version, val_loss          the format's version, and the val loss at this step (None: not evaluated)
+    step, best_val_loss, best_step, bad_evals, tokens, elapsed_s, last_eval_step, start_val_loss
+                               loop state (see train.new_state)
     rng                        RNG states as tensors (dropout draws from them)
     config, meta               the resolved config and the tokenizer meta
     lora_base                  LoRA runs only: {"path", "digest"} of the base weights under the adapters
@@ -33,7 +35,7 @@ from safetensors import safe_open
 from config import Config, LoraConfig, ModelConfig, apply, apply_implied, validate
 from data import meta_problems
 from errors import UserError
-from files import atomic_file, atomic_write_text
+from files import atomic_file, write_json
 from lora import add_adapters, adapter_state, is_adapter, merge
 from model import GPT
 
@@ -87,12 +89,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     with atomic_file(path) as f:
         torch.save(state, f)
     readable = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scaler", "rng")}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(readable, indent=2) + "\n")
+    write_json(path.with_suffix(".json"), readable)
 
 
 def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror}); check its permissions") from None
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
                               "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
@@ -250,6 +254,8 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
         with safe_open(folder / "model.safetensors", "pt") as f:
             tensors = {k: f.get_tensor(k).to(device, torch.float32) for k in f.keys()}
+    except OSError as e:
+        raise CheckpointError(f"{folder} cannot be read ({e.strerror}: {e.filename}); check its permissions") from None
     except Exception as e:  # truncated, or not JSON / safetensors at all
         raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
     if not isinstance(config, dict):

@@ -226,6 +226,8 @@ def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> n
                             f"prepare the data again: python prepare.py --data.processed_dir {folder} --force")
         # memmap: the file is paged in on demand, never read whole into memory.
         return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if not (folder / f"{split}.txt").exists():
+        raise DataError(f"{folder / f'{split}.txt'} is missing; prepare the data again with --force")
     text = (folder / f"{split}.txt").read_text(encoding="utf-8")
     tokenizer = tokenizer or tokenizer_from_meta(meta)
     # "doc1<|endoftext|>doc2<|endoftext|>" splits into ["doc1", "doc2", ""]: every

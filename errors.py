@@ -53,9 +53,9 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            print("error: out of memory: use a smaller training.batch_size (a larger "
-                  "training.grad_accum_steps keeps the effective batch), a shorter model.block_size, "
-                  "or training.precision = bf16", file=sys.stderr)
+            print("error: out of memory: use smaller batches or a smaller model (train.py: a smaller "
+                  "training.batch_size, with a larger training.grad_accum_steps to keep the effective batch, or "
+                  "training.precision = bf16; eval.py: a smaller --batch-size)", file=sys.stderr)
             return 2
 
     return run

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, llama_names, load_weights
 from config import ARCHS, ModelConfig, doc, parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
-from files import lock, make_folder, readable, staging_folder, write_json
+from files import atomic_file, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
 from model import mlp_hidden
 
@@ -147,14 +147,22 @@ def merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, b
 
 # ----------------------------------------------------------------------------- writing
 
+def write_safetensors(path: Path, tensors: dict, dtype: str) -> None:
+    """Tensors in `dtype` as safetensors ("pt": transformers wants it), written like every file that
+    matters (files.atomic_file): flushed to disk, and a full disk is a one-line error.
+    contiguous: transposed views and slices must be laid out as stored."""
+    data = safetensors_bytes({k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+                             metadata={"format": "pt"})
+    with atomic_file(path) as f:
+        f.write(data)
+
+
 def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     """Write all files into `out` (a fresh staging folder; export() publishes it)."""
     state = to_hf(src.state_dict, src.model) if fmt == "hf" else {
         k: v for k, v in src.state_dict.items() if not (k == "lm_head.weight" and src.model.tie_embeddings)}
     # contiguous: transposed views and slices must be laid out as stored; "pt": transformers wants it.
-    save_file({k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
-    readable(out / "model.safetensors")  # safetensors writes 0600: an export is meant to be shared
+    write_safetensors(out / "model.safetensors", state, dtype)
     config = hf_config(src, dtype) if fmt == "hf" else {
         "format": NATIVE, "format_version": 1, "dtype": dtype, "model": dataclasses.asdict(src.model),
         "config": src.config, "source": {"step": src.step, "val_loss": src.val_loss}}
@@ -174,6 +182,9 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
 def hf_base(src: Weights, given: str) -> Path:
     """The Hugging Face GPT-2 folder of the weights under `src`'s adapters, which PEFT loads them onto:
     `given` (--base), else the base the run started from; either must hold those very weights."""
+    if src.model.arch != "gpt2":
+        raise ExportError(f"--adapters-only writes PEFT adapters for GPT-2's layer names, and this model is "
+                          f"model.arch = {src.model.arch!r}; export the merged model instead (without --adapters-only)")
     path = Path(given or src.lora.base["path"])
     base = load_weights(path)
     if base.format != "hf":
@@ -194,9 +205,8 @@ def write_adapters(src: Weights, out: Path, dtype: str, base: Path) -> None:
     (out, r): our shapes. GPT-2's layers are Conv1D, whose weight is (in, out) (fan_in_fan_out), but
     PEFT's A and B are ordinary Linear layers beside them, so nothing is transposed."""
     adapters = {k: v for k, v in src.lora.state_dict.items() if is_adapter(k)}
-    save_file({f"base_model.model.{k}.weight": v.to("cpu", DTYPES[dtype]).contiguous()
-               for k, v in adapters.items()}, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    readable(out / "adapter_model.safetensors")
+    write_safetensors(out / "adapter_model.safetensors", {f"base_model.model.{k}.weight": v for k, v in adapters.items()},
+                      dtype)
     lora = src.lora.config
     # "transformer.h.0.attn.c_attn.lora_A" -> "attn.c_attn"; PEFT matches target_modules to the end of a name.
     targets = sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters})
@@ -248,6 +258,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+        sync_folder(parent)  # the rename survives a power cut
     return out
 
 

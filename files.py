@@ -145,7 +145,7 @@ def staging_folder(out: Path) -> Path:
 
 def readable(path: Path) -> Path:
     """Give `path` the usual permissions (0644 for files, 0755 for folders, less what the umask removes):
-    mkdtemp and safetensors create theirs readable by their owner only."""
+    mkdtemp creates its folder readable by its owner only."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

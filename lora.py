@@ -12,7 +12,7 @@ The update B A has rank at most r and costs r * (in + out) parameters instead of
 - alpha / r keeps the update's size about the same when r changes, so a learning rate found for one
   rank carries over to another.
 - Only A and B have requires_grad: only they get gradients and optimizer state (AdamW keeps two
-  numbers per trained parameter), which is where the memory goes, and checkpoints hold only them.
+  numbers per trained parameter), which is where the memory goes, and checkpoints hold only them (unless lora.save = "full").
 
     add_adapters(model, cfg.lora)  # wrap the chosen linear layers of every block; freeze the rest
     merge(model)                   # W <- W + (alpha / r) B A: plain nn.Linear again, no extra cost

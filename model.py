@@ -321,7 +321,7 @@ class GPT(nn.Module):
         caches = None
         for _ in range(max_new_tokens):
             if idx.size(1) - start > block_size:  # full: keep the last half of the window
-                start, caches = idx.size(1) - block_size // 2, None
+                start, caches = idx.size(1) - max(1, block_size // 2), None  # at least the newest token
             if not use_cache:
                 logits, _ = self(idx[:, start:])  # recompute the whole window
             elif caches is None:

@@ -145,6 +145,8 @@ class SplitWriter:
             self.file.write(text.encode("utf-8"))
 
     def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on the disk before it is renamed into place
         self.file.close()
 
 

@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
+from files import make_folder
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU (model FLOPs utilization).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 peak FLOP/s by GPU name, for MFU (model FLOPs utilization). The first name found in the
+# device's name wins, so a longer name comes before its prefix ("L40S" before "L4").
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "4090": 165e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
 
 
 def pick_device(name: str, setting: str = "training.device") -> str:
@@ -120,11 +122,7 @@ class ProfileWindow:
         self.enabled = enabled and end > 0
         self.prof, self.first = None, None  # the running profiler, and the step it started at
         if self.enabled:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"training.profile_dir: cannot create {self.folder} ({e.strerror}); choose "
-                                  "another folder") from None
+            make_folder(self.folder, "training.profile_dir")
 
     def before_step(self, step: int) -> None:
         """Call before each optimizer step with the number of steps done; starts recording at `start`

@@ -28,7 +28,7 @@ from runtime import pick_device
 Tokenizer = CharTokenizer | BPETokenizer
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """(model in eval mode on `device`, its tokenizer, info) from a checkpoint file, run folder or
     export folder. info: {"path", "format" ("checkpoint", "native" or "hf"), "step", "val_loss", "meta"}."""
     model, src = checkpoint.load_model(path, device)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, SampleOptions, sections=(), program="sample.py", about=__doc__)
     prompt = read_start(opts.start)
     device = pick_device(opts.device, "--device")
-    model, tokenizer, info = load_model(opts.ckpt, device)
+    model, tokenizer, info = load_for_sampling(opts.ckpt, device)
     ids = encode_prompt(prompt, tokenizer, model.config.block_size, model.config.vocab_size)
     step = "" if info["step"] is None else f", step {info['step']}"
     print(f"sampling from {info['path']} ({info['format']}{step}, {tokenizer.kind} tokenizer) on {device}",

@@ -29,18 +29,12 @@ CHARS = "".join(sorted(set(TEXT) | set("abcdefghijklmnopqrstuvwxyz")))
 BLOCK = 16
 
 
-def random_checkpoint(path, meta: dict, block_size: int = BLOCK, n_embd: int = 32):
-    """A checkpoint with random weights, larger than the usual init so that the losses vary a lot from
-    one token to the next: a token scored with the wrong context, or twice, shows."""
-    return make_checkpoint(path, meta, block_size=block_size, n_embd=n_embd)
-
-
 @pytest.fixture(scope="module")
 def char_model(tmp_path_factory):
     """(checkpoint, its Hugging Face export) of a random char model whose vocabulary holds TEXT's characters."""
     root = tmp_path_factory.mktemp("eval")
     (root / "run").mkdir()
-    ckpt = random_checkpoint(root / "run" / "ckpt_best.pt", {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)})
+    ckpt = make_checkpoint(root / "run" / "ckpt_best.pt", {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)})
     return ckpt, export.export(ckpt, root / "hf", "hf")
 
 
@@ -137,10 +131,10 @@ def test_bits_per_byte_of_a_char_and_a_bpe_model_count_bytes(tmp_path, capsys, g
     path = write(tmp_path, TEXT)
     n_bytes = len(TEXT.encode("utf-8"))
     assert n_bytes > len(TEXT) + 5  # bytes, not characters
-    char = random_checkpoint(tmp_path / "char.pt", {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)},
-                             block_size=64)
-    bpe = random_checkpoint(tmp_path / "bpe.pt", {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256,
-                                                  "vocab_size": 50257}, block_size=64, n_embd=16)
+    char = make_checkpoint(tmp_path / "char.pt", {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)},
+                           block_size=64)
+    bpe = make_checkpoint(tmp_path / "bpe.pt", {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256,
+                                                "vocab_size": 50257}, block_size=64, n_embd=16)
     bpe_ids = [50256] + gpt2_tokenizer.encode(TEXT)  # end-of-text: the start of a text
     assert len(bpe_ids) - 1 < len(TEXT)
     for ckpt, ids in ((char, char_ids(TEXT)), (bpe, bpe_ids)):

@@ -147,7 +147,7 @@ def test_exported_folder_samples_the_same_text(run_dir, tmp_path, capsys, fmt):
 def test_data_folder_is_not_needed(run_dir, capsys):
     processed_dir = load_weights(run_dir / "ckpt_best.pt").config["data"]["processed_dir"]
     assert processed_dir and not Path(processed_dir).exists()  # the fixture deleted it
-    model, tokenizer, info = sample.load_model(run_dir / "ckpt_best.pt")
+    model, tokenizer, info = sample.load_for_sampling(run_dir / "ckpt_best.pt")
     assert tokenizer.kind == "char" and tokenizer.vocab_size == 65 and not model.training
     assert info["format"] == "checkpoint" and info["step"] == 20
     assert run(capsys, "--ckpt", run_dir, *FEW)[0] == 0
@@ -169,7 +169,7 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     plain, streamed = run(capsys, *args), run(capsys, *args, "--stream")
     assert plain[0] == 0 and streamed[1] == plain[1] and "\ufffd" in plain[1]  # some broken characters
     # The same as decoding each sample's whole token list at once (same seed, same generator).
-    model, tokenizer, _ = sample.load_model(tmp_path / "ckpt.pt")
+    model, tokenizer, _ = sample.load_for_sampling(tmp_path / "ckpt.pt")
     generator = torch.Generator().manual_seed(1337)
     prompt = torch.tensor([tokenizer.encode("a")])
     expected = ["a" + tokenizer.decode(model.generate(prompt, 40, 2.0, generator=generator)[0, 1:].tolist())
