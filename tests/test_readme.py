@@ -27,7 +27,7 @@ SHRINK = ["--training.eval_interval", "2", "--training.eval_iters", "1", "--trai
           "--training.batch_size", "4", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
           "--model.block_size", "64", "--device", "cpu"]
 SAMPLE_SHORT = ["--max-new-tokens", "20", "--num-samples", "1"]
-BENCH_SHORT = {"speedrun": ["--max-iters", "3"], "lora": ["--max-iters", "3", "--warmup", "1"],
+BENCH_SHORT = {"speedrun": ["--max-iters", "3", "--repeats", "1"], "ablation": ["--max-iters", "3"], "lora": ["--max-iters", "3", "--warmup", "1"],
                "other": ["--config", "configs/cpu/smoke.toml", "--steps", "1", "--warmup", "1", "--repeats", "1"]}
 TIMEOUT = 300
 
@@ -97,7 +97,7 @@ def shortened(argv: list[str], max_iters: int) -> list[str]:
     if script == "sample.py":
         return [*argv, *SAMPLE_SHORT]
     if script == "bench.py":
-        return [*argv, *BENCH_SHORT[next((k for k in ("speedrun", "lora") if k in argv), "other")]]
+        return [*argv, *BENCH_SHORT[next((k for k in ("speedrun", "ablation", "lora") if k in argv), "other")]]
     return argv
 
 
