@@ -269,8 +269,7 @@ ABLATION = {
     "speedrun": ("configs/cpu/speedrun.toml", []),
     "- qk_norm": ("configs/cpu/speedrun.toml", ["--model.qk_norm", "false"]),
     "- llama (GPT-2 blocks, qk_norm kept)": ("configs/cpu/speedrun.toml", ["--model.arch", "gpt2"]),
-    "- llama - qk_norm": ("configs/cpu/speedrun.toml", ["--model.arch", "gpt2",
-                                                                                       "--model.qk_norm", "false"]),
+    "- llama - qk_norm": ("configs/cpu/speedrun.toml", ["--model.arch", "gpt2", "--model.qk_norm", "false"]),
     "previous speedrun: GPT-2, Muon, 500 steps": ("configs/cpu/speedrun.toml", [
         "--model.arch", "gpt2", "--model.qk_norm", "false", "--max-iters", "500"]),
     "- Muon (AdamW for every weight)": ("configs/cpu/speedrun.toml", ["--training.optimizer", "adamw"]),
