@@ -173,7 +173,7 @@ def load_meta(folder: str | Path) -> dict:
         raise DataError(f"no prepared data: {path} is missing; run: {fix.replace(' --force', '')}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} cannot be read ({e}); prepare the data again: {fix}") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if isinstance(version, int) and version > META_VERSION:

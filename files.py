@@ -57,14 +57,19 @@ def atomic_file(path: str | Path) -> Iterator[Writer]:
             os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
         os.replace(tmp, path)
         sync_folder(path.parent)
-    except (OSError, RuntimeError) as e:
-        cause = writer.error if writer and writer.error else e
-        if not isinstance(cause, OSError):
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    except RuntimeError:
+        if writer is None or writer.error is None:
             raise  # a RuntimeError that is not about the disk: a bug, with its traceback
-        raise FileError(f"cannot write {path} ({cause.strerror or cause}); check that the folder exists, "
-                        "is writable and has free space, or choose another one") from None
+        raise cannot_write(path, writer.error) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cannot_write(path: Path, e: OSError) -> FileError:
+    return FileError(f"cannot write {path} ({e.strerror or e}); check that the folder exists, is writable and "
+                     "has free space, or choose another one")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
