@@ -195,3 +195,22 @@ def test_resume_and_init_from_together_is_a_conflict(tmp_path, char_data):
     r = run_cli(*tiny_argv(tmp_path, char_data, "--resume", "--training.init_from", "exports/small"), timeout=60)
     assert r.returncode == 2
     assert r.stderr.startswith("error: training.resume and training.init_from contradict each other")
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError of its own; the disk's error is what the user
+    reads, the previous file stays whole, and no temporary file is left behind."""
+    path = tmp_path / "ckpt_last.pt"
+    checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
+    before = digest(path)
+    real_write = files.Writer.write
+
+    def full_after_100_bytes(self, data):
+        if self.file.tell() + len(data) > 100:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(files.Writer, "write", full_after_100_bytes)
+    with pytest.raises(files.FileError, match=r"cannot write .*ckpt_last.pt \(No space left on device\); check that"):
+        checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "step": 2})
+    assert digest(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_last.json", "ckpt_last.pt"]
