@@ -1,6 +1,7 @@
 """Never lose a run: runs end, finished runs are not replaced, one process per folder, a diverged state
 is never saved, and Ctrl-C or SIGTERM save the current step and say how to continue (tiny models, CPU)."""
 
+import io
 import json
 import math
 import os
@@ -203,14 +204,14 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeyp
     path = tmp_path / "ckpt_last.pt"
     checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
     before = digest(path)
-    real_write = files.Writer.write
 
-    def full_after_100_bytes(self, data):
-        if self.file.tell() + len(data) > 100:
-            raise OSError(28, "No space left on device")
-        return real_write(self, data)
+    class FullDisk(io.FileIO):  # a disk with room for 100 more bytes
+        def write(self, data):
+            if self.tell() + len(data) > 100:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
 
-    monkeypatch.setattr(files.Writer, "write", full_after_100_bytes)
+    monkeypatch.setattr(files, "open", lambda path, mode: FullDisk(path, mode), raising=False)
     with pytest.raises(files.FileError, match=r"cannot write .*ckpt_last.pt \(No space left on device\); check that"):
         checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "step": 2})
     assert digest(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_last.json", "ckpt_last.pt"]
