@@ -44,7 +44,8 @@ import torch
 import prepare
 import train
 from checkpoint import adopt_model_shape, load_weights
-from config import Config, ConfigError, DataConfig, doc, load_config, parse
+from config import Config, ConfigError, DataConfig, doc
+from options import load_config, parse
 from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
 from files import write_json

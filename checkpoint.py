@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from config import Config, LoraConfig, ModelConfig, apply, apply_implied, validate
+from config import Config, LoraConfig, ModelConfig, apply_implied, validate
+from options import apply
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, write_json

@@ -1,34 +1,22 @@
-"""Typed configuration: dataclass sections with defaults, TOML presets, command-line overrides.
+"""Every setting: typed dataclass sections, each field with a default, a one-line doc and its allowed
+values (`choices`, or an interval `within`), and the rules that involve several fields.
 
-Every field has a type, a default and a one-line doc, and its allowed values (`choices`, or an
-interval `within`); `--help` and the README's config reference are generated from them, so they
-cannot drift, and every rule about one value is checked here, once.
-Precedence: command line > TOML preset > defaults here.
+`--help` and the README's config reference are generated from these fields (options.py reads presets
+and the command line into them), so they cannot drift, and every rule about a setting is checked
+here, once: `validate`. Precedence: command line > TOML preset > the defaults here.
 
     python train.py --config configs/cpu/smoke.toml --training.max_iters=50
     python train.py --help
-
-The other scripts parse their own options with the same machinery (`parse`): an options dataclass
-of `doc` fields, such as sample.py's SampleOptions, written `--num-samples 3` on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import json
-import math
-import sys
 import typing
 from dataclasses import dataclass, field
 
-from errors import HelpRequested, UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
+from errors import UserError
 
 
 def doc(text: str, default, choices: tuple | None = None, within: str | None = None,
@@ -225,8 +213,6 @@ class Config:
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-SHORT_FLAGS = {"--tokenizer": "data.tokenizer", "--max-iters": "training.max_iters",
-               "--device": "training.device", "--resume": "training.resume"}
 
 
 class ConfigError(UserError):
@@ -277,27 +263,6 @@ def fields_of(cls) -> dict[str, dataclasses.Field]:
     return out
 
 
-def convert(name: str, f: dataclasses.Field, value, from_text: bool):
-    """Value for field `f`, converted by its declared type; raises ConfigError naming the setting."""
-    typ = f.type
-    if from_text:
-        if typ is bool:
-            if value.lower() not in ("true", "false"):
-                raise ConfigError(f"{name} = {value!r} is not a boolean: use true or false")
-            return value.lower() == "true"
-        try:
-            value = typ(value)
-        except ValueError:
-            raise ConfigError(f"{name} = {value!r} is not a{'n' if typ is int else ''} {typ.__name__}") from None
-    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # TOML: an int where a float is expected
-    elif type(value) is not typ:
-        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
-    if typ is float and not math.isfinite(value):
-        raise ConfigError(f"{name} = {value} is not a finite number")
-    return value
-
-
 def value_problem(name: str, f: dataclasses.Field, value) -> str | None:
     """The rule a single value breaks (its choices or its interval), or None."""
     choices, within = f.metadata["choices"], f.metadata["within"]
@@ -319,44 +284,6 @@ def interval_words(within: str) -> str:
     return f"{'at least' if within[0] == '[' else 'greater than'} {lo}"
 
 
-def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: list[str],
-          sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """Set {section: {key: value}} on a Config, appending every problem found to `problems`.
-
-    The names set are recorded in cfg.explicit, so that a setting the user chose can be
-    told apart from a default (a checkpoint's model shape replaces defaults, not choices).
-    """
-    fields = {s: fields_of(SECTIONS[s]) for s in sections}
-    for section, keys in values.items():
-        if section in SECTIONS and section not in sections:
-            continue  # a preset's settings for other scripts (prepare.py reads only [data])
-        if section not in fields or not isinstance(keys, dict):
-            problems.append(f"{origin}: unknown section [{section}]{suggest(section, list(fields))}; "
-                            f"valid: {', '.join(fields)}")
-            continue
-        for key, value in keys.items():
-            name = f"{section}.{key}"
-            if key not in fields[section]:
-                names = [f"{s}.{k}" for s in fields for k in fields[s]]
-                problems.append(f"{origin}: unknown key {name}{suggest(name, names)}")
-                continue
-            try:
-                value = convert(name, fields[section][key], value, from_text)
-            except ConfigError as e:
-                problems.append(f"{origin}: {e}")
-                continue
-            setattr(getattr(cfg, section), key, value)
-            cfg.explicit.add(name)
-
-
-def suggest(name: str, candidates: list[str]) -> str:
-    """A ' (did you mean ...?)' hint: the same key in another section, else the closest name, or ''."""
-    key = name.rsplit(".", 1)[-1]
-    close = [c for c in candidates if "." in name and c.endswith("." + key)] or \
-        difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def validate(obj, sections: tuple[str, ...] = tuple(SECTIONS)) -> list[str]:
     """Every broken rule of a Config (its `sections`) or of a script's options, all at once."""
     if isinstance(obj, Config):
@@ -376,185 +303,3 @@ def validate_section(obj, prefix: str) -> list[str]:
     return out + (obj.problems() if hasattr(obj, "problems") else [])
 
 
-# ----------------------------------------------------------------------------- command line
-
-def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tuple(SECTIONS),
-          program: str = "train.py", about: str = "", preset: str | None = None):
-    """Parse argv into (the script's options, Config). Raises ConfigError listing every problem.
-
-    `options`: the script's options dataclass (flags `--name-with-dashes`), or None.
-    `sections`: the config sections the script takes (`--section.key VALUE`, and `--config FILE`
-    for a TOML preset; `preset` is the one used when none is given). The config's command-line
-    arguments are kept in cfg.overrides, so that a script can apply them to other presets too.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    opts = options() if options else None
-    own = fields_of(options) if options else {}
-    positional = next((k for k, f in own.items() if f.metadata["positional"]), None)
-    problems, cli_values, overrides, i = [], {}, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            raise HelpRequested(help_text(program, about, options, sections, preset))
-        if not arg.startswith("--"):
-            if positional:
-                getattr(opts, positional).append(arg)
-            else:
-                problems.append(f"command line: unexpected argument {arg!r}; options are --name VALUE")
-            continue
-        flag, has_eq, value = arg.partition("=")
-        kind, key, f = resolve(flag, own, sections)
-        if kind is None:
-            if not has_eq and i < len(argv) and not argv[i].startswith("--"):
-                i += 1  # its value, so that it is not reported as one more problem
-            if flag[2:].split(".")[0] in SECTIONS:
-                takes = ", ".join(f"--{s}.*" for s in sections) or "no config settings"
-                problems.append(f"command line: {flag} is not a setting of {program}: it takes {takes}")
-                continue
-            known = ["--" + k.replace("_", "-") for k in own if k != positional]
-            known += [f for f in SHORT_FLAGS if SHORT_FLAGS[f].split(".")[0] in sections]
-            problems.append(f"command line: unknown option {flag}{suggest(flag, known)}; see --help")
-            continue
-        if not has_eq:
-            # A boolean flag alone means true (before a script's positional arguments, only a
-            # following true/false is its value); any other flag takes the next argument.
-            boolean = f is not None and f.type is bool
-            if boolean and (i == len(argv) or argv[i].startswith("--") or
-                            positional and argv[i].lower() not in ("true", "false")):
-                value = "true"
-            elif i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            else:
-                problems.append(f"command line: {flag} needs a value")
-                continue
-        if kind == "preset":
-            preset = value
-        elif kind == "config":
-            cli_values.setdefault(key[0], {})[key[1]] = value
-            overrides += [flag, value]
-        else:
-            try:
-                setattr(opts, key, convert(flag, f, value, from_text=True))
-            except ConfigError as e:
-                problems.append(f"command line: {e}")
-    cfg = Config()
-    if sections:
-        if preset is not None:
-            values = read_preset(preset, problems)
-            apply(cfg, values, False, preset, problems, sections)
-            apply_implied(cfg, values, sections)
-        apply(cfg, cli_values, True, "command line", problems, sections)
-        apply_implied(cfg, cli_values, sections)
-        problems += validate(cfg, sections)
-    if opts is not None:
-        problems += validate(opts)
-    if problems:
-        raise ConfigError(problems)
-    cfg.preset, cfg.overrides, cfg.argv = preset, overrides, list(argv)
-    return opts, cfg
-
-
-def resolve(flag: str, own: dict, sections: tuple[str, ...]) -> tuple[str | None, object, object]:
-    """What a flag sets: ("option", key, Field), ("config", (section, key), Field or None when
-    unknown: apply() reports it as it does for a preset), ("preset", None, None), or (None, ...)."""
-    key = flag[2:].replace("-", "_")
-    if key in own and not own[key].metadata["positional"]:
-        return "option", key, own[key]
-    if not sections:
-        return None, None, None
-    if flag == "--config":
-        return "preset", None, None
-    name = SHORT_FLAGS.get(flag, flag[2:])
-    if flag not in SHORT_FLAGS and "." not in name:
-        return None, None, None
-    section, _, k = name.partition(".")
-    if section in SECTIONS and section not in sections:
-        return None, None, None
-    return "config", (section, k), fields_of(SECTIONS[section]).get(k) if section in SECTIONS else None
-
-
-def read_preset(path: str, problems: list[str]) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        problems.append(f"--config {path}: no such file; presets are in configs/")
-    except IsADirectoryError:
-        problems.append(f"--config {path} is a folder; give a .toml file, e.g. configs/cpu/small.toml")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        problems.append(f"--config {path}: not valid TOML ({e})")
-    except OSError as e:
-        problems.append(f"--config {path}: cannot read it ({e.strerror})")
-    return {}
-
-
-def load_config(argv: list[str] | None = None) -> Config:
-    """train.py's settings: defaults, then the TOML preset, then command-line values."""
-    return parse(argv)[1]
-
-
-def to_toml(cfg: Config) -> str:
-    """The config as a TOML preset: `--config` on this file reproduces the run's settings."""
-    lines = []
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in dataclasses.asdict(getattr(cfg, section)).items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def toml_value(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else json.dumps(value)
-
-
-def config_changes(cfg: Config) -> str:
-    """The settings that differ from the defaults, one line per section."""
-    lines = []
-    for section, cls in SECTIONS.items():
-        default = dataclasses.asdict(cls())
-        changed = [f"{k}={toml_value(v)}" for k, v in dataclasses.asdict(getattr(cfg, section)).items()
-                   if v != default[k]]
-        lines += [f"  [{section}] {' '.join(changed)}"] if changed else []
-    return "\n".join(lines)
-
-
-def describe(fields: dict[str, dataclasses.Field], flag) -> list[str]:
-    """Two lines per field: its flag and type, then its doc, allowed values and default."""
-    lines = []
-    for key, f in fields.items():
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        default = str(default).lower() if isinstance(default, bool) else repr(default)
-        allowed = f" ({' | '.join(f.metadata['choices'])})" if f.metadata["choices"] else \
-            f" ({interval_words(f.metadata['within'])})" if f.metadata["within"] else ""
-        typ = getattr(f.type, "__name__", str(f.type)).upper()
-        lines.append(f"  {flag(key)} {typ}" if not f.metadata["positional"] else f"  {key.upper()} ...")
-        lines.append(f"      {f.metadata['doc']}{allowed}; default {default}")
-    return lines
-
-
-def reference(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
-    """Every config field with its type, default and doc: the text of --help and of the README."""
-    lines = []
-    for section in sections:
-        lines.append(f"[{section}]")
-        lines += describe(fields_of(SECTIONS[section]), lambda key: f"--{section}.{key}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def help_text(program: str, about: str = "", options=None, sections: tuple[str, ...] = tuple(SECTIONS),
-              preset: str | None = None) -> str:
-    usage = f"usage: python {program}" + (" [options]" if options else "") + \
-        (f" [--config FILE (default {preset})]" if preset else " [--config FILE]" if sections else "") + \
-        (" [--section.key VALUE ...]" if sections else "")
-    parts = [usage, about.strip().split("\n\n")[0]] if about else [usage]
-    if options:
-        parts.append("options:\n" + "\n".join(describe(fields_of(options), lambda k: "--" + k.replace("_", "-"))))
-    if sections:
-        parts.append("Settings come from the defaults below, then the TOML preset given by --config,\n"
-                     "then the command line (--section.key VALUE or --section.key=VALUE; a boolean\n"
-                     "alone means true). Short flags: "
-                     + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items() if v.split(".")[0] in sections)
-                     + ".\n\n" + reference(sections))
-    return "\n\n".join(parts)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from config import ConfigError, doc, parse
+from config import ConfigError, doc
+from options import parse
 from data import DataError, bits_per_byte, encode_chunks, split_safely, start_token, tokenizer_from_meta
 from errors import command
 from model import GPT

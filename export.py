@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, llama_names, load_weights
-from config import ARCHS, ModelConfig, doc, parse
+from config import ARCHS, ModelConfig, doc
+from options import parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
 from files import atomic_file, lock, make_folder, staging_folder, sync_folder, write_json

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ConfigError, LoraConfig, suggest
+from config import ConfigError, LoraConfig
+from options import suggest
 
 
 class LoRALinear(nn.Module):

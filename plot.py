@@ -29,7 +29,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from config import doc, parse
+from config import doc
+from options import parse
 from errors import UserError, command
 from files import atomic_file
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import DataConfig, doc, parse
+from config import DataConfig, doc
+from options import parse
 from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, default_processed_dir,
                   encode_chunks, load_meta, resolve_bin_dir, safe_cut, split_safely, token_dtype,
                   tokenizer_differences)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from config import ConfigError, doc, parse
+from config import ConfigError, doc
+from options import parse
 from data import BPETokenizer, CharTokenizer, DataError, start_token, tokenizer_from_meta
 from errors import command
 from model import GPT, check_sampling_args

@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, load_weights, save_checkpoint,
                         weights_to_save)
-from config import Config, ConfigError, TrainingConfig, config_changes, parse, to_toml
+from config import Config, ConfigError, TrainingConfig
+from options import config_changes, parse, to_toml
 from data import (DataError, check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte,
                   start_token, tokenizer_from_meta)
 from errors import UserError, command

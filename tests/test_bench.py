@@ -6,7 +6,7 @@ import pytest
 
 import bench
 import train
-from config import load_config
+from options import load_config
 from conftest import ROOT
 
 TINY = ["--config", str(ROOT / "configs/cpu/smoke.toml"), "--device", "cpu", "--steps", "1", "--warmup", "1",

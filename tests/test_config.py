@@ -6,7 +6,9 @@ import sys
 import pytest
 
 import config
-from config import ConfigError, load_config
+import options
+from config import ConfigError
+from options import load_config
 from conftest import ROOT
 
 
@@ -125,7 +127,7 @@ def test_reference_preset_is_what_the_benchmark_expects():
 
 def test_to_toml_round_trips(tmp_path):
     cfg = load_config(["--model.n_layer", "3", "--training.resume", "--data.doc_mask", "true"])
-    again = load_config(["--config", write(tmp_path, config.to_toml(cfg))])
+    again = load_config(["--config", write(tmp_path, options.to_toml(cfg))])
     assert again == cfg
 
 
@@ -163,7 +165,7 @@ def test_arch_sets_the_switches_you_did_not_set(tmp_path):
     later = load_config(["--config", preset, "--model.arch", "gpt2"]).model  # the command line wins
     assert (later.position, later.norm, later.bias) == ("learned", "layernorm", True)
     cfg = load_config(["--config", preset, "--model.qk_norm", "--model.logit_softcap", "15"])
-    snapshot = write(tmp_path, config.to_toml(cfg), "again.toml")  # a run's config.toml: every setting
+    snapshot = write(tmp_path, options.to_toml(cfg), "again.toml")  # a run's config.toml: every setting
     assert load_config(["--config", snapshot]) == cfg
     relabelled = load_config(["--config", snapshot, "--model.arch", "gpt2"]).model
     assert (relabelled.position, relabelled.mlp, relabelled.qk_norm) == ("learned", "gelu", True)

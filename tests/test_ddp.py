@@ -10,7 +10,7 @@ import torch
 
 import checkpoint
 import train
-from config import load_config
+from options import load_config
 from conftest import ROOT, run_killed_after_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import export  # noqa: E402
 import train  # noqa: E402
 from checkpoint import GPT2_META, SHAPE_KEYS, CheckpointError, Weights, load_weights, save_checkpoint  # noqa: E402
-from config import ARCHS, Config, load_config  # noqa: E402
+from config import ARCHS, Config  # noqa: E402
+from options import load_config  # noqa: E402
 from conftest import CORPUS, ROOT, prepare_text  # noqa: E402
 from model import GPT  # noqa: E402
 

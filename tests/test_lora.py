@@ -19,7 +19,8 @@ import lora  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CheckpointError, load_weights, save_checkpoint  # noqa: E402
-from config import ConfigError, LoraConfig, ModelConfig, load_config  # noqa: E402
+from config import ConfigError, LoraConfig, ModelConfig  # noqa: E402
+from options import load_config  # noqa: E402
 from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
 from test_train import tiny  # noqa: E402
 from model import GPT  # noqa: E402

@@ -259,7 +259,7 @@ def test_script_writes_png_without_a_display(tmp_path):
 def test_real_runs_log_plots_and_overlays(tmp_path):
     """A real short run of train.py, early-stopped and resumed, then plotted and overlaid."""
     import train
-    from config import load_config
+    from options import load_config
     from conftest import CORPUS, prepare_text
 
     data_dir = str(tmp_path / "data")

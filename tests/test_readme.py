@@ -1,5 +1,5 @@
 """The README cannot rot: its reading guide names real functions and tests, its config reference is
-config.reference() (the text of --help), and every command in it runs (shortened where it trains)."""
+options.reference() (the text of --help), and every command in it runs (shortened where it trains)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import config
+import options
 from conftest import CORPUS, ROOT, output_lines, wait_for_line
 
 README = ROOT / "README.md"
@@ -257,10 +258,10 @@ def test_llama_table_names_real_settings_code_and_tests():
 def test_config_reference_matches_the_schema():
     block = between(readme(), "config-reference").strip().splitlines()
     assert block[0].startswith("```") and block[-1] == "```", "the config reference is not one fenced block"
-    expected = normalized(config.reference())
+    expected = normalized(options.reference())
     assert normalized("\n".join(block[1:-1])) == expected, (
-        "README's config reference differs from config.reference(); paste the output of "
-        "python -c 'import config; print(config.reference())' between the config-reference markers")
+        "README's config reference differs from options.reference(); paste the output of "
+        "python -c 'import config; print(options.reference())' between the config-reference markers")
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60).stdout
     assert expected in normalized(out)

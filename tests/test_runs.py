@@ -16,7 +16,7 @@ import torch
 import checkpoint
 import files
 import train
-from config import load_config
+from options import load_config
 from conftest import ROOT
 from test_train import read_log, tiny, weights
 

@@ -12,7 +12,8 @@ import export
 import sample
 import train
 from checkpoint import load_weights, save_checkpoint
-from config import Config, load_config
+from config import Config
+from options import load_config
 from conftest import CORPUS, ROOT, prepare_text
 from model import GPT
 

@@ -12,7 +12,8 @@ import torch
 import checkpoint
 import train
 from checkpoint import CheckpointError
-from config import ConfigError, load_config
+from config import ConfigError
+from options import load_config
 from data import DataError
 from conftest import CORPUS, ROOT, prepare_text, run_killed_after_checkpoint
 

@@ -10,7 +10,8 @@ import torch
 import sample
 import train
 from checkpoint import load_weights
-from config import ConfigError, load_config
+from config import ConfigError
+from options import load_config
 from conftest import prepare_text
 from data import get_batch, load_tokens
 from model import GPT
