@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.autograd import DeviceType
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -493,13 +494,14 @@ def held_by_this_process(parallel: str, argv: list[str]) -> None:
     end_processes(procs, finished=True)
 
 
-def peak_allocated_mb(prof) -> float:
-    """The most memory that was allocated and not yet freed at any moment of a torch.profiler recording
-    (profile_memory=True), above what was allocated when it started: from its record of every
+def peak_allocated_mb(prof, device: str) -> float:
+    """The most memory of `device` that was allocated and not yet freed at any moment of a torch.profiler
+    recording (profile_memory=True), above what was allocated when it started: from its record of every
     allocation and free, taken in time order. (Memory allocated before the recording and freed during
     it is not counted as freed: the profiler cannot know its size.)"""
-    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                     key=lambda e: e.start_ns())
+    kind = DeviceType.CUDA if device.startswith("cuda") else DeviceType.CPU
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                      and e.device_type() == kind), key=lambda e: e.start_ns())
     live = peak = 0
     for e in records:
         live += e.nbytes()  # > 0 for an allocation, < 0 for a free
@@ -509,8 +511,8 @@ def peak_allocated_mb(prof) -> float:
 
 def activation_memory(opts: BenchOptions, cfg: Config, device: str, checkpointing: bool) -> dict:
     """One forward and backward pass of the config's batch, at its precision: the peak of the memory
-    allocated during it above what was there before (weights, gradients already made by a first pass,
-    optimizer state: what the activations add), from torch.profiler; and the median ms of such a pass."""
+    allocated during it above what was there before (the weights, and the gradients a first pass made),
+    which is what the activations add, from torch.profiler; and the median ms of such a pass."""
     from torch.profiler import ProfilerActivity, profile
     run_cfg = configured(cfg)
     precision = quiet(pick_precision, run_cfg.training.precision, torch.device(device).type)
@@ -525,7 +527,7 @@ def activation_memory(opts: BenchOptions, cfg: Config, device: str, checkpointin
         loss.item()  # wait for the device
 
     times = []
-    for i in range(1 + opts.warmup + opts.steps):  # the first pass makes the gradients
+    for _ in range(1 + opts.warmup + opts.steps):  # the first pass makes the gradients
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000)
@@ -533,7 +535,7 @@ def activation_memory(opts: BenchOptions, cfg: Config, device: str, checkpointin
     with profile(activities=activities, profile_memory=True) as prof:
         step()
     return {"bench": "memory", "what": f"activations, {'with' if checkpointing else 'no'} checkpointing, {precision}",
-            "peak_mb": peak_allocated_mb(prof), "ms_per_step": statistics.median(times[1 + opts.warmup:]),
+            "peak_mb": peak_allocated_mb(prof, device), "ms_per_step": statistics.median(times[1 + opts.warmup:]),
             "result": "torch.profiler: peak of the memory allocated during forward + backward"}
 
 

@@ -4,6 +4,7 @@
     python train.py --config configs/base/base.toml --device cuda    # the classic GPU run
     python train.py --config configs/cpu/small.toml --resume         # continue from ckpt_last.pt
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml
+    torchrun --nproc_per_node=4 train.py --config configs/base/base.toml --training.parallel fsdp   # sharded
     python train.py --help                                           # every setting, with its doc
 
 Reading order: main(cfg) calls setup() (processes and device, the starting weights, the data, the
@@ -513,6 +514,7 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
     saved = step > 0 and step != run.saved_step
     weights, optimizer = full_state(run.raw_model, run.optimizer) if saved else ({}, {})
     if not run.procs.master:
+        run.saved_step = step if saved else run.saved_step  # as on rank 0: they must agree on what to gather
         return
     if losses is not None:
         val_bpb = split_bits_per_byte(run.meta, "val", losses["val"])

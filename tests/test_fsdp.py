@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import export
 import runtime
 import train
 from config import TrainingConfig, load_config
@@ -60,7 +62,7 @@ def runs(tmp_path_factory, char_data):
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_equal_one_process_and_ddp(runs):
+def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path):
     single, ddp, fsdp = (final_weights(runs / name) for name in ("single", "ddp", "fsdp"))
     assert_close(single, fsdp)
     assert_close(ddp, fsdp)
@@ -79,6 +81,12 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs):
     for i, state in single_opt["state"].items():
         for k, v in state.items():
             assert torch.allclose(v.float(), fsdp_opt["state"][i][k].float(), rtol=1e-3, atol=1e-7), (i, k)
+    # What sample.py, eval.py and export.py do with it, in one process.
+    model, weights = checkpoint.load_model(runs / "fsdp")
+    assert weights.step == 6 and model.generate(torch.zeros((1, 1), dtype=torch.long), 5).shape == (1, 6)
+    export.export(runs / "fsdp", tmp_path / "export")
+    exported = checkpoint.load_weights(tmp_path / "export").state_dict
+    assert all(torch.equal(exported[k], fsdp[k]) for k in fsdp)
     stdout = (runs / "fsdp_stdout.txt").read_text()
     assert "2 processes (fsdp)" in stdout and stdout.count("eval step 3:") == 1  # rank 0 alone prints
     assert sorted(p.name for p in (runs / "fsdp").iterdir()) == sorted(p.name for p in (runs / "single").iterdir())
