@@ -171,7 +171,10 @@ def test_sigterm_saves_a_sharded_run_and_the_resume_is_exact(tmp_path, char_data
     summary = train.main(load_config(args(tmp_path / "one", char_data, "--training.max_iters", "60",
                                           "--training.eval_interval", "30", "--resume")))
     assert summary["step"] == 60
-    assert_close(final_weights(tmp_path / "full"), final_weights(tmp_path / "one"))
+    # ATOL's rounding, over 60 steps: a one-process run from the start ended 6e-6 from the sharded one,
+    # this one 1.1e-5. 1e-4 is ten times that, and far below the 2.6e-2 that the same resume without
+    # the optimizer state (Adam's moments) measured.
+    assert_close(final_weights(tmp_path / "full"), final_weights(tmp_path / "one"), atol=1e-4)
 
 
 @pytest.mark.slow
