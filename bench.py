@@ -470,7 +470,8 @@ def held_by_this_process(parallel: str, argv: list[str]) -> None:
     model = GPT(cfg.model).to(procs.device)
     if parallel == "fsdp":
         shard(model, procs, precision)
-    step_model = model if parallel == "fsdp" else DDP(model, device_ids=[procs.device] if device_type == "cuda" else None)
+    step_model = model if parallel == "fsdp" else DDP(model, device_ids=[procs.device] if device_type == "cuda"
+                                                      else None)
     t = cfg.training
     optimizer = model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type,
                                           t.optimizer, t.muon_lr)
@@ -569,8 +570,10 @@ def bench_memory(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
                  "ratio": max(r["held_mb"] for r in rows[2:]) / max(r["held_mb"] for r in rows[:2])})
     plain, checkpointed = (activation_memory(opts, cfg, device, on) for on in (False, True))
     rows += [plain, checkpointed,
-             {"bench": "memory", "what": "checkpointing / none: activation memory", "ratio": checkpointed["peak_mb"] / plain["peak_mb"]},
-             {"bench": "memory", "what": "checkpointing / none: time per pass", "ratio": checkpointed["ms_per_step"] / plain["ms_per_step"]}]
+             {"bench": "memory", "what": "checkpointing / none: activation memory",
+              "ratio": checkpointed["peak_mb"] / plain["peak_mb"]},
+             {"bench": "memory", "what": "checkpointing / none: time per pass",
+              "ratio": checkpointed["ms_per_step"] / plain["ms_per_step"]}]
     return rows
 
 

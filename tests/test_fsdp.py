@@ -27,11 +27,12 @@ from test_readme import free_port
 FSDP = ("--training.parallel", "fsdp")
 # Not bit-identical to one process or to DDP: FSDP sums the processes' gradients of each micro-batch
 # (reduce-scatter) and then adds micro-steps, one process adds its micro-batches in order, and float32
-# addition rounds differently in each order (about 6e-8 of the value per addition). Adam divides each
-# gradient by its running size, so such a rounding moves a weight by about lr x 1e-7 per step; after
-# the 6 steps of test_ddp.args (lr 1e-3) the weights measured 1.3e-6 apart. 1e-5 is ten times that, and
-# a hundred times below one step's change of a weight (lr = 1e-3). Adam hides a gradient scaled by a
-# constant (a sum instead of a mean), so the gradient norms are compared too.
+# addition rounds differently in each order (by about 6e-8 of the value). Adam divides each gradient by
+# its running size, which turns such a rounding of a tiny gradient into a visible change of its update,
+# so the weights drift apart by more than float32's precision: after the 6 steps of test_ddp.args (lr
+# 1e-3), 1.3e-6 from one process (and 1.6e-6 from DDP). 1e-5 is about ten times that, and a hundred times
+# below one step's change of a weight (up to lr). Adam's division also hides a gradient scaled by a
+# constant (a sum instead of a mean), so the losses and gradient norms are compared too.
 ATOL = 1e-5
 
 
@@ -76,7 +77,8 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path):
     for a, b in zip(s_log["evals"], f_log["evals"], strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     # The checkpoint is an ordinary one: the optimizer state of one process, by parameter index.
-    single_opt, fsdp_opt = (torch.load(runs / n / "ckpt_last.pt", weights_only=True)["optimizer"] for n in ("single", "fsdp"))
+    single_opt, fsdp_opt = (torch.load(runs / n / "ckpt_last.pt", weights_only=True)["optimizer"]
+                            for n in ("single", "fsdp"))
     assert single_opt["param_groups"] == fsdp_opt["param_groups"]
     for i, state in single_opt["state"].items():
         for k, v in state.items():
@@ -212,7 +214,8 @@ def test_a_lora_run_sharded_on_two_processes_equals_one_process(tmp_path, char_d
     lora = ("--training.init_from", str(tmp_path / "base"), "--lora.rank", "4", "--training.learning_rate", "1e-2")
     train.main(load_config(args(tmp_path / "single", char_data, *lora)))
     ok(torchrun(*args(tmp_path / "fsdp", char_data, *lora, *FSDP)))
-    single, fsdp = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"] for run in ("single", "fsdp"))
+    single, fsdp = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"]
+                    for run in ("single", "fsdp"))
     assert all(k.endswith(("lora_A", "lora_B")) for k in fsdp)
     assert_close(single, fsdp)
     assert any(v.abs().max() > 1e-3 for k, v in fsdp.items() if k.endswith("lora_B"))  # the adapters trained
