@@ -9,6 +9,7 @@
     python bench.py --what lora --config configs/finetune/shakespeare_lora.toml  # vs a full fine-tune
     python bench.py --what train --training.compile true     # any config override applies
     python bench.py --what gpu                               # everything only a CUDA GPU can check
+    python bench.py --what memory                            # ddp vs fsdp per process; activation checkpointing
     python bench.py --help                                   # every option, with its default
 
 Each figure is a median over repeats, taken after warm-up steps. Results are printed as
@@ -20,7 +21,9 @@ and exact resume, bf16, flex attention against sdpa, torch.compile, MFU and the 
 time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
 Without CUDA it says so in one line and exits with status 2.
 Peak memory (--what lora) is measured in a fresh process per run: its peak resident set size
-on CPU, torch's own allocator counter on CUDA.
+on CPU, torch's own allocator counter on CUDA. --what memory counts the bytes of the tensors each
+of 2 torchrun processes holds under ddp and fsdp, and takes the peak of a forward and backward
+pass, with and without activation checkpointing, from torch.profiler's record of every allocation.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.autograd import DeviceType
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 import train
@@ -50,10 +57,11 @@ from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
 from files import write_json
 from model import GPT
-from runtime import autocast, cpu_has_bf16, peak_flops, pick_device
+from runtime import (autocast, cpu_has_bf16, end_processes, peak_flops, pick_device, pick_precision, shard,
+                     start_processes)
 
 CORPUS = "data/shakespeare/input.txt"
-KINDS = ("train", "sample", "prepare", "speedrun", "ablation", "profile", "gpu", "lora")
+KINDS = ("train", "sample", "prepare", "speedrun", "ablation", "profile", "gpu", "lora", "memory")
 
 
 @dataclass
@@ -490,6 +498,139 @@ def bench_lora(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- --what memory
+
+# Run by torchrun in each of bench_memory's processes: argv[1] is this project's folder, argv[2] ddp or
+# fsdp, the rest the config's command line.
+HELD_BY_EACH_PROCESS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bench
+bench.held_by_this_process(sys.argv[2], sys.argv[3:])
+"""
+
+
+def held_by_this_process(parallel: str, argv: list[str]) -> None:
+    """In each process of a torchrun job: the config's model takes one training step under `parallel`
+    (ddp or fsdp) on one sequence (the batch changes none of what is counted here), then the bytes of
+    the tensors this process holds: its parameters, gradients and optimizer state, counted from the
+    tensors themselves, each process's own part of them under FSDP (DTensor.to_local()). Rank 0
+    prints every process's counts as JSON, after "held: "."""
+    cfg = load_config(argv)
+    procs = start_processes(pick_device(cfg.training.device))
+    device_type = torch.device(procs.device).type
+    precision = quiet(pick_precision, cfg.training.precision, device_type)
+    torch.manual_seed(0)
+    model = GPT(cfg.model).to(procs.device)
+    if parallel == "fsdp":
+        shard(model, procs, precision)
+    step_model = model if parallel == "fsdp" else DDP(model, device_ids=[procs.device] if device_type == "cuda"
+                                                      else None)
+    t = cfg.training
+    optimizer = model.configure_optimizer(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), device_type,
+                                          t.optimizer, t.muon_lr)
+    x = torch.randint(cfg.model.vocab_size, (1, cfg.model.block_size), device=procs.device)
+    with autocast(device_type, precision):
+        _, loss = step_model(x, x)
+    loss.backward()
+    optimizer.step()  # the gradients stay, as they are between a backward pass and zero_grad
+
+    def nbytes(tensors) -> int:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    params = list(model.parameters())  # a tied matrix once
+    held = {"params": nbytes(params), "grads": nbytes(p.grad for p in params if p.grad is not None),
+            "optimizer": nbytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))}
+    every = [None] * procs.world
+    dist.all_gather_object(every, held)
+    if procs.master:
+        print("held: " + json.dumps(every), flush=True)
+    end_processes(procs, finished=True)
+
+
+def peak_allocated_mb(prof, device: str) -> float:
+    """The most memory of `device` that was allocated and not yet freed at any moment of a torch.profiler
+    recording (profile_memory=True), above what was allocated when it started: from its record of every
+    allocation and free, taken in time order. (Memory allocated before the recording and freed during
+    it is not counted as freed: the profiler cannot know its size.)"""
+    kind = DeviceType.CUDA if device.startswith("cuda") else DeviceType.CPU
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                      and e.device_type() == kind), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in records:
+        live += e.nbytes()  # > 0 for an allocation, < 0 for a free
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def activation_memory(opts: BenchOptions, cfg: Config, device: str, checkpointing: bool) -> dict:
+    """One forward and backward pass of the config's batch, at its precision: the peak of the memory
+    allocated during it above what was there before (the weights, and the gradients a first pass made),
+    which is what the activations add, from torch.profiler; and the median ms of such a pass."""
+    from torch.profiler import ProfilerActivity, profile
+    run_cfg = configured(cfg)
+    precision = quiet(pick_precision, run_cfg.training.precision, torch.device(device).type)
+    model = model_for(cfg).to(device)
+    model.activation_checkpointing = checkpointing
+    x = torch.randint(model.config.vocab_size, (run_cfg.training.batch_size, model.config.block_size), device=device)
+
+    def step() -> None:
+        with autocast(torch.device(device).type, precision):
+            _, loss = model(x, x)
+        loss.backward()  # into the gradients of the first pass: none are allocated again
+        loss.item()  # wait for the device
+
+    times = []
+    for _ in range(1 + opts.warmup + opts.steps):  # the first pass makes the gradients
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    return {"bench": "memory", "what": f"activations, {'with' if checkpointing else 'no'} checkpointing, {precision}",
+            "peak_mb": peak_allocated_mb(prof, device), "ms_per_step": statistics.median(times[1 + opts.warmup:]),
+            "result": "torch.profiler: peak of the memory allocated during forward + backward"}
+
+
+def bench_memory(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
+    """What each of 2 processes holds under ddp and under fsdp (parameters, gradients, optimizer state,
+    between steps), each in a torchrun job of its own; then the memory a forward and backward pass
+    adds, without and with activation checkpointing (training.activation_checkpointing), in this
+    process. On a CPU the 2 processes talk through gloo; on CUDA they need 2 GPUs."""
+    if device.startswith("cuda") and torch.cuda.device_count() < 2:
+        raise UserError("--what memory runs 2 processes, one per GPU, and this machine has 1; use --device cpu")
+    vocab = model_for(cfg).config.vocab_size  # prepares the data here, once: the processes need only its size
+    argv = [*(["--config", cfg.preset] if cfg.preset else []), *cfg.overrides, "--device", device,
+            "--model.vocab_size", str(vocab)]
+    rows = []
+    for parallel in ("ddp", "fsdp"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "--no-python", sys.executable, "-c", HELD_BY_EACH_PROCESS,
+                            str(Path(__file__).resolve().parent), parallel, *argv],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode != 0:
+            print(r.stdout[-2000:], r.stderr[-3000:], file=sys.stderr)
+            raise UserError(f"--what memory: the 2 {parallel} processes failed (exit {r.returncode}); their output "
+                            "is above")
+        for rank, held in enumerate(json.loads(r.stdout.rsplit("held: ", 1)[1].splitlines()[0])):
+            mb = {k: v / 2**20 for k, v in held.items()}
+            rows.append({"bench": "memory", "what": f"{parallel}, process {rank} of 2: what it holds",
+                         "params_mb": mb["params"], "grads_mb": mb["grads"], "optimizer_mb": mb["optimizer"],
+                         "held_mb": sum(mb.values()),
+                         "result": "counted from its tensors" + (" (its shards)" if parallel == "fsdp" else "")})
+    rows.append({"bench": "memory", "what": "fsdp / ddp, held per process",
+                 "ratio": max(r["held_mb"] for r in rows[2:]) / max(r["held_mb"] for r in rows[:2])})
+    plain, checkpointed = (activation_memory(opts, cfg, device, on) for on in (False, True))
+    rows += [plain, checkpointed,
+             {"bench": "memory", "what": "checkpointing / none: activation memory",
+              "ratio": checkpointed["peak_mb"] / plain["peak_mb"]},
+             {"bench": "memory", "what": "checkpointing / none: time per pass",
+              "ratio": checkpointed["ms_per_step"] / plain["ms_per_step"]}]
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'bench':<9} {'what':<44} {'result'}")
     for r in rows:
@@ -498,7 +639,9 @@ def print_table(rows: list[dict]) -> None:
                          ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("val_start", "from val {:.4f}"),
                          ("best_val_loss", "val {:.4f}"), ("ratio", "{:.2f}x"), ("trained_share", "{:.2%} trained"),
                          ("peak_rss_mb", "peak RSS {:,.0f} MiB"), ("start_rss_mb", "{:,.0f} MiB before training"),
-                         ("cuda_peak_mb", "CUDA peak {:,.0f} MiB"), ("result", "{}")):
+                         ("cuda_peak_mb", "CUDA peak {:,.0f} MiB"), ("params_mb", "parameters {:,.2f} MiB"),
+                         ("grads_mb", "gradients {:,.2f} MiB"), ("optimizer_mb", "optimizer {:,.2f} MiB"),
+                         ("held_mb", "total {:,.2f} MiB"), ("peak_mb", "peak {:,.2f} MiB"), ("result", "{}")):
             if key in r:
                 parts.append(fmt.format(r[key]))
         print(f"{r['bench']:<9} {r['what']:<44} {' | '.join(parts)}")
@@ -517,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device} ({machine}); config: {cfg.preset} {' '.join(cfg.overrides)}".rstrip())
     benches = {"train": bench_train, "sample": bench_sample, "prepare": bench_prepare,
                "speedrun": bench_speedrun, "ablation": bench_ablation, "profile": bench_profile, "gpu": bench_gpu,
-               "lora": bench_lora}
+               "lora": bench_lora, "memory": bench_memory}
     rows = [row for what in opts.what.split(",") for row in benches[what](opts, cfg, device)]
     if rows:
         print_table(rows)

@@ -37,7 +37,7 @@ from options import apply
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, write_json
-from lora import add_adapters, adapter_state, is_adapter, merge
+from lora import add_adapters, is_adapter, merge
 from model import GPT
 
 CHECKPOINT_VERSION = 1
@@ -176,12 +176,14 @@ def base_reference(start: Weights, resume: bool) -> dict:
     return {"path": str(start.path), "digest": digest(start.state_dict, start.model)}
 
 
-def weights_to_save(model: GPT, lora: LoraConfig, base: dict | None) -> dict:
-    """A checkpoint's weights: the model's; for a LoRA run (base: its reference) the adapters only,
-    or with lora.save = "full" every weight, unmerged so that training can resume."""
+def weights_to_save(state: dict[str, torch.Tensor], lora: LoraConfig, base: dict | None) -> dict:
+    """A checkpoint's weights, from the model's state dict: all of them; for a LoRA run (base: its
+    reference) the adapters only, or with lora.save = "full" every weight, unmerged so that training
+    can resume."""
     if base is None:
-        return {"model": model.state_dict()}
-    return {"model": model.state_dict() if lora.save == "full" else adapter_state(model), "lora_base": base}
+        return {"model": state}
+    return {"model": state if lora.save == "full" else {k: v for k, v in state.items() if is_adapter(k)},
+            "lora_base": base}
 
 
 # ----------------------------------------------------------------------------- one loader

@@ -126,6 +126,10 @@ class TrainingConfig:
     log_interval: int = doc("print a log line every this many steps", 10, within="[1, inf)")
     seed: int = doc("seed for weights and batches", 1337, within="[0, inf)")
     compile: bool = doc("torch.compile the model", False)
+    parallel: str = doc("under torchrun: ddp, every process holds the whole model; fsdp, each holds a shard of "
+                        "the weights, gradients and optimizer state", "ddp", choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = doc("recompute each block's activations in the backward pass instead of "
+                                         "keeping them: less memory, more time", False)
     early_stopping: bool = doc("stop when val loss stops improving", False)
     early_stopping_patience: int = doc("evaluations without improvement before stopping", 5, within="[1, inf)")
     early_stopping_min_delta: float = doc("smallest val-loss decrease that counts as improvement", 0.0,

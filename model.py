@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attention import (BlockMask, KVCache, causal_block_mask, document_block_mask, document_bool_mask,
                        eager_attention, flex_attention_checked, flex_unavailable, sdpa_attention)
@@ -216,6 +217,8 @@ class GPT(nn.Module):
             # Weight tying: one matrix both embeds tokens and scores them as outputs (fewer parameters,
             # and it helps small models). It is the same Parameter object, not a copy.
             self.lm_head.weight = self.transformer.wte.weight
+        # Activation checkpointing (train.py sets it from training.activation_checkpointing): see _hidden_states.
+        self.activation_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -286,7 +289,13 @@ class GPT(nn.Module):
             rotary = self.rotary(pos)  # rope: passed down to every attention layer
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, rotary, caches[i] if caches else None)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only the block's input x (B, T, C) for the backward pass; the backward runs the
+                # block's forward again to get the activations it needs. The replay draws the same
+                # dropout masks: checkpoint saves the RNG state and restores it for the replay.
+                x = checkpoint(block, x, mask, rotary, use_reentrant=False)
+            else:
+                x = block(x, mask, rotary, caches[i] if caches else None)
         return self.transformer.ln_f(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
     python train.py --config configs/base/base.toml --device cuda    # the classic GPU run
     python train.py --config configs/cpu/small.toml --resume         # continue from ckpt_last.pt
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml
+    torchrun --nproc_per_node=4 train.py --config configs/base/base.toml --training.parallel fsdp   # sharded
     python train.py --help                                           # every setting, with its doc
 
 Reading order: main(cfg) calls setup() (processes and device, the starting weights, the data, the
@@ -41,8 +42,9 @@ from errors import UserError, command
 from files import atomic_write_text, lock, make_folder, write_json
 from lora import add_adapters, adapter_state, trainable
 from model import GPT
-from runtime import (Processes, ProfileWindow, autocast, end_processes, peak_flops, pick_device, pick_precision,
-                     rng_state, set_rng_state, start_processes)
+from runtime import (Processes, ProfileWindow, autocast, end_processes, full_state, gathered, is_sharded,
+                     load_optimizer_state, parallel_problems, peak_flops, pick_device, pick_precision, rng_state,
+                     set_rng_state, shard, start_processes, whole)
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
 
@@ -63,7 +65,7 @@ class Stopped(Exception):
 class Run:
     """What the loop works with, made by setup()."""
     model: torch.nn.Module       # what is called: compiled and/or wrapped in DDP
-    raw_model: GPT               # the plain model, whose weights checkpoints store
+    raw_model: GPT               # the model itself (sharded in place under FSDP), whose weights checkpoints store
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling for fp16; a no-op otherwise
     splits: dict[str, np.ndarray]
@@ -102,10 +104,9 @@ def setup(cfg: Config, procs: Processes) -> Run:
     training, device = cfg.training, procs.device
     device_type = torch.device(device).type
     precision = pick_precision(training.precision, device_type)
-    if training.grad_accum_steps % procs.world:
-        ok = training.grad_accum_steps + procs.world - training.grad_accum_steps % procs.world
-        raise ConfigError(f"training.grad_accum_steps = {training.grad_accum_steps} must be divisible by "
-                          f"the number of processes ({procs.world}), e.g. {ok}")
+    problems = parallel_problems(training, procs)
+    if problems:
+        raise ConfigError(problems)
     out_dir = Path(training.out_dir)
     if not training.resume and not training.overwrite and (out_dir / "ckpt_last.pt").exists():
         raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
@@ -135,16 +136,21 @@ def setup(cfg: Config, procs: Processes) -> Run:
 
     torch.manual_seed(training.seed)
     raw_model = GPT(cfg.model).to(device)
+    raw_model.activation_checkpointing = training.activation_checkpointing
     lora_base = base_reference(start, training.resume) if cfg.lora.rank else None
     if cfg.lora.rank:  # freeze the model and add adapters, before the optimizer: only they train
         add_adapters(raw_model, cfg.lora)
+    if start:  # into the whole model: sharding keeps each process's part of them
+        load_start_weights(start, training.resume, raw_model)
+    if training.parallel == "fsdp":
+        shard(raw_model, procs, precision)  # before the optimizer, which keeps state for the shards it is given
     optimizer = raw_model.configure_optimizer(training.weight_decay, training.learning_rate,
                                               (training.beta1, training.beta2), device_type,
                                               training.optimizer, training.muon_lr)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     state = restore(start, training.resume, raw_model, optimizer, scaler, device) if start else new_state()
     model = torch.compile(raw_model) if training.compile else raw_model
-    if procs.world > 1:
+    if procs.world > 1 and training.parallel == "ddp":
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
 
     log = start_log(cfg, out_dir, raw_model, procs, precision, state if training.resume else None)
@@ -156,7 +162,7 @@ def setup(cfg: Config, procs: Processes) -> Run:
             print(f"{'resuming' if training.resume else 'initialised'} from {start.path} at step {state['step']}")
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
               f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
-              + (f", {procs.world} processes" if procs.world > 1 else ""))
+              + (f", {procs.world} processes ({training.parallel})" if procs.world > 1 else ""))
         if cfg.lora.rank:
             n, total = trainable(raw_model)
             print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
@@ -203,11 +209,16 @@ def new_state() -> dict:
             "elapsed_s": 0.0, "last_eval_step": None, "start_val_loss": None}
 
 
-def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
-    """Load the starting weights; on resume also the optimizer, scaler, RNG and loop state. A new
-    LoRA run keeps its fresh adapters (B = 0) on the starting weights; a resumed one gets its own back."""
+def load_start_weights(start: Weights, resume: bool, model: GPT) -> None:
+    """The starting weights. A new LoRA run keeps its fresh adapters (B = 0) on the starting weights;
+    a resumed one gets its own back."""
     weights = start.lora.state_dict if resume and start.lora else start.state_dict
     model.load_state_dict(adapter_state(model) | weights)
+
+
+def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
+    """The loop state to start from; on resume also the optimizer, scaler and RNG states (the weights
+    are in the model already, see load_start_weights)."""
     if not resume:
         return new_state()
     ckpt = start.training
@@ -215,7 +226,7 @@ def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device:
     if missing:
         raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
                               "from its weights with training.init_from instead")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(model, optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
     # Checkpoints written before these keys existed were all written right after an evaluation.
@@ -327,8 +338,7 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
             state.update(elapsed_s=time.time() - start_time, last_eval_step=step)
             if state["start_val_loss"] is None:
                 state["start_val_loss"] = losses["val"]
-            if master:
-                save(cfg, run, losses, improved, stop_reason)
+            save(cfg, run, losses, improved, stop_reason)  # every process: see save
             interval_start += time.time() - eval_start  # keep evaluation time out of ms/step
         if last_step or stop_reason:
             break
@@ -344,8 +354,10 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
             x, y = get_batch(run.splits["train"], cfg.model.block_size, training.batch_size,
                              ("train", training.seed, step), device, part=procs.rank * accum + micro,
                              parts=training.grad_accum_steps)
-            # Under DDP, gradients are averaged across processes only on the last micro-step.
-            sync = micro == accum - 1 or procs.world == 1
+            # Under DDP, gradients are averaged across processes only on the last micro-step. FSDP sums
+            # and splits them at every micro-step instead, so that each process only ever holds its part
+            # of them (skipping that, with set_requires_gradient_sync(False), would hold whole gradients).
+            sync = micro == accum - 1 or not isinstance(run.model, DDP)
             with (contextlib.nullcontext() if sync else run.model.no_sync()), autocast(device_type, run.precision):
                 _, loss = run.model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
             # Each micro-batch's loss is scaled by 1/accum, so the summed gradients are
@@ -408,18 +420,21 @@ def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, proc
              eot: int | None) -> dict[str, float]:
     """Mean loss over eval_iters batches per split; the same batches every time, shared among ranks."""
     model.eval()
-    out = {}
+    out, n = {}, cfg.training.eval_iters
     for split, tokens in splits.items():
         total = torch.zeros((), device=device)
-        for k in range(procs.rank, cfg.training.eval_iters, procs.world):
+        # Every process runs as many batches (under FSDP each forward gathers weights from all of them):
+        # when they do not divide evenly, the ones past eval_iters run but do not count.
+        for k in range(procs.rank, math.ceil(n / procs.world) * procs.world, procs.world):
             x, y = get_batch(tokens, cfg.model.block_size, cfg.training.batch_size,
                              ("eval", split, cfg.training.seed, k), device)
             with autocast(torch.device(device).type, precision):
                 _, loss = model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
-            total += loss.float()
+            if k < n:
+                total += loss.float()
         if procs.world > 1:
             dist.all_reduce(total)
-        out[split] = total.item() / cfg.training.eval_iters
+        out[split] = total.item() / n
     model.train()
     return out
 
@@ -443,10 +458,12 @@ class GradNorms:
         run.scaler.unscale_(run.optimizer)  # the true gradients, not the loss-scaled ones
         params = [p for p in run.raw_model.parameters() if p.grad is not None]
         if clip > 0:
-            self.latest = torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
-            self.clipped += self.latest > clip
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
         else:
-            self.latest = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.latest = whole(norm)  # under FSDP, the norm of the sharded gradients is a DTensor
+        if clip > 0:
+            self.clipped += self.latest > clip
 
     def report(self) -> dict[str, float]:
         """{"grad_norm": the latest norm, "clipped": fraction of steps clipped since the last report}."""
@@ -471,15 +488,17 @@ def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
 def eval_sample(run: Run, training: TrainingConfig) -> str | None:
     """training.sample_tokens tokens after training.sample_prompt (None when 0), from the same seed at
     every evaluation, so that two samples differ only by the weights. Its generator is its own: the
-    training RNG (dropout) does not move, so a run trains the same with or without samples."""
-    if training.sample_tokens == 0:
+    training RNG (dropout) does not move, so a run trains the same with or without samples. Rank 0
+    samples, or under FSDP every process (each forward gathers weights from all of them)."""
+    if training.sample_tokens == 0 or not (run.procs.master or is_sharded(run.raw_model)):
         return None
     ids = sample_prompt_ids(training, run.meta)
     device = run.procs.device
     generator = torch.Generator(device).manual_seed(training.seed)
     run.raw_model.eval()
-    out = run.raw_model.generate(torch.tensor([ids], device=device), training.sample_tokens,  # (1, T + new)
-                                 SAMPLE_TEMPERATURE, generator=generator)
+    with gathered(run.raw_model):
+        out = run.raw_model.generate(torch.tensor([ids], device=device), training.sample_tokens,  # (1, T + new)
+                                     SAMPLE_TEMPERATURE, generator=generator)
     run.raw_model.train()
     return training.sample_prompt + tokenizer_from_meta(run.meta).decode(out[0, len(ids):].tolist())
 
@@ -488,10 +507,18 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
     """Log the evaluation (if any), then write ckpt_last.pt (and ckpt_best.pt on improvement). The log
     goes first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back.
     A fresh run's step 0 is logged, not saved: its weights are the seed's or init_from's, and a run
-    that fails at its start leaves no checkpoint behind."""
+    that fails at its start leaves no checkpoint behind. Every process calls it: under FSDP each
+    holds a part of the weights, and all of them take part in gathering them (and in sampling);
+    rank 0 alone writes."""
     state, step, training = run.state, run.state["step"], cfg.training
+    sample = eval_sample(run, training) if losses is not None else None
+    saved = step > 0 and step != run.saved_step
+    weights, optimizer = full_state(run.raw_model, run.optimizer) if saved else ({}, {})
+    if not run.procs.master:
+        run.saved_step = step if saved else run.saved_step  # as on rank 0: they must agree on what to gather
+        return
     if losses is not None:
-        val_bpb, sample = split_bits_per_byte(run.meta, "val", losses["val"]), eval_sample(run, training)
+        val_bpb = split_bits_per_byte(run.meta, "val", losses["val"])
         run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                                  "val_bpb": val_bpb, "lr": get_lr(min(step, training.max_iters - 1), training),
                                  "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2),
@@ -500,13 +527,11 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
     if stop_reason:
         run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
     write_log(run.out_dir, run.log)
-    saved = step > 0 and step != run.saved_step
     if saved:
         if run.saved_step is None:  # this run's first checkpoint: a replaced run's best goes with it
             for old in ("ckpt_best.pt", "ckpt_best.json"):
                 (run.out_dir / old).unlink(missing_ok=True)
-        ckpt = {"version": 1, **weights_to_save(run.raw_model, cfg.lora, run.lora_base),
-                "optimizer": run.optimizer.state_dict(),
+        ckpt = {"version": 1, **weights_to_save(weights, cfg.lora, run.lora_base), "optimizer": optimizer,
                 "scaler": run.scaler.state_dict(), **state, "val_loss": losses and losses["val"],
                 "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
         save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
@@ -522,9 +547,9 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
 
 
 def stop(cfg: Config, run: Run, signum: int) -> None:
-    """Save the current step (rank 0) and end the run with exit status 128 + signal."""
+    """Save the current step and end the run with exit status 128 + signal."""
+    save(cfg, run, None)  # every process: see save
     if run.procs.master:
-        save(cfg, run, None)
         run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {run.state['step']}")
         write_log(run.out_dir, run.log)
         where = (f"ckpt_last.pt holds step {run.saved_step}" if run.saved_step is not None else

@@ -111,3 +111,25 @@ def test_an_architecture_is_measured_as_set(char_data, monkeypatch):
     assert bench.main(["--what", "train", *TINY, "--data.processed_dir", char_data, "--model.arch", "llama"]) == 0
     assert seen and all((c.model.position, c.model.norm, c.model.mlp) == ("rope", "rmsnorm", "swiglu") for c in seen)
     assert bench.model_for(seen[0]).rotary is not None  # the plain loop's model too
+
+
+@pytest.mark.slow  # two torchrun jobs of 2 processes, then a few forward and backward passes
+def test_memory_fsdp_holds_half_per_process_and_checkpointing_cuts_activations(tmp_path, char_data):
+    """Counted from the tensors each process holds: a DDP process holds the whole model's parameters,
+    gradients and AdamW state (two numbers per parameter); each of 2 FSDP processes holds its part of
+    them, about half (dim 0 of each weight cut in two, the first part a row longer when it is odd), and
+    the two parts make the whole. Checkpointing 4 blocks lowers the peak of a forward and backward pass."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--what", "memory", *TINY, "--model.n_layer", "4", "--data.processed_dir", char_data,
+                       "--json", str(out)]) == 0
+    rows = {r["what"]: r for r in json.loads(out.read_text())["results"]}
+    ddp, fsdp = ([rows[f"{p}, process {rank} of 2: what it holds"] for rank in (0, 1)] for p in ("ddp", "fsdp"))
+    n_params = bench.model_for(load_config(["--config", TINY[1], "--model.n_layer", "4", "--model.n_embd", "32",
+                                            "--model.n_head", "2", "--data.processed_dir", char_data])).num_params()
+    whole = {"params_mb": 4 * n_params / 2**20, "grads_mb": 4 * n_params / 2**20, "optimizer_mb": 8 * n_params / 2**20}
+    for kind, mb in whole.items():  # fp32; AdamW's one-number step count per tensor is left to the 1%
+        assert ddp[0][kind] == ddp[1][kind] == pytest.approx(mb, rel=0.01), kind
+        assert fsdp[0][kind] + fsdp[1][kind] == pytest.approx(mb, rel=0.01), kind
+        assert all(0.45 < part[kind] / mb < 0.55 for part in fsdp), kind
+    plain, checkpointed = rows["activations, no checkpointing, fp32"], rows["activations, with checkpointing, fp32"]
+    assert 0 < checkpointed["peak_mb"] < 0.7 * plain["peak_mb"]

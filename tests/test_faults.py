@@ -245,6 +245,9 @@ def cases(w: Path) -> list[Case]:
                                                             "--model.qk_norm", "--max-iters", "1"))),
         Case("llama-resume-with-another-arch", "train", tiny(d / "run", data, "--model.arch", "llama", "--resume"),
              "model.arch", lambda w, d: copy(run, d / "run")),
+        # sharded training
+        Case("train-fsdp-in-one-process", "train", tiny(d / "o", data, "--training.parallel", "fsdp"),
+             "training.parallel"),
         # bench.py
         *([Case("bench-gpu-without-cuda", "bench", ["--what", "gpu"], "--what gpu")]
           if not torch.cuda.is_available() else []),

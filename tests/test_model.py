@@ -451,3 +451,33 @@ def test_bad_input_is_refused():
         m(torch.tensor([[-2, 3]]))
     with pytest.raises(ValueError, match="doc_ids"):
         m(torch.zeros(1, 4, dtype=torch.long), doc_ids=torch.zeros(1, 5, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+@ARCH_VARIANTS
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
+    """Recomputing each block in the backward pass changes no number, with dropout on: the replay draws
+    the masks the forward drew (torch.utils.checkpoint restores the RNG state for it). And the blocks
+    do run twice with it: once in the forward pass, once in the backward."""
+    x, y = batch()
+
+    def loss_and_grads(checkpointing: bool, seed: int = 5) -> tuple[torch.Tensor, dict, int]:
+        model = tiny(dropout=0.2, attn_dropout=0.1, **variant)  # the same weights each time
+        model.activation_checkpointing = checkpointing
+        calls = []
+        for block in model.transformer.h:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(seed)  # the dropout masks
+        _, loss = model(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+    (loss, grads, calls), (loss_ac, grads_ac, calls_ac) = loss_and_grads(False), loss_and_grads(True)
+    assert (calls, calls_ac) == (TINY["n_layer"], 2 * TINY["n_layer"])
+    # The same operations on the same numbers, in the same order: equal up to float rounding at most.
+    assert torch.allclose(loss, loss_ac, rtol=1e-6, atol=0)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ac[name], rtol=1e-5, atol=1e-7), name
+    other_masks = loss_and_grads(True, seed=6)[1]  # dropout does change the result
+    assert not all(torch.allclose(grads[n], other_masks[n], rtol=1e-3, atol=1e-6) for n in grads)

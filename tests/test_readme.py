@@ -112,22 +112,20 @@ def run_torchrun(argv: list[str], cwd: Path, shown: str, max_iters: int) -> None
     """torchrun on this CPU: 2 processes (a two-node command: both nodes here, 1 process each)."""
     two_nodes = "--nnodes=2" in argv
     port = free_port()
-    args = []
-    for a in argv[1:]:
-        if a.startswith("--nproc_per_node="):
-            a = f"--nproc_per_node={1 if two_nodes else 2}"
-        elif a.startswith("--rdzv_endpoint="):
-            a = f"--rdzv_endpoint=127.0.0.1:{port}"
-        args.append(a)
-    script = next(i for i, a in enumerate(args) if a.endswith(".py"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", *args[:script]]
-    train_args = shortened(args[script:], max_iters)
+    script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    for a in argv[1:script]:
+        flag, _, value = a.partition("=")
+        flag = flag.replace("_", "-")  # torchrun reads --nproc_per_node and --nproc-per-node alike
+        value = {"--nproc-per-node": "1" if two_nodes else "2", "--rdzv-endpoint": f"127.0.0.1:{port}"}.get(flag, value)
+        launcher.append(f"{flag}={value}" if value else flag)
+    train_args = shortened(argv[script:], max_iters)
     if not two_nodes:
         check_run([*launcher, *train_args], cwd, shown, {"OMP_NUM_THREADS": "1"})
         return
     procs = []
     for rank in (0, 1):
-        node = [a if not a.startswith("--node_rank=") else f"--node_rank={rank}" for a in launcher]
+        node = [a if not a.startswith("--node-rank=") else f"--node-rank={rank}" for a in launcher]
         procs.append(subprocess.Popen([*node, *train_args], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
