@@ -77,6 +77,18 @@ def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @functools.cache
+def flex_cannot_train(device: str) -> str | None:
+    """Why flex attention cannot train on `device` (torch 2.13 has no backward for it on a CPU), or None.
+    Tried once, on a tiny input: a run is refused before its first evaluation, not after it."""
+    q = torch.randn(1, 1, 16, 8, device=device, requires_grad=True)  # (B, nh, T, hd)
+    try:
+        flex_attention_checked(q, q, q, causal_block_mask(16, torch.device(device))).sum().backward()
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 

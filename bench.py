@@ -57,7 +57,7 @@ from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
 from files import write_json
 from model import GPT
-from runtime import (autocast, cpu_has_bf16, end_processes, peak_flops, pick_device, pick_precision, shard,
+from runtime import (autocast, cpu_has_bf16, end_processes, format_duration, peak_flops, pick_device, pick_precision, shard,
                      start_processes)
 
 CORPUS = "data/shakespeare/input.txt"
@@ -172,7 +172,7 @@ def bench_profile(opts: BenchOptions, cfg: Config, device: str, top: int = 12) -
 
 
 def bench_train(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
-    tokens = train.tokens_per_step(configured(cfg))
+    tokens = configured(cfg).tokens_per_step()
     peak, rows = peak_flops(device), []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions(torch.device(device).type):
@@ -417,11 +417,11 @@ def gpu_projection(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> d
     evals = t.max_iters // t.eval_interval + 1
     eval_s = evals * 2 * t.eval_iters * statistics.median(times[1:])  # 2 splits
     total = t.max_iters * ms / 1000 + eval_s
-    tok_s, peak = train.tokens_per_step(run_cfg) * 1000 / ms, peak_flops(device)
+    tok_s, peak = run_cfg.tokens_per_step() * 1000 / ms, peak_flops(device)
     mfu = f"MFU {model.estimate_mfu(tok_s, peak):.1%}" if peak else "MFU unknown (no peak FLOP/s for this GPU)"
     return {"what": f"{cfg.preset or 'defaults'}, {precision}", "ok": True, "ms_per_step": ms, "tokens_per_s": tok_s,
-            "result": f"{mfu}; {t.max_iters} steps projected at {train.format_duration(total)} "
-                      f"({train.format_duration(eval_s)} of it evaluation)"}
+            "result": f"{mfu}; {t.max_iters} steps projected at {format_duration(total)} "
+                      f"({format_duration(eval_s)} of it evaluation)"}
 
 
 GPU_CHECKS = (gpu_fp16_resume, gpu_bf16, gpu_flex_vs_sdpa, gpu_compile, gpu_projection)

@@ -153,10 +153,9 @@ class TrainingConfig:
         if self.min_lr > self.learning_rate:
             out.append(f"training.min_lr ({self.min_lr}) must not exceed training.learning_rate "
                        f"({self.learning_rate})")
-        if self.resume and (self.init_from or self.overwrite):
-            other = "training.init_from" if self.init_from else "training.overwrite"
-            out.append(f"training.resume and {other} contradict each other: --resume continues the run in "
-                       f"out_dir from its own checkpoint; drop one of them")
+        if self.resume and self.overwrite:
+            out.append("training.resume and training.overwrite contradict each other: --resume continues the "
+                       "run in out_dir, --training.overwrite replaces it; drop one of them")
         start, end = self.profile_start_step, self.profile_end_step
         if (start or end) and end <= start:
             out.append(f"training.profile_end_step ({end}) must be greater than training.profile_start_step "
@@ -206,6 +205,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step: the effective batch, all processes together."""
+        return self.training.batch_size * self.training.grad_accum_steps * self.model.block_size
 
     def problems(self) -> list[str]:
         """Rules that involve more than one section."""

@@ -68,8 +68,8 @@ def stat_digest(docs: list[Path]) -> str:
 
 def content_digest(docs: list[Path]) -> str:
     hasher = hashlib.sha256()
-    for doc in docs:
-        for _ in read_text(doc, hasher):
+    for document in docs:
+        for _ in read_text(document, hasher):
             pass
     return hasher.hexdigest()
 
@@ -222,8 +222,8 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
     # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
     hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
     progress = Progress(total_bytes, "prepare: reading", progress)
-    for doc in docs:
-        for text in read_text(doc, hasher):
+    for document in docs:
+        for text in read_text(document, hasher):
             n_chars += len(text)
             if d.tokenizer == "char":
                 seen_chars.update(text)
@@ -276,8 +276,8 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
     writers = {s: SplitWriter(out / f"{s}{suffix}", d.format, tok, dtype) for s in ("train", "val")}
     n_train_chars, seen = int(n_chars * (1 - d.val_fraction)), 0
     try:
-        for doc in docs:
-            for text in read_text(doc):
+        for document in docs:
+            for text in read_text(document):
                 head = max(0, min(len(text), n_train_chars - seen))
                 if head:
                     writers["train"].add(text[:head])

@@ -10,6 +10,7 @@ they share the model (DDP, or FSDP's shards), and a profiler window over some of
 from __future__ import annotations
 
 import contextlib
+import signal
 import gc
 import os
 import warnings
@@ -47,15 +48,17 @@ def pick_device(name: str, setting: str = "training.device") -> str:
     return name
 
 
-def pick_precision(precision: str, device_type: str) -> str:
-    """The precision actually used: fp16 and unsupported bf16 fall back to fp32 on CPU."""
+def pick_precision(precision: str, device_type: str, say: bool = True) -> str:
+    """The precision actually used: fp16 and unsupported bf16 fall back to fp32 on CPU (with a notice,
+    when `say`: rank 0 only, under torchrun)."""
+    used = precision
     if device_type == "cpu" and precision == "fp16":
-        print("notice: fp16 autocast is not used on CPU; training in fp32 (bf16 is the fast option)")
-        return "fp32"
-    if device_type == "cpu" and precision == "bf16" and not cpu_has_bf16():
-        print("notice: this CPU has no bf16 support; training in fp32")
-        return "fp32"
-    return precision
+        used, why = "fp32", "fp16 autocast is not used on CPU; training in fp32 (bf16 is the fast option)"
+    elif device_type == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        used, why = "fp32", "this CPU has no bf16 support; training in fp32"
+    if used != precision and say:
+        print(f"notice: {why}")
+    return used
 
 
 def cpu_has_bf16() -> bool:
@@ -279,3 +282,41 @@ class ProfileWindow:
         print(f"profile of steps {self.first} to {step}: {path}\n"
               + self.prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
         self.prof, self.enabled = None, False
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
+    finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once."""
+
+    def __init__(self, procs: Processes):
+        self.procs, self.received, self.previous = procs, 0, {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
+        if self.procs.master:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
+                  "(again to stop at once, without saving)", flush=True)
+
+    def requested(self) -> int:
+        """The signal to stop for, agreed by every process (they must stop at the same step), or 0."""
+        if self.procs.world == 1:
+            return self.received
+        flag = torch.tensor(self.received, device=self.procs.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -10,14 +10,14 @@
 Reading order: main(cfg) calls setup() (processes and device, the starting weights, the data, the
 model and optimizer, the log), then train_loop(), then summarize(). Each optimizer step
 accumulates gradients over grad_accum_steps micro-batches; every eval_interval steps (and after
-the last step) the loop evaluates, writes ckpt_last.pt, ckpt_best.pt on improvement, and
-train_log.json, and checks early stopping.
+the last step) the loop evaluates, logs to train_log.json, writes ckpt_last.pt (not at a fresh
+run's step 0) and ckpt_best.pt on improvement, and checks early stopping. Ctrl-C or SIGTERM saves
+the step in progress (see stop). What the run prints and logs besides the loss is in monitor.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shlex
 import signal
@@ -32,22 +32,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
+from attention import flex_cannot_train
 from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, load_weights, save_checkpoint,
                         weights_to_save)
 from config import Config, ConfigError, TrainingConfig
-from options import config_changes, parse, to_toml
-from data import (DataError, check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte,
-                  start_token, tokenizer_from_meta)
+from data import check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte
 from errors import UserError, command
-from files import atomic_write_text, lock, make_folder, write_json
+from files import atomic_write_text, lock, make_folder
 from lora import add_adapters, adapter_state, trainable
 from model import GPT
-from runtime import (Processes, ProfileWindow, autocast, end_processes, full_state, gathered, is_sharded,
+from monitor import GradNorms, announce_speed, eval_sample, sample_prompt_ids, start_log, write_log
+from options import config_changes, parse, to_toml
+from runtime import (Processes, ProfileWindow, StopSignals, autocast, end_processes, format_duration, full_state,
                      load_optimizer_state, parallel_problems, peak_flops, pick_device, pick_precision, rng_state,
-                     set_rng_state, shard, start_processes, whole)
-
-SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
-
+                     set_rng_state, shard, start_processes)
 
 class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
@@ -103,7 +101,7 @@ def main(cfg: Config) -> dict:
 def setup(cfg: Config, procs: Processes) -> Run:
     training, device = cfg.training, procs.device
     device_type = torch.device(device).type
-    precision = pick_precision(training.precision, device_type)
+    precision = pick_precision(training.precision, device_type, procs.master)
     problems = parallel_problems(training, procs)
     if problems:
         raise ConfigError(problems)
@@ -114,6 +112,8 @@ def setup(cfg: Config, procs: Processes) -> Run:
                          "training.out_dir")
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    elif cfg.model.attention == "flex" and (why := flex_cannot_train(device)):
+        raise ConfigError(why)
 
     start = load_start(training, device, procs)
     if start:
@@ -155,6 +155,9 @@ def setup(cfg: Config, procs: Processes) -> Run:
 
     log = start_log(cfg, out_dir, raw_model, procs, precision, state if training.resume else None)
     if procs.master:
+        if training.overwrite:  # the replaced run goes as a whole, now that this one has started
+            for old in ("ckpt_last.pt", "ckpt_last.json", "ckpt_best.pt", "ckpt_best.json", "train_log.json"):
+                (out_dir / old).unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.toml", to_toml(cfg))
         print(f"settings: {cfg.preset or 'defaults'}" + (" + command line" if cfg.overrides else "")
               + f"; all of them in {out_dir / 'config.toml'}\n" + config_changes(cfg))
@@ -168,7 +171,7 @@ def setup(cfg: Config, procs: Processes) -> Run:
             print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
                   f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%) | base: {lora_base['path']}")
         print(f"effective batch: {training.batch_size} x {training.grad_accum_steps} accumulation = "
-              f"{training.batch_size * training.grad_accum_steps} sequences = {tokens_per_step(cfg):,} "
+              f"{training.batch_size * training.grad_accum_steps} sequences = {cfg.tokens_per_step():,} "
               "tokens per step")
     return Run(model, raw_model, optimizer, scaler, splits, meta, state, log, procs, precision, out_dir,
                state["step"] if training.resume else None, lora_base)
@@ -184,7 +187,16 @@ def load_start(training: TrainingConfig, device: str, procs: Processes) -> Weigh
                               "set training.out_dir to the run to continue")
     if procs.master and Path(path).is_file() and Path(path).stat().st_size > 100e6:
         print(f"loading {path} ({Path(path).stat().st_size / 1e9:.1f} GB)...", flush=True)
-    return load_weights(path, device)
+    start = load_weights(path, device)
+    if training.resume and training.init_from:
+        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
+        # say) may stay in the settings; another one is a contradiction, not something to choose for you.
+        began = ((start.config or {}).get("training") or {}).get("init_from", "")
+        if training.init_from != began:
+            raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
+                              f"started from {began or 'random weights'!r}: --resume continues it from its own "
+                              "checkpoint; drop training.init_from, or train a new run into another out_dir")
+    return start
 
 
 def prepare_data(cfg: Config, procs: Processes, start: Weights | None) -> tuple[Path, dict]:
@@ -233,68 +245,6 @@ def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device:
     return new_state() | {"last_eval_step": ckpt["step"]} | {k: ckpt[k] for k in new_state() if k in ckpt}
 
 
-def start_log(cfg: Config, out_dir: Path, model: GPT, procs: Processes, precision: str,
-              resumed_state: dict | None) -> dict:
-    """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's
-    step, and the resume is recorded (plot.py marks it)."""
-    log = {"version": 1, "config": cfg.to_dict(),
-           "run": {"tokens_per_step": tokens_per_step(cfg), "n_params": model.num_params(),
-                   "n_trainable": trainable(model)[0],
-                   "device": procs.device, "precision": precision, "world_size": procs.world,
-                   "status": "running", "stop_reason": None, "early_stop_step": None},
-           "evals": [], "train": [], "best": None, "resumes": []}
-    if not (resumed_state and procs.master):
-        return log
-    step = resumed_state["step"]
-    try:
-        old = json.loads((out_dir / "train_log.json").read_text(encoding="utf-8"))
-        log["evals"] = [r for r in old["evals"] if r["step"] <= step]
-        log["train"] = [r for r in old["train"] if r["step"] <= step]
-        log["resumes"] = [r for r in old.get("resumes", []) if r["step"] <= step]
-    except (OSError, ValueError, KeyError, TypeError):
-        print(f"notice: {out_dir / 'train_log.json'} is missing or damaged; the curves before step {step} are "
-              "lost, the log starts again from the checkpoint")
-    log["resumes"].append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    log["best"] = {"step": resumed_state["best_step"], "val_loss": resumed_state["best_val_loss"]}
-    return log
-
-
-def tokens_per_step(cfg: Config) -> int:
-    return cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
-    finishes the current step, saves ckpt_last.pt and exits. A second signal stops at once."""
-
-    def __init__(self, procs: Processes):
-        self.procs, self.received, self.previous = procs, 0, {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        self.received = signum
-        signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
-        if self.procs.master:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
-                  "(again to stop at once, without saving)", flush=True)
-
-    def requested(self) -> int:
-        """The signal to stop for, agreed by every process (they must stop at the same step), or 0."""
-        if self.procs.world == 1:
-            return self.received
-        flag = torch.tensor(self.received, device=self.procs.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
@@ -315,8 +265,8 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
     while True:
         last_step = step >= training.max_iters
         stop_reason = None
-        if signals.requested():
-            stop(cfg, run, signals.requested())
+        if signum := signals.requested():  # Ctrl-C or SIGTERM: save this step and end the run
+            stop(cfg, run, signum)
 
         # A resumed run's step was evaluated before it was saved: last_eval_step says so.
         if (step % training.eval_interval == 0 or last_step) and state["last_eval_step"] != step:
@@ -369,23 +319,24 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             raise diverged(run, step, f"the loss became {loss_value}")
-        grads.clip(run, training.grad_clip, measure=(step + 1) % training.log_interval == 0)
+        grads.clip(run.scaler, run.optimizer, run.raw_model, training.grad_clip,
+                   measure=(step + 1) % training.log_interval == 0)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         step += 1
-        state.update(step=step, tokens=state["tokens"] + tokens_per_step(cfg), elapsed_s=time.time() - start_time)
+        state.update(step=step, tokens=state["tokens"] + cfg.tokens_per_step(), elapsed_s=time.time() - start_time)
         window.after_step(step)
 
         if master and step == first_step + 2 and training.log_interval > 2:
-            announce_speed(cfg, run, (time.time() - interval_start) / 2)  # before the first log line
+            announce_speed(training.max_iters, step, device, (time.time() - interval_start) / 2)  # before the first log
         if master and step % training.log_interval == 0:
             if device_type == "cuda":
                 torch.cuda.synchronize()
             # A resumed run's first interval may be short: it starts where the checkpoint was.
             dt_ms = (time.time() - interval_start) * 1000 / min(training.log_interval, step - first_step)
             interval_start = time.time()
-            tok_s = tokens_per_step(cfg) * 1000 / dt_ms
+            tok_s = cfg.tokens_per_step() * 1000 / dt_ms
             mfu = f" | mfu {100 * run.raw_model.estimate_mfu(tok_s, peak * procs.world):.1f}%" if peak else ""
             eta = format_duration((training.max_iters - step) * dt_ms / 1000)  # at this interval's speed
             norms = grads.report()
@@ -439,70 +390,6 @@ def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, proc
     return out
 
 
-class GradNorms:
-    """The global gradient norm before clipping, kept on the device (reading it would make the CPU wait
-    for the GPU at every step): at each log line, the latest norm and the fraction of the steps since
-    the previous log line that were clipped."""
-
-    def __init__(self, device: str):
-        self.latest: torch.Tensor | None = None
-        self.clipped = torch.zeros((), device=device)  # steps clipped since the last report
-        self.steps = 0
-
-    def clip(self, run: Run, clip: float, measure: bool) -> None:
-        """Clip the gradients to norm `clip` (0: no clipping); the norm is measured whenever clipping, and
-        at steps that are logged (`measure`)."""
-        self.steps += 1
-        if clip <= 0 and not measure:
-            return
-        run.scaler.unscale_(run.optimizer)  # the true gradients, not the loss-scaled ones
-        params = [p for p in run.raw_model.parameters() if p.grad is not None]
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.latest = whole(norm)  # under FSDP, the norm of the sharded gradients is a DTensor
-        if clip > 0:
-            self.clipped += self.latest > clip
-
-    def report(self) -> dict[str, float]:
-        """{"grad_norm": the latest norm, "clipped": fraction of steps clipped since the last report}."""
-        out = {"grad_norm": self.latest.item(), "clipped": self.clipped.item() / self.steps}
-        self.clipped.zero_()
-        self.steps = 0
-        return out
-
-
-def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
-    """training.sample_prompt as token ids (the start of a text when it is empty)."""
-    tokenizer = tokenizer_from_meta(meta)
-    if not training.sample_prompt:
-        return [start_token(tokenizer)]
-    try:
-        return tokenizer.encode(training.sample_prompt)
-    except DataError as e:
-        raise ConfigError(f"training.sample_prompt has {e}") from None
-
-
-@torch.no_grad()
-def eval_sample(run: Run, training: TrainingConfig) -> str | None:
-    """training.sample_tokens tokens after training.sample_prompt (None when 0), from the same seed at
-    every evaluation, so that two samples differ only by the weights. Its generator is its own: the
-    training RNG (dropout) does not move, so a run trains the same with or without samples. Rank 0
-    samples, or under FSDP every process (each forward gathers weights from all of them)."""
-    if training.sample_tokens == 0 or not (run.procs.master or is_sharded(run.raw_model)):
-        return None
-    ids = sample_prompt_ids(training, run.meta)
-    device = run.procs.device
-    generator = torch.Generator(device).manual_seed(training.seed)
-    run.raw_model.eval()
-    with gathered(run.raw_model):
-        out = run.raw_model.generate(torch.tensor([ids], device=device), training.sample_tokens,  # (1, T + new)
-                                     SAMPLE_TEMPERATURE, generator=generator)
-    run.raw_model.train()
-    return training.sample_prompt + tokenizer_from_meta(run.meta).decode(out[0, len(ids):].tolist())
-
-
 def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, stop_reason: str | None = None) -> None:
     """Log the evaluation (if any), then write ckpt_last.pt (and ckpt_best.pt on improvement). The log
     goes first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back.
@@ -511,7 +398,7 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
     holds a part of the weights, and all of them take part in gathering them (and in sampling);
     rank 0 alone writes."""
     state, step, training = run.state, run.state["step"], cfg.training
-    sample = eval_sample(run, training) if losses is not None else None
+    sample = eval_sample(run.raw_model, run.meta, training, run.procs) if losses is not None else None
     saved = step > 0 and step != run.saved_step
     weights, optimizer = full_state(run.raw_model, run.optimizer) if saved else ({}, {})
     if not run.procs.master:
@@ -528,9 +415,6 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
         run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
     write_log(run.out_dir, run.log)
     if saved:
-        if run.saved_step is None:  # this run's first checkpoint: a replaced run's best goes with it
-            for old in ("ckpt_best.pt", "ckpt_best.json"):
-                (run.out_dir / old).unlink(missing_ok=True)
         ckpt = {"version": 1, **weights_to_save(weights, cfg.lora, run.lora_base), "optimizer": optimizer,
                 "scaler": run.scaler.state_dict(), **state, "val_loss": losses and losses["val"],
                 "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
@@ -555,12 +439,14 @@ def stop(cfg: Config, run: Run, signum: int) -> None:
         where = (f"ckpt_last.pt holds step {run.saved_step}" if run.saved_step is not None else
                  "nothing was saved: it was the first step")
         print(f"stopped at step {run.state['step']}: {where}; continue with:\n  {resume_command(cfg, run.procs)}")
+    if run.procs.world > 1:
+        dist.barrier()  # torchrun ends every process once one has ended: not before rank 0 has written
     raise Stopped(128 + signum)
 
 
 def resume_command(cfg: Config, procs: Processes) -> str:
     """The command line of this run, with --resume (and without what conflicts with it)."""
-    args, drop = [], ("--resume", "--training.resume", "--training.overwrite", "--training.init_from")
+    args, drop = [], ("--resume", "--training.resume", "--training.overwrite")
     for i, arg in enumerate(cfg.argv):
         flag = arg.split("=")[0]
         if flag in drop or (i and cfg.argv[i - 1] in drop and not arg.startswith("--")):
@@ -579,25 +465,6 @@ def diverged(run: Run, step: int, what: str) -> TrainError:
             "training.learning_rate" if run.saved_step is not None else
             "no checkpoint was written: start again with a lower training.learning_rate")
     return TrainError(f"{what} at step {step}: training diverged; {safe} (or bf16 instead of fp16)")
-
-
-def write_log(out_dir: Path, log: dict) -> None:
-    write_json(out_dir / "train_log.json", log, indent=1)
-
-
-def format_duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def announce_speed(cfg: Config, run: Run, seconds_per_step: float) -> None:
-    """After the first steps: how long the whole run will take, and a hint when that is hours on a CPU."""
-    left = (cfg.training.max_iters - run.state["step"]) * seconds_per_step
-    hint = ("; on a CPU this preset takes hours: it is sized for a GPU (--device cuda), or try "
-            "configs/cpu/small.toml" if run.procs.device == "cpu" and left > 3600 else "")
-    print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
-          f"{cfg.training.max_iters - run.state['step']} steps left, evaluations not included{hint}", flush=True)
 
 
 # ----------------------------------------------------------------------------- the end

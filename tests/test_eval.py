@@ -16,11 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import eval as eval_py  # noqa: E402  (eval.py, the script)
 import export  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from config import Config  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from test_export import make_checkpoint  # noqa: E402
-from model import GPT  # noqa: E402
 
 # Non-ASCII on purpose: 'é', '—' and '日' take 2, 3 and 3 bytes in UTF-8, so bytes and characters differ.
 TEXT = "Où est le café? — Très loin, naïve amie… 日本.\nROMEO: Hélas!\n"

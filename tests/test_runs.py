@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import checkpoint
 import files
+import monitor
 import train
-from options import load_config
 from conftest import ROOT
 from test_train import read_log, tiny, weights
 
@@ -182,20 +181,23 @@ def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
     out = capsys.readouterr().out
     assert "first steps: " in out and " s/step, so about " in out and "for the 18 steps left" in out
     assert "eval step 0: train " in out  # printed in two parts: "eval step 0: " before evaluating
-    cfg = load_config(["--max-iters", "5000", "--device", "cpu"])
-
-    class Slow:  # a CPU run of a preset sized for a GPU
-        state, procs = {"step": 0}, train.Processes(device="cpu")
-
-    train.announce_speed(cfg, Slow, 4.0)
+    monitor.announce_speed(5000, 0, "cpu", 4.0)  # a CPU run of a preset sized for a GPU
     hint = capsys.readouterr().out
     assert "about 5h33m for the 5000 steps left" in hint and "sized for a GPU (--device cuda)" in hint
 
 
-def test_resume_and_init_from_together_is_a_conflict(tmp_path, char_data):
-    r = run_cli(*tiny_argv(tmp_path, char_data, "--resume", "--training.init_from", "exports/small"), timeout=60)
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: training.resume and training.init_from contradict each other")
+def test_resume_keeps_the_init_from_the_run_started_with_and_refuses_another(tmp_path, char_data):
+    """A fine-tune preset's init_from stays in the settings when its run is resumed; another one is a
+    contradiction, reported rather than resolved."""
+    train.main(tiny(tmp_path / "base", char_data, "--max-iters", "4"))
+    tune = ("--training.init_from", str(tmp_path / "base"))
+    train.main(tiny(tmp_path / "tune", char_data, *tune, "--max-iters", "4"))
+    assert train.main(tiny(tmp_path / "tune", char_data, *tune, "--max-iters", "6", "--resume"))["step"] == 6
+    r = run_cli(*tiny_argv(tmp_path / "base", char_data, "--max-iters", "6", "--resume", *tune), timeout=60)
+    assert r.returncode == 2 and r.stderr == (
+        f"error: training.init_from = '{tmp_path / 'base'}', but the run in training.out_dir started from "
+        "'random weights': --resume continues it from its own checkpoint; drop training.init_from, or train a "
+        "new run into another out_dir\n")
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
