@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import shlex
 import sys
 
 from config import SECTIONS, Config, ConfigError, apply_implied, fields_of, interval_words, validate
@@ -269,3 +270,14 @@ def help_text(program: str, about: str = "", options=None, sections: tuple[str, 
                      + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items() if v.split(".")[0] in sections)
                      + ".\n\n" + reference(sections))
     return "\n\n".join(parts)
+
+
+def resume_command(cfg: Config, launcher: str = "python") -> str:
+    """train.py's command line as cfg was parsed from it, with --resume (and without what contradicts it)."""
+    args, drop = [], ("--resume", "--training.resume", "--training.overwrite")
+    for i, arg in enumerate(cfg.argv):
+        flag = arg.split("=")[0]
+        if flag in drop or (i and cfg.argv[i - 1] in drop and not arg.startswith("--")):
+            continue
+        args.append(arg)
+    return f"{launcher} train.py {shlex.join(args + ['--resume'])}"

@@ -284,6 +284,14 @@ class ProfileWindow:
         self.prof, self.enabled = None, False
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving it; `code` is the exit status (128 + signal)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
     finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once."""

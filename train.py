@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shlex
 import signal
 import sys
 import time
@@ -42,21 +41,13 @@ from files import atomic_write_text, lock, make_folder
 from lora import add_adapters, adapter_state, trainable
 from model import GPT
 from monitor import GradNorms, announce_speed, eval_sample, sample_prompt_ids, start_log, write_log
-from options import config_changes, parse, to_toml
-from runtime import (Processes, ProfileWindow, StopSignals, autocast, end_processes, format_duration, full_state,
+from options import config_changes, parse, resume_command, to_toml
+from runtime import (Processes, ProfileWindow, Stopped, StopSignals, autocast, end_processes, format_duration, full_state,
                      load_optimizer_state, parallel_problems, peak_flops, pick_device, pick_precision, rng_state,
                      set_rng_state, shard, start_processes)
 
 class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the run after saving it; `code` is the exit status (128 + signal)."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 @dataclass
@@ -438,22 +429,11 @@ def stop(cfg: Config, run: Run, signum: int) -> None:
         write_log(run.out_dir, run.log)
         where = (f"ckpt_last.pt holds step {run.saved_step}" if run.saved_step is not None else
                  "nothing was saved: it was the first step")
-        print(f"stopped at step {run.state['step']}: {where}; continue with:\n  {resume_command(cfg, run.procs)}")
+        launcher = "python" if run.procs.world == 1 else "torchrun [your torchrun options]"
+        print(f"stopped at step {run.state['step']}: {where}; continue with:\n  {resume_command(cfg, launcher)}")
     if run.procs.world > 1:
         dist.barrier()  # torchrun ends every process once one has ended: not before rank 0 has written
     raise Stopped(128 + signum)
-
-
-def resume_command(cfg: Config, procs: Processes) -> str:
-    """The command line of this run, with --resume (and without what conflicts with it)."""
-    args, drop = [], ("--resume", "--training.resume", "--training.overwrite")
-    for i, arg in enumerate(cfg.argv):
-        flag = arg.split("=")[0]
-        if flag in drop or (i and cfg.argv[i - 1] in drop and not arg.startswith("--")):
-            continue
-        args.append(arg)
-    launcher = "python" if procs.world == 1 else "torchrun [your torchrun options]"
-    return f"{launcher} train.py {shlex.join(args + ['--resume'])}"
 
 
 def diverged(run: Run, step: int, what: str) -> TrainError:
@@ -473,7 +453,7 @@ def nothing_to_do(cfg: Config, run: Run) -> dict:
     if run.procs.master:
         print(f"nothing to do: {run.out_dir / 'ckpt_last.pt'} is at step {run.state['step']} and "
               f"training.max_iters is {cfg.training.max_iters}; raise --max-iters to train further")
-    return summary_of(cfg, run, "nothing_to_do")
+    return summary_of(run, "nothing_to_do")
 
 
 def summarize(cfg: Config, run: Run) -> dict:
@@ -499,10 +479,10 @@ def summarize(cfg: Config, run: Run) -> dict:
               f"log: {out_dir}/train_log.json\n"
               f"next:\n  python sample.py --ckpt {best_file}\n"
               f"  python plot.py {out_dir}/train_log.json")
-    return summary_of(cfg, run, run.log["run"]["status"])
+    return summary_of(run, run.log["run"]["status"])
 
 
-def summary_of(cfg: Config, run: Run, status: str) -> dict:
+def summary_of(run: Run, status: str) -> dict:
     state = run.state
     return {"step": state["step"], "tokens": state["tokens"], "best_val_loss": state["best_val_loss"],
             "best_step": state["best_step"], "start_val_loss": state["start_val_loss"], "status": status,
