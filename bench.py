@@ -17,8 +17,8 @@ one table; --json also writes them to a file. docs/benchmarks.md records figures
 machine they came from.
 
 --what gpu runs the checks that no CPU run can make (GPU_CHECKS: fp16 with its gradient scaler
-and exact resume, bf16, flex attention against sdpa, torch.compile, MFU and the projected wall
-time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
+and exact resume, bf16, flex attention against sdpa, torch.compile, LoRA in fp16, FSDP2 on 2 GPUs,
+MFU and the projected wall time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
 Without CUDA it says so in one line and exits with status 2.
 Peak memory (--what lora) is measured in a fresh process per run: its peak resident set size
 on CPU, torch's own allocator counter on CUDA. --what memory counts the bytes of the tensors each
@@ -56,6 +56,7 @@ from options import load_config, parse
 from data import BPETokenizer, DataError, split_safely
 from errors import UserError, command
 from files import write_json
+from lora import add_adapters
 from model import GPT
 from runtime import (autocast, cpu_has_bf16, end_processes, format_duration, peak_flops, pick_device, pick_precision, shard,
                      start_processes)
@@ -290,7 +291,12 @@ ABLATION = {
     "+ untied output head": ("configs/cpu/speedrun.toml", ["--model.tie_embeddings", "false"]),
     "+ warmup-stable-decay (decay the last 30%)": ("configs/cpu/speedrun.toml", [
         "--training.lr_schedule", "wsd", "--training.decay_frac", "0.3"]),
+    "+ biases (model.bias = true)": ("configs/cpu/speedrun.toml", ["--model.bias", "true"]),
     "+ 200 steps instead of 250": ("configs/cpu/speedrun.toml", ["--max-iters", "200"]),
+    "+ learning_rate 2e-3 (AdamW part; 4e-3)": ("configs/cpu/speedrun.toml", ["--training.learning_rate", "2e-3"]),
+    "+ muon_lr 0.01 (0.02)": ("configs/cpu/speedrun.toml", ["--training.muon_lr", "0.01"]),
+    "+ muon_lr 0.04 (0.02)": ("configs/cpu/speedrun.toml", ["--training.muon_lr", "0.04"]),
+    "+ batch 12, the reference's (16)": ("configs/cpu/speedrun.toml", ["--training.batch_size", "12"]),
 }
 
 
@@ -424,7 +430,74 @@ def gpu_projection(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> d
                       f"({format_duration(eval_s)} of it evaluation)"}
 
 
-GPU_CHECKS = (gpu_fp16_resume, gpu_bf16, gpu_flex_vs_sdpa, gpu_compile, gpu_projection)
+def low_precision(device: str) -> str:
+    """The low precision that mixed-precision training uses on this device: bf16 where it is supported."""
+    return next((p for p in ("bf16", "fp16") if p in precisions(torch.device(device).type)), "fp32")
+
+
+def gpu_lora(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """LoRA in fp16, with the gradient scaler over the adapters alone: a base model trained 20 steps in
+    fp32, then adapters on it for 20 steps. Val loss must go down, and the merged weights (what export.py
+    writes) must give the adapted model's logits, in fp32 without TF32."""
+    quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--max-iters", "20", "--training.eval_interval",
+                                 "20", "--training.out_dir", f"{tmp}/base"))
+    quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--training.precision", "fp16", "--max-iters",
+                                 "20", "--training.eval_interval", "20", "--training.init_from", f"{tmp}/base",
+                                 "--lora.rank", "8", "--training.learning_rate", "1e-2",
+                                 "--training.out_dir", f"{tmp}/lora"))
+    log = json.loads((tmp / "lora" / "train_log.json").read_text())
+    first, last = log["evals"][0]["val_loss"], log["evals"][-1]["val_loss"]
+    w = load_weights(tmp / "lora" / "ckpt_last.pt")
+    adapted, plain = GPT(w.model), GPT(w.model)
+    add_adapters(adapted, w.lora.config)
+    adapted.load_state_dict(w.lora.state_dict)
+    plain.load_state_dict(w.state_dict)
+    x = torch.randint(w.model.vocab_size, (4, w.model.block_size), generator=torch.Generator().manual_seed(0))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    with torch.no_grad():
+        a, b = (model.to(device).eval()(x.to(device))[0] for model in (adapted, plain))
+    torch.set_float32_matmul_precision(precision)
+    diff = (a - b).abs().max().item()
+    ran = log["run"]["precision"]  # fp32 on a CPU
+    ok = ran == "fp16" and math.isfinite(last) and last < first and diff < 1e-4
+    return {"what": "LoRA, fp16 + GradScaler", "ok": ok,
+            "result": f"{ran}: val loss {first:.3f} -> {last:.3f} in 20 steps; merged vs adapted logits max |diff| "
+                      f"{diff:.1e} (allowed 1e-4)"}
+
+
+def gpu_fsdp(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
+    """FSDP2 on 2 GPUs (nccl), in mixed precision (FSDP's policy: see runtime.shard), against one process
+    with autocast, the same global batch: per-step losses within bf16's precision (as
+    tests/test_fsdp.py checks on CPU), and the sharded run's checkpoint read back in one process."""
+    procs = 2 if not device.startswith("cuda") else min(2, torch.cuda.device_count())
+    if procs < 2:
+        return {"what": "FSDP2, 2 processes", "result": "not run: it needs 2 GPUs, this machine has 1"}
+    model_for(cfg)  # prepares the data here, once, before the processes start
+    precision = low_precision(device)
+    common = [*GPU_TINY, "--device", device.split(":")[0], "--training.precision", precision, "--model.dropout", "0",
+              "--training.grad_accum_steps", "2", "--max-iters", "20", "--training.eval_interval", "20"]
+    quiet(train.main, configured(cfg, *common, "--training.out_dir", f"{tmp}/single"))
+    argv = [*(["--config", cfg.preset] if cfg.preset else []), *cfg.overrides, *common,
+            "--training.parallel", "fsdp", "--training.out_dir", f"{tmp}/fsdp"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+                        str(Path(__file__).resolve().parent / "train.py"), *argv],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        print(r.stdout[-2000:], r.stderr[-3000:], file=sys.stderr)
+        return {"what": "FSDP2, 2 processes", "ok": False, "result": f"the torchrun job failed (exit {r.returncode}); "
+                "its output is above"}
+    single, fsdp = (json.loads((tmp / run / "train_log.json").read_text()) for run in ("single", "fsdp"))
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(single["train"], fsdp["train"], strict=True))
+    allowed = 2e-2 if precision != "fp32" else 1e-4
+    w = load_weights(tmp / "fsdp" / "ckpt_last.pt")
+    ok = fsdp["run"]["world_size"] == 2 and fsdp["run"]["precision"] == precision and diff < allowed and w.step == 20
+    return {"what": f"FSDP2, 2 processes, {precision}", "ok": ok,
+            "result": f"per-step losses vs one process: max |diff| {diff:.1e} (allowed {allowed:g}); checkpoint "
+                      f"read in one process at step {w.step}"}
+
+
+GPU_CHECKS = (gpu_fp16_resume, gpu_bf16, gpu_flex_vs_sdpa, gpu_compile, gpu_lora, gpu_fsdp, gpu_projection)
 
 
 def bench_gpu(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:

@@ -65,9 +65,9 @@ def test_gpu_check_without_cuda_is_one_line(tmp_path):
 
 
 def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch):
-    """The code of three GPU checks, run on the CPU: fp16 falls back to fp32 there, so this shows that
-    the resume comparison and the projection work, not what they find on a GPU (someone with one
-    runs python bench.py --what gpu)."""
+    """The code of four GPU checks, run on the CPU: fp16 falls back to fp32 there, so this shows that
+    the resume comparison, LoRA's comparisons and the projection work, not what they find on a GPU
+    (someone with one runs python bench.py --what gpu)."""
     monkeypatch.setattr(bench, "GPU_TINY", bench.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
                                                              "--training.batch_size", "4"])
     opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], bench.BenchOptions, program="bench.py",
@@ -80,6 +80,25 @@ def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch
     row = bench.gpu_projection(opts, cfg, "cpu", tmp_path / "projection")
     assert row["ok"] and "100 steps projected at" in row["result"] and row["ms_per_step"] > 0
     assert "smoke.toml" in row["what"]
+    row = bench.gpu_lora(opts, cfg, "cpu", tmp_path / "lora")
+    assert not row["ok"] and row["result"].startswith("fp32: val loss ")  # no fp16 on a CPU
+    first, last = (float(v) for v in row["result"].split("val loss ")[1].split(" in ")[0].split(" -> "))
+    diff = float(row["result"].split("max |diff| ")[1].split(" ")[0])
+    assert last < first and diff < 1e-4  # the rest of the check holds: adapters learn, merging is exact
+
+
+@pytest.mark.slow  # a torchrun job of 2 processes
+def test_the_fsdp_gpu_check_runs_on_a_cpu_with_gloo(tmp_path, char_data, monkeypatch):
+    """On a CPU its 2 processes talk through gloo, in bf16 where the CPU has it: the check's comparison
+    with one process and its reading of the checkpoint work (on CUDA it needs 2 GPUs)."""
+    monkeypatch.setattr(bench, "GPU_TINY", bench.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
+                                                             "--training.batch_size", "4"])
+    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], bench.BenchOptions, program="bench.py",
+                            preset="configs/base/base.toml")
+    row = bench.gpu_fsdp(opts, cfg, "cpu", tmp_path)
+    assert row["ok"], row
+    assert row["what"] == f"FSDP2, 2 processes, {bench.low_precision('cpu')}"
+    assert "checkpoint read in one process at step 20" in row["result"]
 
 
 @pytest.mark.slow  # two fresh processes, each importing torch
