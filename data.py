@@ -199,6 +199,12 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
                                                 if prepared else {})
     out += [f"{k} = {meta[k]!r} is not one of {', '.join(v)}" for k, v in allowed.items()
             if isinstance(meta.get(k), str) and meta[k] not in v]
+    if prepared:  # written by prepare.py since it records how the data was made: absent from older folders
+        optional = {"source": dict, "bytes": dict, "tokens": dict, "val_fraction": float}
+        out += [f"{k} is not a {t.__name__}" for k, t in optional.items() if k in meta and type(meta[k]) is not t]
+        out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens")
+                if type(meta.get(k)) is dict and not all(type(meta[k].get(s)) is int and meta[k][s] > 0
+                                                         for s in ("train", "val"))]
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
         out.append("vocab_size is not the number of chars")
     return out
@@ -332,5 +338,5 @@ def check_split_lengths(splits: dict, block_size: int, folder) -> None:
         if len(tokens) < block_size + 1:
             raise DataError(
                 f"the {name} split of {folder} has {len(tokens)} tokens, fewer than block_size + 1 "
-                f"= {block_size + 1}; use a longer text, a larger data.val_fraction, or a smaller "
-                "model.block_size")
+                f"= {block_size + 1}; use a longer text, a {'larger' if name == 'val' else 'smaller'} "
+                "data.val_fraction, or a smaller model.block_size")

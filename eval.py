@@ -34,6 +34,7 @@ from config import ConfigError, doc
 from options import parse
 from data import DataError, bits_per_byte, encode_chunks, split_safely, start_token, tokenizer_from_meta
 from errors import command
+from files import finite
 from model import GPT
 from runtime import pick_device
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, "text": opts.text,
               "characters": len(text), **result}
     if opts.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(finite(result), indent=2, allow_nan=False))  # valid JSON: a NaN loss (broken weights) is null
     else:
         print(f"{result['tokens']:,} tokens, {len(text):,} characters, {n_bytes:,} bytes; context {block_size}, "
               f"stride {stride}: {result['windows']:,} windows\n"

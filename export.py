@@ -38,7 +38,7 @@ from config import ARCHS, ModelConfig, doc
 from options import parse
 from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
-from files import atomic_file, lock, make_folder, staging_folder, sync_folder, write_json
+from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
 from model import mlp_hidden
 
@@ -173,7 +173,7 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     if fmt == "hf" and (src.meta or {}).get("encoding") in ("gpt2", "r50k_base"):
         vocab, merges = gpt2_tokenizer_files(load_tiktoken("gpt2"))
         write_json(out / "vocab.json", vocab)
-        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
         write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer",
                                                    "model_max_length": src.model.block_size})
 

@@ -32,7 +32,7 @@ from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError
                   encode_chunks, load_meta, resolve_bin_dir, safe_cut, split_safely, token_dtype,
                   tokenizer_differences)
 from errors import command
-from files import FileError, lock, make_folder, write_json
+from files import FileError, lock, make_folder, sync_folder, write_json
 
 READ_BYTES = 1 << 22      # 4 MB reads
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
@@ -107,7 +107,9 @@ class Progress:
 
 
 class SplitWriter:
-    """Streams one split to disk: encodes text in batches, writes tokens (bin) or text (txt)."""
+    """Streams one split to disk: encodes text in batches, writes tokens (bin) or text (txt). Both splits
+    are written at once, as the text goes by, so each is a temporary file of its own, renamed into place
+    when both are done (files.atomic_file does one file at a time); the folder's lock keeps out others."""
 
     def __init__(self, path: Path, fmt: str, tokenizer, dtype: str):
         self.fmt, self.tokenizer, self.dtype = fmt, tokenizer, np.dtype(dtype)
@@ -301,6 +303,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
         for stale in ("train.bin", "val.bin", "train.txt", "val.txt"):
             if not stale.endswith(suffix):
                 (out / stale).unlink(missing_ok=True)
+        sync_folder(out)  # the renames are on the disk before meta.json, written next, says the folder is whole
     finally:
         for w in writers.values():
             w.file.close()

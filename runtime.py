@@ -99,6 +99,10 @@ def start_processes(device: str) -> Processes:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])  # the GPU's index on this machine
+        here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
+        if here > gpus:  # every process says so: each exits before the others would wait for it
+            raise ConfigError(f"torchrun started {here} processes on this machine, which has {gpus} CUDA GPU(s): one "
+                              f"process per GPU, so use --nproc-per-node={gpus} (or --device cpu)")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -158,6 +162,15 @@ def shard(model: torch.nn.Module, procs: Processes, precision: str) -> None:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def all_finite(model: torch.nn.Module, procs: Processes) -> bool:
+    """Whether every weight of every process is a finite number (each checks its own shards)."""
+    local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters())
+    flag = torch.tensor(int(local), device=procs.device)
+    if procs.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import sys
 import time
@@ -42,9 +43,9 @@ from lora import add_adapters, adapter_state, trainable
 from model import GPT
 from monitor import GradNorms, announce_speed, eval_sample, sample_prompt_ids, start_log, write_log
 from options import config_changes, parse, resume_command, to_toml
-from runtime import (Processes, ProfileWindow, Stopped, StopSignals, autocast, end_processes, format_duration, full_state,
-                     load_optimizer_state, parallel_problems, peak_flops, pick_device, pick_precision, rng_state,
-                     set_rng_state, shard, start_processes)
+from runtime import (Processes, ProfileWindow, Stopped, StopSignals, all_finite, autocast, end_processes,
+                     format_duration, full_state, load_optimizer_state, parallel_problems, peak_flops, pick_device,
+                     pick_precision, rng_state, set_rng_state, shard, start_processes)
 
 class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
@@ -423,14 +424,19 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
 
 def stop(cfg: Config, run: Run, signum: int) -> None:
     """Save the current step and end the run with exit status 128 + signal."""
+    if not all_finite(run.raw_model, run.procs):  # the last update came after the last loss was checked
+        raise diverged(run, run.state["step"], "the weights became non-finite numbers")
     save(cfg, run, None)  # every process: see save
     if run.procs.master:
         run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {run.state['step']}")
         write_log(run.out_dir, run.log)
-        where = (f"ckpt_last.pt holds step {run.saved_step}" if run.saved_step is not None else
-                 "nothing was saved: it was the first step")
         launcher = "python" if run.procs.world == 1 else "torchrun [your torchrun options]"
-        print(f"stopped at step {run.state['step']}: {where}; continue with:\n  {resume_command(cfg, launcher)}")
+        if run.saved_step is None:  # a resume would find no checkpoint: the way on is the same command again
+            print(f"stopped at step {run.state['step']}: nothing was saved (it was the first step); start it again "
+                  f"with:\n  {launcher} train.py {shlex.join(cfg.argv)}")
+        else:
+            print(f"stopped at step {run.state['step']}: ckpt_last.pt holds step {run.saved_step}; continue "
+                  f"with:\n  {resume_command(cfg, launcher)}")
     if run.procs.world > 1:
         dist.barrier()  # torchrun ends every process once one has ended: not before rank 0 has written
     raise Stopped(128 + signum)

@@ -135,12 +135,13 @@ def test_every_script_parses_with_the_same_machinery_and_shows_defaults(capsys):
     """One parser for all scripts: generated --help with each option's default, and typos suggested."""
     import bench
     import export
+    import eval as eval_py
     import plot
     import prepare
     import sample
     import train
 
-    for script in (train.cli, prepare.main, sample.main, export.main, plot.main, bench.main):
+    for script in (train.cli, prepare.main, sample.main, export.main, plot.main, bench.main, eval_py.main):
         assert script(["--help"]) == 0
         out = capsys.readouterr().out
         options = [line for line in out.splitlines() if line.startswith("  ") and line[2] != " "]

@@ -73,14 +73,15 @@ def test_window_plan_scores_every_token_once_with_enough_context():
 
 def test_one_window_equals_the_transformers_loss(char_model, tmp_path, capsys):
     """A text that fits one window: our mean loss is transformers' own loss on the HF export, for every
-    kind of weights eval.py reads (checkpoint, run folder, HF export)."""
+    kind of weights eval.py reads (checkpoint, run folder, native and HF exports; a LoRA run:
+    tests/test_lora.py)."""
     ckpt, hf_dir = char_model
     text = TEXT[:BLOCK - 1]  # the start token and 15 characters: 16 inputs
     ids = torch.tensor([char_ids(text)])
     with torch.no_grad():
         expected = hf_model(hf_dir)(ids, labels=ids).loss.item()  # mean over the 15 predicted tokens
     path = write(tmp_path, text)
-    for source in (ckpt, ckpt.parent, hf_dir):
+    for source in (ckpt, ckpt.parent, export.export(ckpt, tmp_path / "native", "native"), hf_dir):
         result = run_eval(capsys, "--ckpt", source, "--text", path)
         assert result["tokens"] == len(text) == 15 and result["windows"] == 1
         assert result["mean_loss"] == pytest.approx(expected, rel=1e-5)

@@ -145,6 +145,12 @@ def cases(w: Path) -> list[Case]:
         Case("train-meta-wrong-types", "train", tiny(d / "o", d / "data"), "meta.json",
              lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
                                                              lambda m: m.update(vocab_size="65")))),
+        Case("train-meta-bytes-damaged", "train", tiny(d / "o", d / "data"), "meta.json",
+             lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
+                                                             lambda m: m.update(bytes={"val": 0})))),
+        Case("train-diverged", "train", tiny(d / "o", data, "--training.learning_rate", "1e6", "--training.grad_clip",
+                                             "0", "--training.warmup_iters", "0", "--training.eval_interval", "1",
+                                             "--max-iters", "50"), "training.learning_rate"),
         Case("train-bin-odd-size", "train", tiny(d / "o", d / "data"), "train.bin",
              lambda w, d: (copy(data, d / "data"), open(d / "data" / "train.bin", "ab").write(b"\x00"))),
         Case("train-named-data-prepared-differently", "train", tiny(d / "o", d / "data", "--data.val_fraction", "0.3"),
@@ -237,6 +243,12 @@ def cases(w: Path) -> list[Case]:
         Case("lora-alpha-zero", "train", tiny(d / "o", data, "--training.init_from", str(run), "--lora.rank", "2",
                                               "--lora.alpha", "0"), "lora.alpha"),
         Case("lora-base-gone", "sample", ["--ckpt", str(d / "lora")], "base", lambda w, d: lora_run(w, d, delete_base=True)),
+        Case("lora-base-changed", "sample", ["--ckpt", str(d / "lora")], "base",
+             lambda w, d: (lora_run(w, d, delete_base=False), change_weights(d / "base" / "ckpt_best.pt"),
+                           change_weights(d / "base" / "ckpt_last.pt"))),
+        Case("lora-adapters-only-onto-a-native-base", "export", ["--ckpt", str(d / "lora"), "--out", str(d / "a"),
+                                                                 "--adapters-only"], "--adapters-only",
+             lambda w, d: lora_run(w, d, delete_base=False)),
         Case("lora-adapters-only-of-a-full-run", "export", ["--ckpt", str(run), "--out", str(d / "a"), "--adapters-only"],
              "--adapters-only"),
         # the Llama-style switches
@@ -284,6 +296,14 @@ def lora_run(w: Path, d: Path, delete_base: bool) -> None:
         assert train.cli(tiny(d / "lora", w / "data", "--training.init_from", str(base), "--lora.rank", "2")) == 0
     if delete_base:
         shutil.rmtree(base)
+
+
+def change_weights(path: Path) -> None:
+    """The same checkpoint with one weight nudged: what a LoRA run's base digest must notice."""
+    ckpt = torch.load(path, weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = ckpt["model"][name] + 1e-3
+    torch.save(ckpt, path)
 
 
 def resave(src: Path, dest: Path, **changes) -> None:

@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import export
 import runtime
+import sample
 import train
 from config import TrainingConfig
 from options import load_config
@@ -67,7 +68,7 @@ def runs(tmp_path_factory, char_data):
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path):
+def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path, char_data):
     single, ddp, fsdp = (final_weights(runs / name) for name in ("single", "ddp", "fsdp"))
     assert_close(single, fsdp)
     assert_close(ddp, fsdp)
@@ -89,9 +90,13 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path):
     for i, state in single_opt["state"].items():
         for k, v in state.items():
             assert torch.allclose(v.float(), fsdp_opt["state"][i][k].float(), rtol=1e-3, atol=1e-7), (i, k)
-    # What sample.py, eval.py and export.py do with it, in one process.
+    # What sample.py, eval.py, export.py and training.init_from do with it, in one process.
     model, weights = checkpoint.load_model(runs / "fsdp")
     assert weights.step == 6 and model.generate(torch.zeros((1, 1), dtype=torch.long), 5).shape == (1, 6)
+    assert sample.main(["--ckpt", str(runs / "fsdp"), "--num-samples", "1", "--max-new-tokens", "5"]) == 0
+    train.main(load_config(args(tmp_path / "init", char_data, "--training.init_from", str(runs / "fsdp"),
+                                "--training.max_iters", "1")))
+    assert log(tmp_path / "init")["evals"][0]["val_loss"] == pytest.approx(f_log["evals"][-1]["val_loss"], abs=1e-6)
     export.export(runs / "fsdp", tmp_path / "export")
     exported = checkpoint.load_weights(tmp_path / "export").state_dict
     assert all(torch.equal(exported[k], fsdp[k]) for k in fsdp)
@@ -246,3 +251,18 @@ def test_fsdp_needs_several_processes_on_cuda_or_cpu():
     (mps,) = runtime.parallel_problems(fsdp, runtime.Processes(0, 2, "mps"))
     assert re.match(r"training.parallel = fsdp cannot run on MPS: .*; use --device cpu", mps)
     assert runtime.parallel_problems(TrainingConfig(grad_accum_steps=2), runtime.Processes(0, 2, "mps")) == []
+
+
+def test_more_processes_than_gpus_is_one_line_before_the_process_group(monkeypatch):
+    """torchrun --nproc-per-node=2 on a machine with one GPU: every process refuses at its start (shown
+    here with the GPU count faked: the check runs before anything touches a GPU)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(runtime.ConfigError) as e:
+        runtime.start_processes("cuda")
+    assert e.value.problems == ["torchrun started 2 processes on this machine, which has 1 CUDA GPU(s): one process "
+                                "per GPU, so use --nproc-per-node=1 (or --device cpu)"]
+    assert not torch.distributed.is_initialized()

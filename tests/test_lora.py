@@ -345,3 +345,24 @@ def test_adapters_only_errors(lora_run, base, tmp_path, capsys):
     assert f"--base {other} holds other weights than those the adapters were trained on" in \
         fails("--ckpt", lora_run, "--base", other)
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_scores_a_lora_run_as_transformers_scores_its_merged_export(lora_run, tmp_path, capsys):
+    """eval.py reads a LoRA checkpoint (adapters on their base); transformers, on the Hugging Face export of
+    the merged model, gives the same mean loss for a text within one window."""
+    import eval as eval_py
+    from transformers import GPT2LMHeadModel
+
+    text = "ROMEO: I will."  # 14 characters and the start token: one 16-token window
+    (tmp_path / "t.txt").write_text(text)
+    assert eval_py.main(["--json", "--ckpt", str(lora_run), "--text", str(tmp_path / "t.txt")]) == 0
+    ours = json.loads(capsys.readouterr().out)["mean_loss"]
+    chars = load_weights(lora_run).meta["chars"]
+    ids = torch.tensor([[chars.index(c) for c in "\n" + text]])  # a newline starts a text
+    hf = GPT2LMHeadModel.from_pretrained(export.export(lora_run, tmp_path / "hf", "hf")).eval()
+    with torch.no_grad():
+        expected = hf(ids, labels=ids).loss.item()
+    assert ours == pytest.approx(expected, rel=1e-5)
+    assert eval_py.main(["--json", "--ckpt", load_weights(lora_run).lora.base["path"], "--text",
+                         str(tmp_path / "t.txt")]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["mean_loss"] - ours) > 1e-3  # the adapters were scored

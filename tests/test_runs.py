@@ -5,12 +5,14 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import checkpoint
 import files
@@ -129,6 +131,58 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
     assert [e["step"] for e in resumed["evals"]] == [0, 10, 20]
     assert resumed["resumes"][0]["step"] == 7  # plot.py marks it
 
+
+
+def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path, char_data, monkeypatch, capsys):
+    """Nothing is saved before step 1, so the way on is the same command, not --resume (which would find
+    no checkpoint)."""
+    real_enter = train.StopSignals.__enter__
+
+    def enter_then_ctrl_c(self):
+        signals = real_enter(self)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before the loop's first look at the signals
+        return signals
+
+    monkeypatch.setattr(train.StopSignals, "__enter__", enter_then_ctrl_c)
+    cfg = tiny(tmp_path, char_data)
+    cfg.argv = tiny_argv(tmp_path, char_data)
+    with pytest.raises(train.Stopped) as stopped:
+        train.main(cfg)
+    assert stopped.value.code == 130
+    out = capsys.readouterr().out
+    assert "stopped at step 0: nothing was saved (it was the first step); start it again with:\n  python train.py " \
+           f"{shlex.join(cfg.argv)}\n" in out
+    assert "--resume" not in out and not (tmp_path / "ckpt_last.pt").exists()
+    monkeypatch.undo()
+    train.main(tiny(tmp_path, char_data))  # and that command does start again
+
+
+def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, char_data, monkeypatch):
+    """Ctrl-C saves the weights of the last update, which no loss has checked yet: non-finite ones are
+    refused as a divergence, and ckpt_last.pt keeps the last good step (10, after its evaluation)."""
+    real_get_batch = train.get_batch
+
+    def signal_at_step_12(tokens, block_size, batch_size, key, *args, **kwargs):
+        if key[0] == "train" and key[2] == 12 and kwargs.get("part") == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(tokens, block_size, batch_size, key, *args, **kwargs)
+
+    def break_the_weights(optimizer, args, kwargs):
+        if optimizer.state and next(iter(optimizer.state.values()))["step"] == 13:  # the update of step 12
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+
+    monkeypatch.setattr(train, "get_batch", signal_at_step_12)
+    hook = register_optimizer_step_post_hook(break_the_weights)  # every optimizer's step calls it
+    try:
+        with pytest.raises(train.TrainError) as e:
+            train.main(tiny(tmp_path, char_data))
+    finally:
+        hook.remove()
+    assert str(e.value) == ("the weights became non-finite numbers at step 13: training diverged; ckpt_last.pt holds "
+                            "step 10, the last finite state: resume from it with a lower training.learning_rate "
+                            "(or bf16 instead of fp16)")
+    assert checkpoint.load_weights(tmp_path / "ckpt_last.pt").step == 10
 
 def test_a_diverged_state_is_never_saved_and_the_log_stays_valid_json(tmp_path, char_data):
     cfg = tiny(tmp_path, char_data, "--training.learning_rate", "1e6", "--training.grad_clip", "0",

@@ -386,21 +386,27 @@ def test_a_llama_run_fine_tunes_from_its_export_with_its_settings(tmp_path, char
     assert train.main(start_from_export("d", "--model.block_size", "8"))["step"] == 2
 
 
-def test_the_finetune_preset_improves_on_its_start(tmp_path, char_data):
-    """configs/finetune/shakespeare_finetune.toml, run briefly on a model trained to the end of its
-    schedule (as exports/small is), must beat the starting weights at its evaluations."""
+def test_the_finetune_presets_improve_on_their_start(tmp_path, char_data, capsys):
+    """configs/finetune/shakespeare_finetune.toml and shakespeare_lora.toml, run briefly on a model
+    trained to the end of its schedule (as exports/small is), must beat the starting weights at their
+    evaluations, and the summary says by how much."""
     import export
 
     train.main(tiny(tmp_path / "base", char_data, "--max-iters", "600", "--training.learning_rate", "3e-3",
                     "--training.min_lr", "3e-4", "--training.eval_interval", "600", "--training.eval_iters", "20",
                     "--training.batch_size", "32", "--training.log_interval", "100"))
     export.export(tmp_path / "base", tmp_path / "exp")
-    cfg = load_config(["--config", str(ROOT / "configs/finetune/shakespeare_finetune.toml"),
-                       "--training.init_from", str(tmp_path / "exp"), "--data.processed_dir", char_data,
-                       "--training.out_dir", str(tmp_path / "ft"), "--max-iters", "100",
-                       "--training.eval_interval", "50"])
-    summary = train.main(cfg)
-    evals = read_log(tmp_path / "ft")["evals"]
-    assert [e["step"] for e in evals] == [0, 50, 100]
-    assert all(e["val_loss"] < evals[0]["val_loss"] for e in evals[1:]), [e["val_loss"] for e in evals]
-    assert summary["best_step"] == 100 and (tmp_path / "ft" / "ckpt_best.pt").exists()
+    for preset in ("shakespeare_finetune", "shakespeare_lora"):
+        capsys.readouterr()
+        cfg = load_config(["--config", str(ROOT / f"configs/finetune/{preset}.toml"),
+                           "--training.init_from", str(tmp_path / "exp"), "--data.processed_dir", char_data,
+                           "--training.out_dir", str(tmp_path / preset), "--max-iters", "100",
+                           "--training.eval_interval", "50"])
+        summary = train.main(cfg)
+        evals = read_log(tmp_path / preset)["evals"]
+        assert [e["step"] for e in evals] == [0, 50, 100]
+        assert all(e["val_loss"] < evals[0]["val_loss"] for e in evals[1:]), (preset, [e["val_loss"] for e in evals])
+        assert summary["best_step"] == 100 and (tmp_path / preset / "ckpt_best.pt").exists()
+        start, best = evals[0]["val_loss"], evals[-1]["val_loss"]
+        assert (f"best val loss {best:.4f} at step 100 ({best - start:+.4f} from {start:.4f} at the start)"
+                in capsys.readouterr().out)
