@@ -17,8 +17,8 @@ one table; --json also writes them to a file. docs/benchmarks.md records figures
 machine they came from.
 
 --what gpu runs the checks that no CPU run can make (GPU_CHECKS: fp16 with its gradient scaler
-and exact resume, bf16, flex attention against sdpa, torch.compile, LoRA in fp16, FSDP2 on 2 GPUs,
-MFU and the projected wall time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
+and exact resume, bf16, flex attention against sdpa, torch.compile, LoRA in fp16, FSDP2 on 2
+GPUs, MFU and the projected wall time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
 Without CUDA it says so in one line and exits with status 2.
 Peak memory (--what lora) is measured in a fresh process per run: its peak resident set size
 on CPU, torch's own allocator counter on CUDA. --what memory counts the bytes of the tensors each
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,6 +329,17 @@ GPU_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.n_embd", "12
             "--training.log_interval", "1", "--training.save_best", "false"]
 
 
+@contextlib.contextmanager
+def exact_matmuls() -> Iterator[None]:
+    """fp32 matmuls without TF32 inside the block: TF32 would hide a real difference in rounding."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def gpu_fp16_resume(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
     """fp16 autocast with the gradient scaler, stopped at step 10 and resumed to step 20: the weights,
     optimizer and scaler must equal those of an uninterrupted 20-step run bit for bit. (Eager attention
@@ -366,8 +378,6 @@ def gpu_bf16(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
 def gpu_flex_vs_sdpa(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
     """Flex attention (compiled on CUDA) against sdpa on the same weights and tokens, in fp32 without
     TF32: logits and every gradient, with the causal mask and with a document mask."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # TF32 would hide a real difference in rounding
     sdpa = model_for(cfg, "--model.dropout", "0").to(device)
     flex = model_for(cfg, "--model.dropout", "0", "--model.attention", "flex").to(device)
     flex.load_state_dict(sdpa.state_dict())
@@ -375,17 +385,17 @@ def gpu_flex_vs_sdpa(opts: BenchOptions, cfg: Config, device: str, tmp: Path) ->
     x = torch.randint(sdpa.config.vocab_size, (4, T + 1), generator=gen).to(device)
     docs = (torch.rand(4, T, generator=gen) < 4 / T).long().cumsum(dim=1).to(device)  # (B, T): ~4 documents
     worst = {"logits": 0.0, "grads": 0.0}
-    for doc_ids in (None, docs):
-        outputs = []
-        for model in (sdpa, flex):
-            model.zero_grad(set_to_none=True)
-            logits, loss = model(x[:, :-1], x[:, 1:], doc_ids)
-            loss.backward()
-            outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-        (la, ga), (lb, gb) = outputs
-        worst["logits"] = max(worst["logits"], (la - lb).abs().max().item())
-        worst["grads"] = max(worst["grads"], max((ga[n] - gb[n]).abs().max().item() for n in ga))
-    torch.set_float32_matmul_precision(precision)
+    with exact_matmuls():
+        for doc_ids in (None, docs):
+            outputs = []
+            for model in (sdpa, flex):
+                model.zero_grad(set_to_none=True)
+                logits, loss = model(x[:, :-1], x[:, 1:], doc_ids)
+                loss.backward()
+                outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+            (la, ga), (lb, gb) = outputs
+            worst["logits"] = max(worst["logits"], (la - lb).abs().max().item())
+            worst["grads"] = max(worst["grads"], max((ga[n] - gb[n]).abs().max().item() for n in ga))
     ok = worst["logits"] < 1e-4 and worst["grads"] < 1e-4
     return {"what": "flex attention vs sdpa, fwd + bwd", "ok": ok,
             "result": f"max |diff| logits {worst['logits']:.1e}, grads {worst['grads']:.1e} (causal and document "
@@ -439,8 +449,8 @@ def gpu_lora(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
     """LoRA in fp16, with the gradient scaler over the adapters alone: a base model trained 20 steps in
     fp32, then adapters on it for 20 steps. Val loss must go down, and the merged weights (what export.py
     writes) must give the adapted model's logits, in fp32 without TF32."""
-    quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--max-iters", "20", "--training.eval_interval",
-                                 "20", "--training.out_dir", f"{tmp}/base"))
+    quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--training.precision", "fp32", "--max-iters",
+                                 "20", "--training.eval_interval", "20", "--training.out_dir", f"{tmp}/base"))
     quiet(train.main, configured(cfg, *GPU_TINY, "--device", device, "--training.precision", "fp16", "--max-iters",
                                  "20", "--training.eval_interval", "20", "--training.init_from", f"{tmp}/base",
                                  "--lora.rank", "8", "--training.learning_rate", "1e-2",
@@ -453,15 +463,12 @@ def gpu_lora(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
     adapted.load_state_dict(w.lora.state_dict)
     plain.load_state_dict(w.state_dict)
     x = torch.randint(w.model.vocab_size, (4, w.model.block_size), generator=torch.Generator().manual_seed(0))
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    with torch.no_grad():
+    with exact_matmuls(), torch.no_grad():
         a, b = (model.to(device).eval()(x.to(device))[0] for model in (adapted, plain))
-    torch.set_float32_matmul_precision(precision)
     diff = (a - b).abs().max().item()
     ran = log["run"]["precision"]  # fp32 on a CPU
     ok = ran == "fp16" and math.isfinite(last) and last < first and diff < 1e-4
-    return {"what": "LoRA, fp16 + GradScaler", "ok": ok,
+    return {"what": "LoRA, fp16 + GradScaler", "ok": ok, "val_start": first, "best_val_loss": last, "max_diff": diff,
             "result": f"{ran}: val loss {first:.3f} -> {last:.3f} in 20 steps; merged vs adapted logits max |diff| "
                       f"{diff:.1e} (allowed 1e-4)"}
 
@@ -472,12 +479,12 @@ def gpu_fsdp(opts: BenchOptions, cfg: Config, device: str, tmp: Path) -> dict:
     tests/test_fsdp.py checks on CPU), and the sharded run's checkpoint read back in one process."""
     procs = 2 if not device.startswith("cuda") else min(2, torch.cuda.device_count())
     if procs < 2:
-        return {"what": "FSDP2, 2 processes", "result": "not run: it needs 2 GPUs, this machine has 1"}
-    model_for(cfg)  # prepares the data here, once, before the processes start
+        return {"what": "FSDP2, 2 processes", "result": f"not run: it needs 2 GPUs, this machine has "
+                                                        f"{torch.cuda.device_count()}"}
     precision = low_precision(device)
     common = [*GPU_TINY, "--device", device.split(":")[0], "--training.precision", precision, "--model.dropout", "0",
               "--training.grad_accum_steps", "2", "--max-iters", "20", "--training.eval_interval", "20"]
-    quiet(train.main, configured(cfg, *common, "--training.out_dir", f"{tmp}/single"))
+    quiet(train.main, configured(cfg, *common, "--training.out_dir", f"{tmp}/single"))  # prepares the data too
     argv = [*(["--config", cfg.preset] if cfg.preset else []), *cfg.overrides, *common,
             "--training.parallel", "fsdp", "--training.out_dir", f"{tmp}/fsdp"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",

@@ -205,6 +205,8 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
         out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens")
                 if type(meta.get(k)) is dict and not all(type(meta[k].get(s)) is int and meta[k][s] > 0
                                                          for s in ("train", "val"))]
+        if "bytes" in meta and "tokens" not in meta:  # bits per byte needs both; older folders lack bytes only
+            out.append("bytes is there without tokens")
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
         out.append("vocab_size is not the number of chars")
     return out
@@ -333,10 +335,14 @@ def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: s
     return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
 
 
+def longer_split(name: str) -> str:
+    """How to make the train or val split longer with the same text."""
+    return f"a {'larger' if name == 'val' else 'smaller'} data.val_fraction"
+
+
 def check_split_lengths(splits: dict, block_size: int, folder) -> None:
     for name, tokens in splits.items():
         if len(tokens) < block_size + 1:
             raise DataError(
                 f"the {name} split of {folder} has {len(tokens)} tokens, fewer than block_size + 1 "
-                f"= {block_size + 1}; use a longer text, a {'larger' if name == 'val' else 'smaller'} "
-                "data.val_fraction, or a smaller model.block_size")
+                f"= {block_size + 1}; use a longer text, {longer_split(name)}, or a smaller model.block_size")

@@ -29,7 +29,7 @@ import numpy as np
 from config import DataConfig, doc
 from options import parse
 from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, default_processed_dir,
-                  encode_chunks, load_meta, resolve_bin_dir, safe_cut, split_safely, token_dtype,
+                  encode_chunks, load_meta, longer_split, resolve_bin_dir, safe_cut, split_safely, token_dtype,
                   tokenizer_differences)
 from errors import command
 from files import FileError, lock, make_folder, sync_folder, write_json
@@ -296,7 +296,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
             if w.n_tokens < min_tokens:
                 raise DataError(f"the {split} split of {d.input} would have {w.n_tokens} tokens, fewer than the "
                                 f"{min_tokens} needed (block_size + 1 when training); use a longer text, or "
-                                "another data.val_fraction")
+                                f"{longer_split(split)}")
         (out / "meta.json").unlink(missing_ok=True)  # no meta: the folder is not complete
         for split, w in writers.items():
             os.replace(w.tmp, out / f"{split}{suffix}")

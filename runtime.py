@@ -100,7 +100,7 @@ def start_processes(device: str) -> Processes:
     if device == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])  # the GPU's index on this machine
         here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
-        if here > gpus:  # every process says so: each exits before the others would wait for it
+        if here > gpus:  # every process refuses, so none waits for the others; rank 0 prints it
             raise ConfigError(f"torchrun started {here} processes on this machine, which has {gpus} CUDA GPU(s): one "
                               f"process per GPU, so use --nproc-per-node={gpus} (or --device cpu)")
         torch.cuda.set_device(local_rank)

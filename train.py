@@ -423,7 +423,8 @@ def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, sto
 
 
 def stop(cfg: Config, run: Run, signum: int) -> None:
-    """Save the current step and end the run with exit status 128 + signal."""
+    """Save the current step and end the run with exit status 128 + signal: weights that are not finite
+    numbers are refused as a divergence instead, and before step 1 there is nothing to save."""
     if not all_finite(run.raw_model, run.procs):  # the last update came after the last loss was checked
         raise diverged(run, run.state["step"], "the weights became non-finite numbers")
     save(cfg, run, None)  # every process: see save

@@ -82,9 +82,8 @@ def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch
     assert "smoke.toml" in row["what"]
     row = bench.gpu_lora(opts, cfg, "cpu", tmp_path / "lora")
     assert not row["ok"] and row["result"].startswith("fp32: val loss ")  # no fp16 on a CPU
-    first, last = (float(v) for v in row["result"].split("val loss ")[1].split(" in ")[0].split(" -> "))
-    diff = float(row["result"].split("max |diff| ")[1].split(" ")[0])
-    assert last < first and diff < 1e-4  # the rest of the check holds: adapters learn, merging is exact
+    # The rest of the check holds: the adapters learn, and merging them changes no logit.
+    assert row["best_val_loss"] < row["val_start"] and row["max_diff"] < 1e-4
 
 
 @pytest.mark.slow  # a torchrun job of 2 processes

@@ -176,3 +176,15 @@ def test_missing_text_option_and_script_run(char_model, tmp_path):
     assert "scoring: 100% of 82 windows" in r.stderr and "(checkpoint, step 7, char tokenizer)" in r.stderr
     assert f"177 tokens, 177 characters, {len(LONG.encode())} bytes; context 16, stride 2: 82 windows" in r.stdout
     assert "bits per byte" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_json_stays_valid_when_the_weights_are_broken(char_model, tmp_path, capsys):
+    """Weights that are not numbers score NaN: --json prints null there, never a NaN literal (not JSON)."""
+    ckpt, _ = char_model
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "nan.pt")
+    assert eval_py.main(["--json", "--ckpt", str(tmp_path / "nan.pt"), "--text", str(write(tmp_path, TEXT))]) == 0
+    result = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert result["mean_loss"] is None and result["perplexity"] is None and result["bits_per_byte"] is None
+    assert result["tokens"] == len(TEXT)

@@ -299,7 +299,7 @@ def lora_run(w: Path, d: Path, delete_base: bool) -> None:
 
 
 def change_weights(path: Path) -> None:
-    """The same checkpoint with one weight nudged: what a LoRA run's base digest must notice."""
+    """The same checkpoint with one tensor nudged: what a LoRA run's base digest must notice."""
     ckpt = torch.load(path, weights_only=True)
     name = next(iter(ckpt["model"]))
     ckpt["model"][name] = ckpt["model"][name] + 1e-3

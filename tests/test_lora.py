@@ -353,7 +353,7 @@ def test_eval_scores_a_lora_run_as_transformers_scores_its_merged_export(lora_ru
     import eval as eval_py
     from transformers import GPT2LMHeadModel
 
-    text = "ROMEO: I will."  # 14 characters and the start token: one 16-token window
+    text = "ROMEO: I will."  # 14 characters after the start token: 15 tokens, within one 16-token window
     (tmp_path / "t.txt").write_text(text)
     assert eval_py.main(["--json", "--ckpt", str(lora_run), "--text", str(tmp_path / "t.txt")]) == 0
     ours = json.loads(capsys.readouterr().out)["mean_loss"]

@@ -19,6 +19,7 @@ import files
 import monitor
 import train
 from conftest import ROOT
+from options import load_config
 from test_train import read_log, tiny, weights
 
 
@@ -132,7 +133,6 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
     assert resumed["resumes"][0]["step"] == 7  # plot.py marks it
 
 
-
 def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path, char_data, monkeypatch, capsys):
     """Nothing is saved before step 1, so the way on is the same command, not --resume (which would find
     no checkpoint)."""
@@ -144,17 +144,17 @@ def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path
         return signals
 
     monkeypatch.setattr(train.StopSignals, "__enter__", enter_then_ctrl_c)
-    cfg = tiny(tmp_path, char_data)
-    cfg.argv = tiny_argv(tmp_path, char_data)
     with pytest.raises(train.Stopped) as stopped:
-        train.main(cfg)
+        train.main(load_config(tiny_argv(tmp_path, char_data, "--max-iters", "20")))
     assert stopped.value.code == 130
     out = capsys.readouterr().out
-    assert "stopped at step 0: nothing was saved (it was the first step); start it again with:\n  python train.py " \
-           f"{shlex.join(cfg.argv)}\n" in out
-    assert "--resume" not in out and not (tmp_path / "ckpt_last.pt").exists()
+    said, command = out.split("\n")[-3:-1]
+    assert said == "stopped at step 0: nothing was saved (it was the first step); start it again with:"
+    assert "--resume" not in command and not (tmp_path / "ckpt_last.pt").exists()
     monkeypatch.undo()
-    train.main(tiny(tmp_path, char_data))  # and that command does start again
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train.py"]
+    assert train.main(load_config(argv[2:]))["step"] == 20  # the printed command trains the run
 
 
 def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, char_data, monkeypatch):
@@ -183,6 +183,7 @@ def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, c
                             "step 10, the last finite state: resume from it with a lower training.learning_rate "
                             "(or bf16 instead of fp16)")
     assert checkpoint.load_weights(tmp_path / "ckpt_last.pt").step == 10
+
 
 def test_a_diverged_state_is_never_saved_and_the_log_stays_valid_json(tmp_path, char_data):
     cfg = tiny(tmp_path, char_data, "--training.learning_rate", "1e6", "--training.grad_clip", "0",
