@@ -94,6 +94,8 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
         optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", name)
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+        # A and B are matrices: weight decay pulls them, and so the change B A, towards zero.
+        assert all(g["weight_decay"] == 0.1 for g in optimizer.param_groups if g["params"])
     _, loss = model.train()(idx, idx)
     loss.backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
@@ -345,6 +347,32 @@ def test_adapters_only_errors(lora_run, base, tmp_path, capsys):
     assert f"--base {other} holds other weights than those the adapters were trained on" in \
         fails("--ckpt", lora_run, "--base", other)
     assert not (tmp_path / "x").exists()
+
+
+def test_adapters_of_a_run_started_from_a_hugging_face_folder_need_no_base(base, tmp_path, char_data, capsys):
+    """A LoRA run on a Hugging Face GPT-2 folder: --adapters-only finds that folder by itself, and PEFT,
+    given nothing but the adapters' folder, loads them onto it with our logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    base_hf = export.export(base, tmp_path / "base_hf", "hf")
+    train.main(with_lora(tmp_path / "run", char_data, base_hf))
+    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 0
+    capsys.readouterr()
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapters").eval()
+    ours = logits(adapted(load_weights(tmp_path / "run")), IDX)
+    assert (logits(auto, IDX) - ours).abs().max() < 1e-4
+    assert (logits(plain(load_weights(base)), IDX) - ours).abs().max() > 0.05
+
+
+def test_adapters_only_refuses_a_llama_model(tmp_path, char_data, capsys):
+    """PEFT's layer names here are GPT-2's: a Llama model's adapters go out merged instead."""
+    train.main(tiny(tmp_path / "base", char_data, "--model.arch", "llama", "--max-iters", "2"))
+    train.main(with_lora(tmp_path / "run", char_data, tmp_path / "base", "--max-iters", "2"))
+    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--adapters-only"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --adapters-only writes PEFT adapters for GPT-2's layer names, and this model is model.arch = "
+        "'llama'; export the merged model instead (without --adapters-only)\n")
+    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
 
 
 def test_eval_scores_a_lora_run_as_transformers_scores_its_merged_export(lora_run, tmp_path, capsys):
