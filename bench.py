@@ -18,7 +18,8 @@ machine they came from.
 
 --what gpu runs the checks that no CPU run can make (GPU_CHECKS: fp16 with its gradient scaler
 and exact resume, bf16, flex attention against sdpa, torch.compile, LoRA in fp16, FSDP2 on 2
-GPUs, MFU and the projected wall time of the measured preset), each a row with ok or FAILED; the exit status is 1 if one failed.
+GPUs, MFU and the projected wall time of the measured preset), each a row with ok or FAILED; the
+exit status is 1 if one failed.
 Without CUDA it says so in one line and exits with status 2.
 Peak memory (--what lora) is measured in a fresh process per run: its peak resident set size
 on CPU, torch's own allocator counter on CUDA. --what memory counts the bytes of the tensors each

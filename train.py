@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shlex
 import signal
 import sys
@@ -496,14 +497,26 @@ def summary_of(run: Run, status: str) -> dict:
             "out_dir": str(run.out_dir), "wall_s": state["elapsed_s"]}
 
 
+def terminated_outside_the_loop(signum: int, frame) -> None:
+    """SIGTERM while no step is in progress (preparing data, loading weights, the summary): end now,
+    saying so. Inside the loop, StopSignals takes over: it finishes the step and saves it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"\n{signal.Signals(signum).name}: stopped outside the training loop; no step was saved by it",
+              file=sys.stderr)
+    raise Stopped(128 + signum)
+
+
 @command
 def cli(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or nothing left to do), 2 a mistake to fix, 130 Ctrl-C, 143 SIGTERM
-    (both after saving the current step), 1 a bug (with its traceback)."""
+    (both after saving the current step, when there is one), 1 a bug (with its traceback)."""
+    previous = signal.signal(signal.SIGTERM, terminated_outside_the_loop)
     try:
         main(parse(argv, about=__doc__)[1])
     except Stopped as e:
         return e.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

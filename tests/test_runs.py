@@ -133,6 +133,23 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
     assert resumed["resumes"][0]["step"] == 7  # plot.py marks it
 
 
+
+def test_sigterm_while_preparing_is_one_line_and_exit_143(tmp_path, char_data, monkeypatch, capsys):
+    """A scheduler's SIGTERM during setup (preparing data, loading weights) ends the run at once, saying
+    so, with 143 as for a SIGTERM in the loop; the usual SIGTERM handling is back afterwards."""
+    real_setup = train.setup
+
+    def setup_then_sigterm(cfg, procs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_setup(cfg, procs)
+
+    monkeypatch.setattr(train, "setup", setup_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.cli(tiny_argv(tmp_path, char_data, "--max-iters", "5")) == 143
+    err = capsys.readouterr().err
+    assert err == "\nSIGTERM: stopped outside the training loop; no step was saved by it\n"
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "ckpt_last.pt").exists()
+
 def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path, char_data, monkeypatch, capsys):
     """Nothing is saved before step 1, so the way on is the same command, not --resume (which would find
     no checkpoint)."""
