@@ -280,6 +280,7 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
             meta = dict(GPT2_META)  # a GPT-2 BPE model from elsewhere
         dtype = {v: k for k, v in HF_DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
         source = ours.get("source") or {}
+        check_counts(tensors, cfg, folder)  # before converting: that pads and loops as config.json says
         return Weights(cfg, convert(tensors, cfg, folder), meta, ours.get("config"), None, folder, "hf", dtype,
                        source.get("step"), source.get("val_loss"))
     raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a GPT-2 or Llama config "
@@ -397,6 +398,24 @@ HF_READERS = {"gpt2": (hf_model_config, from_hf), "llama": (llama_model_config, 
 
 # ----------------------------------------------------------------------------- checks
 
+def check_counts(tensors: dict, cfg: ModelConfig, folder: Path) -> None:
+    """A Hugging Face folder's layer count and vocabulary, from its config.json, against its tensors
+    (their names and the embedding's rows), so that a damaged or hostile config.json builds nothing."""
+    layers = {m.group(1) for k in tensors if (m := re.match(r"(?:.*\.)?(?:h|layers)\.(\d+)\.", k))}
+    embedding = next((v for k, v in tensors.items() if k.endswith(("wte.weight", "embed_tokens.weight"))), None)
+    m = cfg.pad_vocab_multiple
+    wrong = [f"model.n_layer = {cfg.n_layer} but the weights have {len(layers)}"] if cfg.n_layer != len(layers) else []
+    if embedding is not None and len(embedding) not in (cfg.vocab_size, (cfg.vocab_size + m - 1) // m * m):
+        wrong.append(f"model.vocab_size = {cfg.vocab_size} but the weights have {len(embedding)}")
+    if wrong:
+        raise not_fitting(folder, wrong)
+
+
+def not_fitting(where: Path, wrong: list[str]) -> CheckpointError:
+    return CheckpointError(f"{where}: the weights do not fit their model settings ({'; '.join(wrong[:3])}); "
+                           "it is damaged: export or train it again")
+
+
 def check_fits(state: dict, cfg: ModelConfig, where: Path, lora: LoraConfig | None = None) -> None:
     """Refuse weights that would not load into GPT(cfg) (with `lora`'s adapters), naming what differs.
     The cheap counts come first, so a config that describes an enormous model fails before anything
@@ -417,8 +436,7 @@ def check_fits(state: dict, cfg: ModelConfig, where: Path, lora: LoraConfig | No
                  for k, v in expected.items() if k not in state or state[k].shape != v.shape]
         wrong += [f"{k}: not a weight of this model" for k in state if k not in expected]
     if wrong:
-        raise CheckpointError(f"{where}: the weights do not fit their model settings ({'; '.join(wrong[:3])}); "
-                              "it is damaged: export or train it again")
+        raise not_fitting(where, wrong)
 
 
 def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
