@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from attention import flex_cannot_train
-from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, load_weights, save_checkpoint,
-                        weights_to_save)
+from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, find_weights, load_weights,
+                        save_checkpoint, weights_to_save)
 from config import Config, ConfigError, TrainingConfig
 from data import check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte
 from errors import UserError, command
@@ -178,9 +178,11 @@ def load_start(training: TrainingConfig, device: str, procs: Processes) -> Weigh
     if training.resume and not path.is_file():
         raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
                               "set training.out_dir to the run to continue")
-    if procs.master and Path(path).is_file() and Path(path).stat().st_size > 100e6:
-        print(f"loading {path} ({Path(path).stat().st_size / 1e9:.1f} GB)...", flush=True)
-    start = load_weights(path, device)
+    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
+    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
+    if procs.master and size > 100e6:
+        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
+    start = load_weights(found, device)
     if training.resume and training.init_from:
         # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
         # say) may stay in the settings; another one is a contradiction, not something to choose for you.
