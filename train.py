@@ -48,6 +48,9 @@ from runtime import (Processes, ProfileWindow, Stopped, StopSignals, all_finite,
                      format_duration, full_state, load_optimizer_state, parallel_problems, peak_flops, pick_device,
                      pick_precision, rng_state, set_rng_state, shard, start_processes)
 
+ESTIMATE_EVAL_ABOVE_S = 10  # a first evaluation expected to take longer says how long, before it ends
+
+
 class TrainError(UserError):
     """A problem that stops training; the message says what to do."""
 
@@ -268,7 +271,8 @@ def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
             eval_start = time.time()
             if master:
                 print(f"eval step {step}: ", end="", flush=True)  # the rest once it is done: it can take a while
-            losses = evaluate(run.model, run.splits, cfg, device, run.precision, procs, eot)
+            losses = evaluate(run.model, run.splits, cfg, device, run.precision, procs, eot,
+                              estimate=master and step == first_step)
             if not all(map(math.isfinite, losses.values())):
                 raise diverged(run, step, f"the val loss became {losses['val']} (train {losses['train']})")
             improved = losses["val"] < state["best_val_loss"] - training.early_stopping_min_delta
@@ -363,10 +367,12 @@ def get_lr(step: int, training: TrainingConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, procs: Processes,
-             eot: int | None) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time, shared among ranks."""
+             eot: int | None, estimate: bool = False) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; the same batches every time, shared among ranks.
+    `estimate`: when the evaluation will take a while (a big preset on a CPU), say how long, from the
+    first batch, so that a first evaluation of minutes is not a silent one."""
     model.eval()
-    out, n = {}, cfg.training.eval_iters
+    out, n, start = {}, cfg.training.eval_iters, time.time()
     for split, tokens in splits.items():
         total = torch.zeros((), device=device)
         # Every process runs as many batches (under FSDP each forward gathers weights from all of them):
@@ -378,6 +384,12 @@ def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, proc
                 _, loss = model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
             if k < n:
                 total += loss.float()
+            if estimate and k == procs.rank:  # the first batch: every batch takes about as long
+                loss.item()  # on a GPU, wait for it to finish
+                seconds = (time.time() - start) * math.ceil(n / procs.world) * len(splits)
+                if seconds > ESTIMATE_EVAL_ABOVE_S:
+                    print(f"(about {format_duration(seconds)}) ", end="", flush=True)
+                estimate = False
         if procs.world > 1:
             dist.all_reduce(total)
         out[split] = total.item() / n

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -256,6 +257,16 @@ def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
     monitor.announce_speed(5000, 0, "cpu", 4.0)  # a CPU run of a preset sized for a GPU
     hint = capsys.readouterr().out
     assert "about 5h33m for the 5000 steps left" in hint and "sized for a GPU (--device cuda)" in hint
+
+
+def test_a_long_first_evaluation_says_how_long_before_it_ends(tmp_path, char_data, capsys, monkeypatch):
+    """A big preset's first evaluation on a CPU takes minutes: its estimate is printed after one batch.
+    (Here any evaluation counts as long; the later evaluations print no estimate.)"""
+    monkeypatch.setattr(train, "ESTIMATE_EVAL_ABOVE_S", 0)
+    train.main(tiny(tmp_path, char_data))
+    out = capsys.readouterr().out
+    assert re.search(r"^eval step 0: \(about \d+m\d\ds\) train \d\.\d{4}, val ", out, re.M), out
+    assert re.search(r"^eval step 10: train ", out, re.M)
 
 
 def test_resume_keeps_the_init_from_the_run_started_with_and_refuses_another(tmp_path, char_data):
