@@ -39,9 +39,8 @@ def flex_unavailable() -> str | None:
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     dropout_p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v, written out. mask: (B, 1, T, T) bool, True = may attend."""
-    T = q.size(-2)
     if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) causal
+        mask = causal_mask(q.size(-2), q.device)  # (T, T)
     # Dividing by sqrt(hd) keeps the scores' variance near 1, so softmax does not saturate.
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
     scores = scores.masked_fill(~mask, float("-inf"))  # -inf becomes weight 0 after softmax
@@ -110,12 +109,15 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(causal_same_doc, B=B, H=None, Q_LEN=T, KV_LEN=T, device=doc_ids.device)
 
 
+def causal_mask(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend to key j: j <= i, itself and the tokens before it."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
 def document_bool_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """The same rule as a dense boolean mask for eager/sdpa: (B, T) ids -> (B, 1, T, T)."""
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): query doc == key doc
-    return (causal & same_doc)[:, None]  # (B, 1, T, T), broadcast over heads
+    return (causal_mask(doc_ids.size(1), doc_ids.device) & same_doc)[:, None]  # (B, 1, T, T), over heads
 
 
 # ----------------------------------------------------------------------------- key/value cache

@@ -2,10 +2,9 @@
 
 A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain values:
 
-    model, optimizer, scaler   state dicts (the uncompiled model's weights)
+    model, optimizer, scaler   state dicts (the uncompiled, unwrapped model's weights)
     version, val_loss          the format's version, and the val loss at this step (None: not evaluated)
-    step, best_val_loss, best_step, bad_evals, tokens, elapsed_s, last_eval_step, start_val_loss
-                               loop state (see train.new_state)
+    step, best_val_loss, ...   the loop state (LoopState's fields)
     rng                        RNG states as tensors (dropout draws from them)
     config, meta               the resolved config and the tokenizer meta
     lora_base                  LoRA runs only: {"path", "digest"} of the base weights under the adapters
@@ -15,16 +14,18 @@ weights): the base weights are read again from their path, and their digest must
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
-native export or a Hugging Face GPT-2 or Llama folder (ours, or one saved by transformers) into
-`Weights`. train.py (resume, init_from), sample.py, eval.py and export.py all read through it
-(`load_model` builds the GPT from it); export.py writes the export formats. Nothing here runs
-pickled code: checkpoints load with torch.load(weights_only=True), exports are safetensors.
+native export or a Hugging Face folder (ours, or one saved by transformers: hf.py converts it) into
+`Weights`. train.py (resume, init_from: `load_start`, `restore`), sample.py, eval.py and export.py
+all read through it (`load_model` builds the GPT from it). Nothing here runs pickled code:
+checkpoints load with torch.load(weights_only=True), exports are safetensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from config import Config, LoraConfig, ModelConfig, apply_implied, validate
-from options import apply
+import hf
+from config import Config, ConfigError, LoraConfig, ModelConfig, TrainingConfig, apply_implied, validate
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, write_json
 from lora import add_adapters, is_adapter, merge
 from model import GPT
+from options import apply
+from runtime import Process, load_optimizer_state, set_rng_state
 
 CHECKPOINT_VERSION = 1
 # Model settings that the weights carry: their shapes, and what they compute (the architecture's
@@ -48,10 +51,6 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
               "logit_softcap")
 NATIVE = "tinygpt-native"  # config.json "format" of a native export
 META_FILE = "tokenizer_meta.json"  # not tokenizer.json: transformers reads that name as its own format
-# GPT-2 stores these Linear weights as Conv1D, i.e. transposed: (in, out).
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-GPT2_META = {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
 
 
 class CheckpointError(UserError):
@@ -80,6 +79,28 @@ class Weights:
     step: int | None = None
     val_loss: float | None = None
     lora: Adapters | None = None  # a LoRA checkpoint's adapters, unmerged (train.py resumes from them)
+
+    def to_start_from(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weights, adapters) for a run to start from: a resumed LoRA run gets its base weights and
+        its own adapters back; any other run starts from the weights as they compute (a LoRA
+        checkpoint's merged), with no adapters (a new LoRA run makes fresh ones)."""
+        if not (resume and self.lora):
+            return self.state_dict, {}
+        state = self.lora.state_dict
+        return {k: v for k, v in state.items() if not is_adapter(k)}, {k: v for k, v in state.items() if is_adapter(k)}
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is, saved in every checkpoint beside the weights and the optimizer."""
+    step: int = 0                       # optimizer steps done
+    best_val_loss: float = math.inf
+    best_step: int | None = None        # the step of best_val_loss (ckpt_best.pt)
+    bad_evals: int = 0                  # evaluations in a row without improvement (early stopping)
+    tokens: int = 0                     # tokens trained on so far, all processes together
+    elapsed_s: float = 0.0              # wall time so far, across resumes
+    last_eval_step: int | None = None   # a resumed step was evaluated before it was saved: not again
+    start_val_loss: float | None = None  # the val loss at the run's first evaluation
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -197,13 +218,17 @@ def find_weights(path: str | Path) -> Path:
                               "export folder")
     if folder.is_file() or is_export(folder):
         return folder
-    for name in ("ckpt_best.pt", "ckpt_last.pt"):
-        if (folder / name).is_file():
-            return folder / name
+    if best := best_checkpoint(folder):
+        return best
     runs = sorted({str(p.parent) for p in folder.glob("*/ckpt_*.pt")})
     hint = f" (runs found: {', '.join(runs)})" if runs else ""
     raise CheckpointError(f"no checkpoint in {folder}/: no ckpt_best.pt or ckpt_last.pt; train first, or "
                           f"pass a checkpoint, run folder or export folder{hint}")
+
+
+def best_checkpoint(folder: Path) -> Path | None:
+    """A run folder's ckpt_best.pt, else its ckpt_last.pt, else None."""
+    return next((folder / name for name in ("ckpt_best.pt", "ckpt_last.pt") if (folder / name).is_file()), None)
 
 
 def is_export(folder: Path) -> bool:
@@ -272,144 +297,27 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         source = config.get("source") or {}
         return Weights(cfg, tensors, meta, config.get("config"), None, folder, "native",
                        config.get("dtype", "fp32"), source.get("step"), source.get("val_loss"))
-    if config.get("model_type") in HF_READERS:
-        settings, convert = HF_READERS[config["model_type"]]
+    if config.get("model_type") in hf.ARCHITECTURES:
         ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
-        cfg = model_config(ours.get("model") or settings(config, tensors, folder), folder / "config.json")
-        if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == GPT2_META["vocab_size"]:
-            meta = dict(GPT2_META)  # a GPT-2 BPE model from elsewhere
-        dtype = {v: k for k, v in HF_DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
+        try:
+            cfg = model_config(ours.get("model") or hf.read_config(config, tensors, folder), folder / "config.json")
+            wrong = hf.check_counts(tensors, cfg, folder)  # before converting: that pads and loops as it says
+            if wrong:
+                raise not_fitting(folder, wrong)
+            state = hf.from_hf(tensors, cfg, folder)
+        except hf.FormatError as e:
+            raise CheckpointError(e.problems) from None
+        if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == hf.GPT2_META["vocab_size"]:
+            meta = dict(hf.GPT2_META)  # a GPT-2 BPE model from elsewhere
+        dtype = {v: k for k, v in hf.DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
         source = ours.get("source") or {}
-        check_counts(tensors, cfg, folder)  # before converting: that pads and loops as config.json says
-        return Weights(cfg, convert(tensors, cfg, folder), meta, ours.get("config"), None, folder, "hf", dtype,
+        return Weights(cfg, state, meta, ours.get("config"), None, folder, "hf", dtype,
                        source.get("step"), source.get("val_loss"))
-    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a GPT-2 or Llama config "
-                          f"(model_type {config.get('model_type')!r})")
-
-
-# ----------------------------------------------------------------------------- Hugging Face GPT-2
-
-def hf_model_config(hf: dict, tensors: dict, folder: Path) -> dict:
-    """Our model settings for a GPT-2 config.json written by someone else (e.g. the hub's gpt2)."""
-    problems = [f"{k} = {hf.get(k)!r} (we support {ok!r})" for k, ok in (
-        ("activation_function", "gelu_new"), ("scale_attn_by_inverse_layer_idx", False),
-        ("add_cross_attention", False)) if hf.get(k, ok) != ok]
-    if problems:
-        raise CheckpointError(f"{folder}: this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
-    names = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
-             "vocab_size": "vocab_size", "dropout": "resid_pdrop", "attn_dropout": "attn_pdrop",
-             "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}
-    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {
-        "bias": True, "mlp_hidden": hf.get("n_inner") or 0}  # n_inner None: 4 * n_embd
-
-
-def from_hf(state: dict, cfg: ModelConfig, folder: Path) -> dict:
-    """GPT-2's state dict (with or without the "transformer." prefix) -> ours, for `cfg`."""
-    out = {}
-    for name, w in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or (name == "lm_head.weight" and cfg.tie_embeddings):
-            continue  # old files carry the causal mask as a buffer; a tied lm_head is wte
-        name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-        out[name] = w.t() if name.endswith(CONV1D) and w.dim() == 2 else w
-    if not cfg.bias:  # exported as zero biases; anything else is a different model
-        if any(v.any() for k, v in out.items() if k.endswith(".bias")):
-            raise CheckpointError(f"{folder} has non-zero biases but model.bias = false in its config")
-        out = {k: v for k, v in out.items() if not k.endswith(".bias")}
-    return pad_vocab(out, cfg)
-
-
-def pad_vocab(state: dict, cfg: ModelConfig) -> dict:
-    """Add back the padding rows (never used) that exports leave out, and tie lm_head to wte again."""
-    m = cfg.pad_vocab_multiple
-    rows = (cfg.vocab_size + m - 1) // m * m
-    for name in ("transformer.wte.weight", "lm_head.weight"):
-        w = state.get(name)
-        if w is not None and w.dim() == 2:
-            state[name] = torch.cat([w, w.new_zeros((max(rows - len(w), 0), w.size(1)))])
-    if cfg.tie_embeddings and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
-
-
-# ----------------------------------------------------------------------------- Hugging Face Llama
-
-def llama_names(cfg: ModelConfig) -> dict[str, list[str]]:
-    """Our parameter names -> LlamaForCausalLM's. Our c_attn holds q, k and v stacked by rows, and
-    c_fc the gate and up projections: each is 3 (or 2) of its matrices. Both use the same rotary
-    pairs (channel i with i + hd/2, see model.RotaryEmbedding), so no weight needs reordering."""
-    names = {"transformer.wte.weight": ["model.embed_tokens.weight"], "transformer.ln_f.weight": ["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        names[ours + "ln_1.weight"] = [theirs + "input_layernorm.weight"]
-        names[ours + "ln_2.weight"] = [theirs + "post_attention_layernorm.weight"]
-        for kind in ("weight", "bias") if cfg.bias else ("weight",):  # bias: attention_bias and mlp_bias
-            names[f"{ours}attn.c_attn.{kind}"] = [f"{theirs}self_attn.{p}_proj.{kind}" for p in "qkv"]
-            names[f"{ours}attn.c_proj.{kind}"] = [f"{theirs}self_attn.o_proj.{kind}"]
-            names[f"{ours}mlp.c_fc.{kind}"] = [f"{theirs}mlp.{p}_proj.{kind}" for p in ("gate", "up")]
-            names[f"{ours}mlp.c_proj.{kind}"] = [f"{theirs}mlp.down_proj.{kind}"]
-    return names
-
-
-def llama_model_config(hf: dict, tensors: dict, folder: Path) -> dict:
-    """Our model settings for a LlamaForCausalLM config.json written by someone else (e.g. by
-    transformers' save_pretrained). Grouped-query attention and rotary scaling are not in model.py."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or 4
-    heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-    head_dim, rope_type = hf.get("head_dim"), rope.get("rope_type", rope.get("type", "default"))
-    problems = [f"{k} = {v!r} ({why})" for k, v, bad, why in (
-        ("num_key_value_heads", kv_heads, kv_heads not in (None, heads), "grouped-query attention"),
-        ("hidden_act", hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu", "we support 'silu'"),
-        ("rope_type", rope_type, rope_type != "default", "scaled rotary embeddings"),
-        ("head_dim", head_dim, head_dim not in (None, hf.get("hidden_size", 0) // (heads or 1)),
-         "we support hidden_size / num_attention_heads"),
-        ("mlp_bias", hf.get("mlp_bias"), bool(hf.get("mlp_bias")) != bool(hf.get("attention_bias")),
-         "we support biases everywhere or nowhere: attention_bias = mlp_bias")) if bad]
-    if problems:
-        raise CheckpointError(f"{folder}: this Llama variant cannot be loaded: {'; '.join(problems)}")
-    names = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
-             "block_size": "max_position_embeddings", "vocab_size": "vocab_size", "mlp_hidden": "intermediate_size",
-             "norm_eps": "rms_norm_eps", "attn_dropout": "attention_dropout"}
-    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | {
-        "arch": "llama", "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "dropout": 0.0,
-        "bias": bool(hf.get("attention_bias")), "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
-        # A file without the setting: its weights say (transformers leaves a tied lm_head out).
-        "tie_embeddings": hf.get("tie_word_embeddings", "lm_head.weight" not in tensors)}
-
-
-def from_llama(state: dict, cfg: ModelConfig, folder: Path) -> dict:
-    """LlamaForCausalLM's state dict -> ours, for `cfg`."""
-    names = llama_names(cfg)
-    # A tied lm_head is embed_tokens (some files store it anyway); old files kept rotary tables.
-    state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)
-             and not k.endswith("rotary_emb.inv_freq")}
-    unknown = sorted(set(state) - {t for theirs in names.values() for t in theirs})
-    if unknown:
-        raise CheckpointError(f"{folder} has weights a Llama with these settings does not have "
-                              f"({', '.join(unknown[:3])}); it is not a plain Llama")
-    out = {ours: torch.cat([state[t] for t in theirs]) for ours, theirs in names.items()
-           if all(t in state for t in theirs)}  # anything missing is named by check_fits
-    return pad_vocab(out, cfg)
-
-
-HF_READERS = {"gpt2": (hf_model_config, from_hf), "llama": (llama_model_config, from_llama)}
+    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a Hugging Face config we read "
+                          f"(model_type {config.get('model_type')!r}; we read {', '.join(hf.ARCHITECTURES)})")
 
 
 # ----------------------------------------------------------------------------- checks
-
-def check_counts(tensors: dict, cfg: ModelConfig, folder: Path) -> None:
-    """A Hugging Face folder's layer count and vocabulary, from its config.json, against its tensors
-    (their names and the embedding's rows), so that a damaged or hostile config.json builds nothing."""
-    layers = {m.group(1) for k in tensors if (m := re.match(r"(?:.*\.)?(?:h|layers)\.(\d+)\.", k))}
-    embedding = next((v for k, v in tensors.items() if k.endswith(("wte.weight", "embed_tokens.weight"))), None)
-    m = cfg.pad_vocab_multiple
-    wrong = [f"model.n_layer = {cfg.n_layer} but the weights have {len(layers)}"] if cfg.n_layer != len(layers) else []
-    if embedding is not None and len(embedding) not in (cfg.vocab_size, (cfg.vocab_size + m - 1) // m * m):
-        wrong.append(f"model.vocab_size = {cfg.vocab_size} but the weights have {len(embedding)}")
-    if wrong:
-        raise not_fitting(folder, wrong)
-
 
 def not_fitting(where: Path, wrong: list[str]) -> CheckpointError:
     return CheckpointError(f"{where}: the weights do not fit their model settings ({'; '.join(wrong[:3])}); "
@@ -467,3 +375,54 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
         else:
             setattr(getattr(cfg, section), k, theirs)
     return problems
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+def load_start(cfg: Config, proc: Process) -> Weights | None:
+    """The weights a run starts from: its own ckpt_last.pt (training.resume), training.init_from's, or
+    None (random weights). Their model shape and tokenizer settings go into cfg (adopt_model_shape)."""
+    training = cfg.training
+    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
+    if not path:
+        return None
+    if training.resume and not path.is_file():
+        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
+                              "set training.out_dir to the run to continue")
+    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
+    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
+    if proc.is_main and size > 100e6:
+        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
+    start = load_weights(found, proc.device)
+    if training.resume and training.init_from:
+        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
+        # say) may stay in the settings; another one is a contradiction, not something to choose for you.
+        began = ((start.config or {}).get("training") or {}).get("init_from", "")
+        if training.init_from != began:
+            raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
+                              f"started from {began or 'random weights'!r}: --resume continues it from its own "
+                              "checkpoint; drop training.init_from, or train a new run into another out_dir")
+    problems = adopt_model_shape(cfg, start)
+    if problems:
+        raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
+    return start
+
+
+def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: str) -> LoopState:
+    """The loop state to start from: a new one, or on resume the checkpoint's, with the optimizer's,
+    the scaler's and the RNG's states put back (the weights are in the model already)."""
+    if not (start and training.resume):
+        return LoopState()
+    ckpt = start.training
+    missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
+                              "from its weights with training.init_from instead")
+    load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    # Checkpoints written before last_eval_step existed were all written right after an evaluation.
+    saved = {"last_eval_step": ckpt["step"]} | {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)
+                                                if f.name in ckpt}
+    return LoopState(**saved)

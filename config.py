@@ -80,14 +80,25 @@ class ModelConfig:
     logit_softcap: float = doc("squash the logits into (-cap, cap) with cap * tanh(logits / cap); "
                                "0: off", 0.0, within="[0, inf)")
 
+    def head_size(self) -> int:
+        """hd, the width of one attention head: the heads split the n_embd channels between them."""
+        return self.n_embd // self.n_head
+
+    def padded_vocab_size(self) -> int:
+        """The rows of the embedding table and the output layer: vocab_size rounded up to a multiple of
+        pad_vocab_multiple (a multiple of 64 makes the big output matmul faster on GPUs). The extra rows
+        are never looked up, and are sliced off the logits."""
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
     def problems(self) -> list[str]:
         """Rules that involve more than one field (one-field rules are in the field metadata)."""
         out = []
         if self.n_head > 0 and self.n_embd % self.n_head != 0:
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        elif self.position == "rope" and self.n_head > 0 and self.n_embd // self.n_head % 2:
+        elif self.position == "rope" and self.n_head > 0 and self.head_size() % 2:
             out.append(f'model.position = "rope" needs an even head size, but model.n_embd / model.n_head = '
-                       f"{self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}: rotary embeddings "
+                       f"{self.n_embd} / {self.n_head} = {self.head_size()}: rotary embeddings "
                        "turn channels in pairs")
         if self.attn_dropout > 0 and self.attention == "flex":
             out.append("model.attn_dropout > 0 is not supported by flex attention: use 0, or "
@@ -122,7 +133,7 @@ class TrainingConfig:
     beta2: float = doc("AdamW beta2", 0.99, within="[0, 1)")
     grad_clip: float = doc("clip the global gradient norm to this (0 disables)", 1.0, within="[0, inf)")
     eval_interval: int = doc("evaluate every this many steps (and at the last step)", 250, within="[1, inf)")
-    eval_iters: int = doc("batches per split in each evaluation", 200, within="[1, inf)")
+    eval_batches: int = doc("batches per split in each evaluation", 200, within="[1, inf)")
     log_interval: int = doc("print a log line every this many steps", 10, within="[1, inf)")
     seed: int = doc("seed for weights and batches", 1337, within="[0, inf)")
     compile: bool = doc("torch.compile the model", False)

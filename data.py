@@ -15,10 +15,14 @@ reproducible.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
 import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,60 @@ META_VERSION = 1
 # r50k_base file means one cached file serves both names offline.
 ENCODING_FILES = {"gpt2": "r50k_base"}
 EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
+READ_BYTES = 1 << 22  # text files are read 4 MB at a time
 
 
 class DataError(UserError):
     """A problem with the user's data or settings; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- text files
+
+def text_chunks(path: str | Path, hasher=None, label: str | None = None) -> Iterator[str]:
+    """The text of a UTF-8 file, a few MB at a time and exactly as stored (no newline translation), so
+    that a file of any size fits in memory. `hasher` sees the raw bytes; `label` names the file in errors."""
+    label = label or str(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(READ_BYTES)
+                if hasher is not None:
+                    hasher.update(raw)
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{label} is not UTF-8 text ({e.reason} at a byte near "
+                                    f"{f.tell() - len(raw) + e.start}); convert it to UTF-8") from None
+                if text:
+                    yield text
+                if not raw:
+                    return
+    except OSError as e:
+        raise DataError(f"{label}: cannot read it ({e.strerror}); give the path of a UTF-8 text file") from None
+
+
+def read_text(path: str | Path, label: str | None = None) -> tuple[str, int]:
+    """A whole UTF-8 text file and its size in bytes (see text_chunks)."""
+    text = "".join(text_chunks(path, label=label))
+    return text, len(text.encode("utf-8"))
+
+
+class Progress:
+    """A line on stderr at every tenth of a long job ("prepare: reading:  40% of 52 MB"); nothing for a
+    job of `total` at most `quiet_below`, or when not `enabled`."""
+
+    def __init__(self, total: int, label: str, size: str, quiet_below: int = 0, enabled: bool = True):
+        self.total, self.label, self.size = total, label, size  # size: the total as shown, e.g. "52 MB"
+        self.done, self.shown = 0, 0
+        self.enabled = enabled and total > quiet_below
+
+    def add(self, n: int) -> None:
+        self.done += n
+        tenth = min(10, 10 * self.done // max(self.total, 1))
+        if self.enabled and tenth > self.shown:
+            self.shown = tenth
+            print(f"{self.label}: {10 * tenth:3d}% of {self.size}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -158,6 +212,15 @@ def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[st
     return []
 
 
+def check_in_vocabulary(ids, vocab_size: int, what: str) -> None:
+    """Refuse token ids that the model cannot take: a BPE model trained on fewer tokens than its
+    encoding has (its vocabulary is the data's) meets a text with the others. `what` names the text."""
+    top = max(ids, default=0)
+    if top >= vocab_size:
+        raise DataError(f"{what} has token {top}, outside this model's vocabulary of {vocab_size}; this model "
+                        "cannot read it: use another text")
+
+
 def token_dtype(vocab_size: int) -> str:
     """The smallest unsigned type that holds every token id."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
@@ -221,6 +284,20 @@ def resolve_bin_dir(folder: str | Path) -> Path:
     return folder
 
 
+@dataclass
+class Data:
+    """Prepared data as a run uses it: its two splits of token ids and its meta.json."""
+    folder: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+    eot_token: int | None = None  # with data.doc_mask: the token that ends a document, else None
+
+    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) ids of the document of each token, to keep attention within documents; None: no mask."""
+        return None if self.eot_token is None else document_ids(x, self.eot_token)
+
+
 def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> np.ndarray:
     """The token ids of one split: a read-only memmap (bin) or an array encoded now (txt)."""
     folder = Path(folder)
@@ -236,7 +313,7 @@ def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> n
         return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     if not (folder / f"{split}.txt").exists():
         raise DataError(f"{folder / f'{split}.txt'} is missing; prepare the data again with --force")
-    text = (folder / f"{split}.txt").read_text(encoding="utf-8")
+    text, _ = read_text(folder / f"{split}.txt")
     tokenizer = tokenizer or tokenizer_from_meta(meta)
     # "doc1<|endoftext|>doc2<|endoftext|>" splits into ["doc1", "doc2", ""]: every
     # piece but the last was followed by an end-of-text token.

@@ -23,7 +23,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from config import ConfigError, doc
 from options import parse
-from data import DataError, bits_per_byte, encode_chunks, split_safely, start_token, tokenizer_from_meta
+from data import (DataError, Progress, bits_per_byte, check_in_vocabulary, encode_chunks, read_text, split_safely,
+                  start_token, tokenizer_from_meta)
 from errors import command
 from files import finite
 from model import GPT
@@ -53,19 +53,12 @@ class EvalOptions:
         return [] if self.text else ["--text is missing: give the text file to score, e.g. --text notes.txt"]
 
 
-def read_text(path: str) -> tuple[str, int]:
-    """The text of a file and its size in UTF-8 bytes, exactly as stored (no newline translation)."""
-    try:
-        raw = Path(path).read_bytes()
-        text = raw.decode("utf-8")
-    except OSError as e:
-        raise DataError(f"--text {path}: cannot read it ({e.strerror}); give the path of a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") \
-            from None
+def read_scored_text(path: str) -> tuple[str, int]:
+    """The text to score and its size in UTF-8 bytes, exactly as stored (no newline translation)."""
+    text, n_bytes = read_text(path, f"--text {path}")
     if not text:
         raise DataError(f"--text {path} is empty: there is nothing to score")
-    return text, len(raw)
+    return text, n_bytes
 
 
 def encode(text: str, path: str, tokenizer, vocab_size: int) -> np.ndarray:
@@ -76,9 +69,7 @@ def encode(text: str, path: str, tokenizer, vocab_size: int) -> np.ndarray:
             np.concatenate(list(encode_chunks(tokenizer, split_safely(text))))
     except DataError as e:
         raise DataError(f"--text {path} has {e}, or evaluate a BPE model, which reads any text") from None
-    if ids.max() >= vocab_size:  # a BPE model trained on fewer tokens than its encoding has
-        raise DataError(f"--text {path} has token {ids.max()}, outside this model's vocabulary of {vocab_size}; "
-                        "this model cannot score it")
+    check_in_vocabulary(ids.tolist(), vocab_size, f"--text {path}")
     return ids
 
 
@@ -98,7 +89,7 @@ def auto_batch_size(length: int, vocab_size: int) -> int:
 
 @torch.no_grad()
 def token_losses(model: GPT, seq: torch.Tensor, stride: int, batch_size: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The loss (nats) of each token seq[1:] given the tokens before it in its window: (N,) float32.
 
     seq: (N + 1,) token ids, the start token first. The window ending at target e holds the inputs
@@ -122,14 +113,14 @@ def token_losses(model: GPT, seq: torch.Tensor, stride: int, batch_size: int = 0
         new = offsets >= (length - (e - done))[:, None]  # (B, L)
         losses.append(nll[new].cpu())
         if progress:
-            progress(first + len(e), len(ends))
+            progress(len(e))  # windows done
     losses = torch.cat(losses)
     assert len(losses) == n, "every token is scored exactly once"
     return losses
 
 
 def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: int, batch_size: int,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+                  progress: Callable[[int], None] | None = None) -> dict:
     """Mean loss, perplexity and bits per byte of the text whose tokens are `ids` (N,)."""
     device = next(model.parameters()).device
     seq = torch.from_numpy(np.concatenate([[start_token(tokenizer)], ids])).to(device)  # (N + 1,)
@@ -141,23 +132,10 @@ def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: 
             "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": bits_per_byte(total, n_bytes)}
 
 
-class Progress:
-    """A line on stderr at every 10% of the windows, for texts of more than 50 windows."""
-
-    def __init__(self):
-        self.shown = 0  # tenths done and shown
-
-    def __call__(self, done: int, total: int) -> None:
-        tenth = 10 * done // total
-        if total > 50 and tenth > self.shown:
-            self.shown = tenth
-            print(f"scoring: {10 * tenth:3d}% of {total:,} windows", file=sys.stderr, flush=True)
-
-
 @command
 def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, EvalOptions, sections=(), program="eval.py", about=__doc__)
-    text, n_bytes = read_text(opts.text)
+    text, n_bytes = read_scored_text(opts.text)
     device = pick_device(opts.device, "--device")
     model, src = load_model(opts.ckpt, device)
     block_size = model.config.block_size
@@ -170,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     step = "" if src.step is None else f", step {src.step}"
     print(f"scoring {opts.text} with {src.path} ({src.format}{step}, {tokenizer.kind} tokenizer) on {device}",
           file=sys.stderr)
-    result = evaluate_text(model, tokenizer, ids, n_bytes, stride, opts.batch_size, Progress())
+    windows = len(window_ends(len(ids), block_size, stride))
+    progress = Progress(windows, "scoring", f"{windows:,} windows", quiet_below=50)
+    result = evaluate_text(model, tokenizer, ids, n_bytes, stride, opts.batch_size, progress.add)
     result = {"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, "text": opts.text,
               "characters": len(text), **result}
     if opts.json:

@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from checkpoint import CONV1D, HF_DTYPES, META_FILE, NATIVE, Weights, digest, is_export, llama_names, load_weights
-from config import ARCHS, ModelConfig, doc
+import hf
+from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weights
+from config import doc
+from data import load_tiktoken
 from options import parse
-from data import EOT_TEXT, load_tiktoken
 from errors import UserError, command
 from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
-from model import mlp_hidden
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"  # with adapter_model.safetensors: PEFT's adapter folder
@@ -48,102 +48,6 @@ ADAPTER_CONFIG = "adapter_config.json"  # with adapter_model.safetensors: PEFT's
 
 class ExportError(UserError):
     """An export that cannot be written; the message says why and what to do."""
-
-
-# ----------------------------------------------------------------------------- Hugging Face layout
-
-# The transformers class each arch exports to. It has its arch's switches (config.ARCHS; with biases
-# or without, both export) and none of the optional ones. Sizes, norm_eps, rope_theta, mlp_hidden and
-# tied or untied embeddings have counterparts in both.
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-
-
-def check_hf_exportable(cfg: ModelConfig) -> None:
-    """Refuse a model that its arch's transformers class cannot represent, naming each switch."""
-    has = {k: v for k, v in ARCHS[cfg.arch].items() if k != "bias"} | {"qk_norm": False, "logit_softcap": 0.0}
-    wrong = [f"model.{k} = {json.dumps(getattr(cfg, k))}" for k, v in has.items() if getattr(cfg, k) != v]
-    if wrong:
-        raise ExportError(f"--format hf: transformers' {HF_CLASSES[cfg.arch]} (model.arch = "
-                          f"{json.dumps(cfg.arch)}) has no {', '.join(wrong)}; export with --format native, "
-                          "which keeps every setting")
-
-
-def to_hf(state: dict, cfg: ModelConfig) -> dict:
-    """Our state dict -> GPT-2's or Llama's (model.arch), without the vocabulary's padding rows."""
-    state = {k: v[:cfg.vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else v
-             for k, v in state.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}  # tied: stored once
-    if cfg.arch == "llama":  # split c_attn into q, k, v and c_fc into gate, up
-        return {theirs: part for ours, names in llama_names(cfg).items()
-                for theirs, part in zip(names, state[ours].chunk(len(names)))}
-    # GPT-2 has the same names as ours, biases everywhere, and stores Linear weights as Conv1D (in, out).
-    for name, w in list(state.items()):
-        # bias = false is the same model as zero biases, so the export is exact.
-        if (name.startswith("transformer.h.") and name.endswith(".weight")) or name == "transformer.ln_f.weight":
-            state.setdefault(name[:-len("weight")] + "bias", torch.zeros(w.shape[0], dtype=w.dtype))
-    return {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
-
-
-def hf_config(src: Weights, dtype: str) -> dict:
-    cfg, eot = src.model, (src.meta or {}).get("eot_token")
-    if cfg.arch == "llama":
-        theirs = {"model_type": "llama", "hidden_size": cfg.n_embd,
-                  "intermediate_size": mlp_hidden(cfg), "num_hidden_layers": cfg.n_layer,
-                  "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
-                  "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu",
-                  "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-                  # rope_parameters: transformers >= 5; rope_theta: earlier versions
-                  "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                  "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-                  "attention_dropout": cfg.attn_dropout}
-    else:
-        theirs = {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                  "n_positions": cfg.block_size,
-                  "n_ctx": cfg.block_size, "n_inner": cfg.mlp_hidden or None,  # None: 4 * n_embd
-                  "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-                  "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout}
-    return theirs | {
-        "architectures": [HF_CLASSES[cfg.arch]], "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
-        "torch_dtype": HF_DTYPES[dtype],
-        "tinygpt": {"format_version": 1, "tokenizer": (src.meta or {}).get("tokenizer"),
-                    "note": "exported by tinygpt; our tokenizer is in tokenizer_meta.json",
-                    "model": dataclasses.asdict(cfg), "config": src.config,
-                    "source": {"step": src.step, "val_loss": src.val_loss}}}
-
-
-# ----------------------------------------------------------------------------- GPT-2 tokenizer files
-
-def byte_to_char() -> dict[int, str]:
-    """GPT-2's vocab.json/merges.txt spell every byte as a visible character: printable Latin-1
-    bytes stand for themselves, the others (space, control bytes...) move to chr(256) and up."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    moved = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(moved)}
-
-
-def gpt2_tokenizer_files(enc) -> tuple[dict[str, int], list[str]]:
-    """vocab.json and merges.txt from tiktoken's ranks. Token rank r was made by one merge of two
-    tokens of lower rank; replaying BPE on its bytes with only those merges finds the pair."""
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
-    char = byte_to_char()
-
-    def spell(token: bytes) -> str:
-        return "".join(char[b] for b in token)
-
-    merges = [" ".join(map(spell, merge_of(token, rank, ranks)))
-              for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
-    return {spell(b): r for b, r in ranks.items()} | {EOT_TEXT: enc.eot_token}, merges
-
-
-def merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The two tokens whose merge made `token`: BPE on its bytes, using only lower ranks."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-        if best >= rank:
-            raise ExportError(f"token {token!r} is not the result of one merge; cannot write merges.txt")
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]  # merge the lowest-ranked adjacent pair
-    return parts[0], parts[1]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -160,18 +64,23 @@ def write_safetensors(path: Path, tensors: dict, dtype: str) -> None:
 
 def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     """Write all files into `out` (a fresh staging folder; export() publishes it)."""
-    state = to_hf(src.state_dict, src.model) if fmt == "hf" else {
+    state = hf.to_hf(src.state_dict, src.model) if fmt == "hf" else {
         k: v for k, v in src.state_dict.items() if not (k == "lm_head.weight" and src.model.tie_embeddings)}
-    # contiguous: transposed views and slices must be laid out as stored; "pt": transformers wants it.
     write_safetensors(out / "model.safetensors", state, dtype)
-    config = hf_config(src, dtype) if fmt == "hf" else {
-        "format": NATIVE, "format_version": 1, "dtype": dtype, "model": dataclasses.asdict(src.model),
-        "config": src.config, "source": {"step": src.step, "val_loss": src.val_loss}}
+    source = {"step": src.step, "val_loss": src.val_loss}
+    if fmt == "hf":
+        config = hf.write_config(src.model, (src.meta or {}).get("eot_token"), dtype) | {
+            "tinygpt": {"format_version": 1, "tokenizer": (src.meta or {}).get("tokenizer"),
+                        "note": f"exported by tinygpt; our tokenizer is in {META_FILE}",
+                        "model": dataclasses.asdict(src.model), "config": src.config, "source": source}}
+    else:
+        config = {"format": NATIVE, "format_version": 1, "dtype": dtype, "model": dataclasses.asdict(src.model),
+                  "config": src.config, "source": source}
     write_json(out / "config.json", config)
     if src.meta is not None:
         write_json(out / META_FILE, src.meta)
     if fmt == "hf" and (src.meta or {}).get("encoding") in ("gpt2", "r50k_base"):
-        vocab, merges = gpt2_tokenizer_files(load_tiktoken("gpt2"))
+        vocab, merges = hf.gpt2_tokenizer_files(load_tiktoken("gpt2"))
         write_json(out / "vocab.json", vocab)
         atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
         write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer",
@@ -231,7 +140,10 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
                           "whole model without --adapters-only")
     base_folder = hf_base(src, base) if adapters_only else None
     if fmt == "hf" and not adapters_only:
-        check_hf_exportable(src.model)
+        try:
+            hf.check_exportable(src.model)
+        except hf.FormatError as e:
+            raise ExportError(e.problems) from None
     parent = make_folder(out.parent, "--out's folder")
     with lock(parent / f".{out.name}.lock", f"--out {out}"):
         if out.exists() and (out.is_file() or any(out.iterdir())):

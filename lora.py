@@ -132,6 +132,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in model.state_dict().items() if is_adapter(name)}
 
 
+@torch.no_grad()
+def load_adapters(model: nn.Module, adapters: dict[str, torch.Tensor]) -> None:
+    """Put a resumed run's adapters back into a model that has fresh ones (nothing to do for a new run)."""
+    if not adapters:
+        return
+    own = adapter_state(model)
+    assert set(adapters) == set(own), "the checkpoint's adapters were checked against these (check_fits)"
+    for name, tensor in adapters.items():
+        own[name].copy_(tensor)
+
+
 def trainable(model: nn.Module) -> tuple[int, int]:
     """(parameters that train, all parameters): with LoRA, the adapters out of the whole model."""
     params = list(model.parameters())  # the tied wte / lm_head matrix once

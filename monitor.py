@@ -1,9 +1,10 @@
-"""What a run shows besides its loss: the log train_log.json (plot.py draws it), the gradient norm,
-samples at each evaluation, and how long the run will take.
+"""What a run shows besides its loss: its header, a log line every log_interval steps, the report of
+each evaluation with a sample, the log file train_log.json (plot.py draws it), how long the run will
+take, and MFU (model FLOPs utilisation).
 
-    log = start_log(cfg, out_dir, model, procs, precision, resumed_state=None)
-    grads = GradNorms(device); grads.clip(scaler, optimizer, model, clip=1.0, measure=True)
-    grads.report()                     # {"grad_norm": ..., "clipped": fraction of the steps clipped}
+    log = start_log(cfg, out_dir, model, proc, precision, resumed=None)
+    meter = StepMeter(cfg, proc, model, log, first_step=0)
+    meter.step_done(state, loss, lr, grad_norm)   # every log_interval steps: one line, one record
 """
 
 from __future__ import annotations
@@ -14,30 +15,58 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import LoopState, Weights
 from config import Config, ConfigError, TrainingConfig
-from data import DataError, start_token, tokenizer_from_meta
+from data import Data, DataError, split_bits_per_byte, start_token, tokenizer_from_meta
 from files import write_json
+from generate import generate
 from lora import trainable
-from runtime import Processes, format_duration, gathered, is_sharded, whole
+from model import GPT
+from options import config_changes
+from runtime import Process, format_duration, gathered, is_sharded, peak_flops
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
+ESTIMATE_EVAL_ABOVE_S = 10  # a first evaluation expected to take longer says how long, before it ends
 
 
-# ----------------------------------------------------------------------------- the log
+# ----------------------------------------------------------------------------- what the run is
 
-def start_log(cfg: Config, out_dir: Path, model: torch.nn.Module, procs: Processes, precision: str,
-              resumed_state: dict | None) -> dict:
+def print_header(cfg: Config, model: GPT, data: Data, proc: Process, precision: str, start: Weights | None,
+                 state: LoopState, lora_base: dict | None) -> None:
+    """The settings that differ from the defaults, where the weights come from, the model, the data,
+    the device and the batch (rank 0 prints it)."""
+    out_dir, meta = Path(cfg.training.out_dir), data.meta
+    print(f"settings: {cfg.preset or 'defaults'}" + (" + command line" if cfg.overrides else "")
+          + f"; all of them in {out_dir / 'config.toml'}\n" + config_changes(cfg))
+    if start:
+        print(f"{'resuming' if cfg.training.resume else 'initialised'} from {start.path} at step {state.step}")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters | data: {data.folder} "
+          f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {proc.device}, {precision}"
+          + (f", {proc.world_size} processes ({cfg.training.parallel})" if proc.world_size > 1 else ""))
+    if cfg.lora.rank:
+        n, total = trainable(model)
+        print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
+              f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%) | base: {lora_base['path']}")
+    t = cfg.training
+    print(f"effective batch: {t.batch_size} x {t.grad_accum_steps} accumulation = "
+          f"{t.batch_size * t.grad_accum_steps} sequences = {cfg.tokens_per_step():,} tokens per step")
+
+
+# ----------------------------------------------------------------------------- the log file
+
+def start_log(cfg: Config, out_dir: Path, model: GPT, proc: Process, precision: str,
+              resumed: LoopState | None) -> dict:
     """The run's log (train_log.json). On resume the old curves continue, trimmed to the checkpoint's
     step, and the resume is recorded (plot.py marks it)."""
     log = {"version": 1, "config": cfg.to_dict(),
            "run": {"tokens_per_step": cfg.tokens_per_step(), "n_params": model.num_params(),
                    "n_trainable": trainable(model)[0],
-                   "device": procs.device, "precision": precision, "world_size": procs.world,
+                   "device": proc.device, "precision": precision, "world_size": proc.world_size,
                    "status": "running", "stop_reason": None, "early_stop_step": None},
            "evals": [], "train": [], "best": None, "resumes": []}
-    if not (resumed_state and procs.master):
+    if not (resumed and proc.is_main):
         return log
-    step, old = resumed_state["step"], read_log(out_dir / "train_log.json")
+    step, old = resumed.step, read_log(out_dir / "train_log.json")
     if old is None:
         print(f"notice: {out_dir / 'train_log.json'} is missing or damaged; the curves before step {step} are "
               "lost, the log starts again from the checkpoint")
@@ -45,7 +74,7 @@ def start_log(cfg: Config, out_dir: Path, model: torch.nn.Module, procs: Process
         for kind in ("evals", "train", "resumes"):
             log[kind] = [r for r in old[kind] if r["step"] <= step]
     log["resumes"].append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    log["best"] = {"step": resumed_state["best_step"], "val_loss": resumed_state["best_val_loss"]}
+    log["best"] = {"step": resumed.best_step, "val_loss": resumed.best_val_loss}
     return log
 
 
@@ -67,53 +96,34 @@ def write_log(out_dir: Path, log: dict) -> None:
     write_json(out_dir / "train_log.json", log, indent=1)
 
 
-def announce_speed(max_iters: int, step: int, device: str, seconds_per_step: float) -> None:
-    """After the first steps: how long the whole run will take, and a hint when that is hours on a CPU."""
-    left = (max_iters - step) * seconds_per_step
-    hint = ("; on a CPU this preset takes hours: it is sized for a GPU (--device cuda), or try "
-            "configs/cpu/small.toml" if device == "cpu" and left > 3600 else "")
-    print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
-          f"{max_iters - step} steps left, evaluations not included{hint}", flush=True)
+# ----------------------------------------------------------------------------- each evaluation
+
+def eval_estimate(seconds: float) -> None:
+    """Before the first evaluation's result: how long it will take, when that is more than a moment."""
+    if seconds > ESTIMATE_EVAL_ABOVE_S:
+        print(f"(about {format_duration(seconds)}) ", end="", flush=True)
 
 
-# ----------------------------------------------------------------------------- gradients
-
-class GradNorms:
-    """The global gradient norm before clipping, kept on the device (reading it would make the CPU wait
-    for the GPU at every step): at each log line, the latest norm and the fraction of the steps since
-    the previous log line that were clipped."""
-
-    def __init__(self, device: str):
-        self.latest: torch.Tensor | None = None
-        self.clipped = torch.zeros((), device=device)  # steps clipped since the last report
-        self.steps = 0
-
-    def clip(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-             clip: float, measure: bool) -> None:
-        """Clip the gradients to norm `clip` (0: no clipping); the norm is measured whenever clipping, and
-        at steps that are logged (`measure`)."""
-        self.steps += 1
-        if clip <= 0 and not measure:
-            return
-        scaler.unscale_(optimizer)  # the true gradients, not the loss-scaled ones
-        params = [p for p in model.parameters() if p.grad is not None]
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # returns the norm before clipping
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.latest = whole(norm)  # under FSDP, the norm of the sharded gradients is a DTensor
-        if clip > 0:
-            self.clipped += self.latest > clip
-
-    def report(self) -> dict[str, float]:
-        """{"grad_norm": the latest norm, "clipped": fraction of steps clipped since the last report}."""
-        out = {"grad_norm": self.latest.item(), "clipped": self.clipped.item() / self.steps}
-        self.clipped.zero_()
-        self.steps = 0
-        return out
+def record_eval(log: dict, state: LoopState, losses: dict[str, float], lr: float, meta: dict,
+                sample: str | None) -> float | None:
+    """Add an evaluation to the log; returns the val loss in bits per byte (None: unknown for the data)."""
+    val_bpb = split_bits_per_byte(meta, "val", losses["val"])
+    log["evals"].append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"],
+                         "val_bpb": val_bpb, "lr": lr, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 2),
+                         **({"sample": sample} if sample is not None else {})})
+    log["best"] = {"step": state.best_step, "val_loss": state.best_val_loss}
+    return val_bpb
 
 
-# ----------------------------------------------------------------------------- samples
+def report_eval(losses: dict[str, float], val_bpb: float | None, improved: bool, saved_best: bool,
+                step: int, sample: str | None) -> None:
+    """The rest of the line "eval step N: " (train and val loss, bits per byte, best), and the sample."""
+    print(f"train {losses['train']:.4f}, val {losses['val']:.4f}"
+          + (f" = {val_bpb:.4f} bits/byte" if val_bpb is not None else "")
+          + (" (best" + (", saved ckpt_best.pt)" if saved_best else ")") if improved else ""))
+    if sample is not None:
+        print(f"sample at step {step}:\n{sample}\n")
+
 
 def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
     """training.sample_prompt as token ids (the start of a text when it is empty)."""
@@ -127,18 +137,94 @@ def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
 
 
 @torch.no_grad()
-def eval_sample(model: torch.nn.Module, meta: dict, training: TrainingConfig, procs: Processes) -> str | None:
+def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process) -> str | None:
     """training.sample_tokens tokens after training.sample_prompt (None when 0), from the same seed at
     every evaluation, so that two samples differ only by the weights. Its generator is its own: the
     training RNG (dropout) does not move, so a run trains the same with or without samples. Rank 0
     samples, or under FSDP every process (each forward gathers weights from all of them)."""
-    if training.sample_tokens == 0 or not (procs.master or is_sharded(model)):
+    if training.sample_tokens == 0 or not (proc.is_main or is_sharded(model)):
         return None
     ids = sample_prompt_ids(training, meta)
-    generator = torch.Generator(procs.device).manual_seed(training.seed)
+    generator = torch.Generator(proc.device).manual_seed(training.seed)
     model.eval()
     with gathered(model):
-        out = model.generate(torch.tensor([ids], device=procs.device), training.sample_tokens,  # (1, T + new)
-                             SAMPLE_TEMPERATURE, generator=generator)
+        out = generate(model, torch.tensor([ids], device=proc.device), training.sample_tokens,  # (1, T + new)
+                       SAMPLE_TEMPERATURE, generator=generator)
     model.train()
     return training.sample_prompt + tokenizer_from_meta(meta).decode(out[0, len(ids):].tolist())
+
+
+# ----------------------------------------------------------------------------- each step
+
+class StepMeter:
+    """Every log_interval steps, one line (loss, learning rate, the gradient norm before clipping and
+    the share of the steps since the last line that were clipped, ms per step, tokens per second, MFU,
+    time left) and its record in train_log.json's "train". After the first two steps, how long the run
+    will take. Gradient norms stay on the device until a line needs them: reading one would make the
+    CPU wait for a GPU at every step. Rank 0 measures and prints; the others do nothing."""
+
+    def __init__(self, cfg: Config, proc: Process, model: GPT, log: dict, first_step: int):
+        self.cfg, self.proc, self.model, self.log, self.first_step = cfg, proc, model, log, first_step
+        self.peak = peak_flops(proc.device)
+        self.interval_start = time.time()  # of the current log interval, evaluations left out
+        self.clipped = torch.zeros((), device=proc.device)  # steps clipped since the last line
+        self.steps = 0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the time per step."""
+        self.interval_start += seconds
+
+    def step_done(self, state: LoopState, loss: float, lr: float, grad_norm: torch.Tensor) -> None:
+        t = self.cfg.training
+        if not self.proc.is_main:
+            return
+        self.steps += 1
+        if t.grad_clip > 0:
+            self.clipped += grad_norm > t.grad_clip
+        step = state.step
+        if step == self.first_step + 2 and t.log_interval > 2:  # before the first log line
+            announce_speed(t.max_iters, step, self.proc.device, (time.time() - self.interval_start) / 2)
+        if step % t.log_interval:
+            return
+        if self.proc.device_type == "cuda":
+            torch.cuda.synchronize()
+        # A resumed run's first interval may be short: it starts where the checkpoint was.
+        dt_ms = (time.time() - self.interval_start) * 1000 / min(t.log_interval, step - self.first_step)
+        self.interval_start = time.time()
+        tok_s = self.cfg.tokens_per_step() * 1000 / dt_ms
+        mfu = f" | mfu {100 * estimate_mfu(self.model, tok_s, self.peak * self.proc.world_size):.1f}%" \
+            if self.peak else ""
+        eta = format_duration((t.max_iters - step) * dt_ms / 1000)  # at this interval's speed
+        norm, clipped = grad_norm.item(), self.clipped.item() / self.steps
+        self.clipped.zero_()
+        self.steps = 0
+        print(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} (clipped "
+              f"{clipped:.0%}) | {dt_ms:.1f} ms/step | {tok_s:,.0f} tok/s{mfu} | eta {eta}")
+        self.log["train"].append({"step": step, "loss": loss, "lr": lr, "ms_per_step": round(dt_ms, 2),
+                                  "tokens_per_s": round(tok_s), "tokens": state.tokens, "grad_norm": norm,
+                                  "clipped": clipped})
+
+
+def announce_speed(max_iters: int, step: int, device: str, seconds_per_step: float) -> None:
+    """After the first steps: how long the whole run will take, and a hint when that is hours on a CPU."""
+    left = (max_iters - step) * seconds_per_step
+    hint = ("; on a CPU this preset takes hours: it is sized for a GPU (--device cuda), or try "
+            "configs/cpu/small.toml" if device == "cpu" and left > 3600 else "")
+    print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
+          f"{max_iters - step} steps left, evaluations not included{hint}", flush=True)
+
+
+def flops_per_token(model: GPT) -> int:
+    """Training FLOPs per token, the standard estimate (Kaplan et al. 2020; PaLM appendix B):
+    6 per parameter (2 for the forward multiply-add, 4 for the backward), plus attention's
+    q k^T and weights @ v, which use no parameters: each costs 2 * n_embd * T per token and
+    layer in the forward, times 3 with the backward, so 12 * n_layer * n_embd * T, counted
+    for a full context of T = block_size. Element-wise work (norms, activations, the SwiGLU
+    product, rotary, softmax, soft-cap) is left out, as is usual: it is small next to matmuls."""
+    cfg = model.config
+    return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def estimate_mfu(model: GPT, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the fraction of the hardware's peak that training achieves."""
+    return flops_per_token(model) * tokens_per_s / peak_flops

@@ -1,4 +1,7 @@
-"""Muon for the hidden weight matrices, AdamW for everything else, in one optimizer.
+"""The optimizers: AdamW with its parameter groups, or Muon for the hidden weight matrices and AdamW
+for everything else, in one optimizer.
+
+    optimizer = make_optimizer(model, cfg.training, "cpu")   # training.optimizer: adamw or muon
 
 Muon ("MomentUm Orthogonalized by Newton-Schulz") keeps SGD momentum for each matrix,
 then replaces the update by the nearest semi-orthogonal matrix: the U V^T of its SVD,
@@ -16,6 +19,32 @@ from __future__ import annotations
 import math
 
 import torch
+
+from config import TrainingConfig
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings (dim >= 2) only: decaying biases and
+    norm gains towards 0 would fight their job of shifting and scaling activations.
+    t.optimizer = "muon": the matrices inside the blocks get Muon instead.
+    A group's "lr_scale" is its learning rate relative to the schedule's (train.py sets each step's).
+    Frozen weights (requires_grad False) are left out. With LoRA (lora.py) that leaves only the
+    adapters' A and B: matrices, so they are decayed, which pulls B A, the change made to the
+    pretrained model, towards 0: towards the pretrained weights, not towards zero weights."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for _, p in params if p.dim() >= 2]
+    others = {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}
+    betas = (t.beta1, t.beta2)
+    if t.optimizer == "muon":
+        hidden = [p for n, p in params if n.startswith("transformer.h.") and p.dim() == 2]
+        ids = {id(p) for p in hidden}
+        groups = [{"params": hidden, "use_muon": True, "weight_decay": t.weight_decay,
+                   "lr_scale": t.muon_lr / t.learning_rate},
+                  {"params": [p for p in matrices if id(p) not in ids], "weight_decay": t.weight_decay}, others]
+        return MuonAdamW(groups, lr=t.learning_rate, betas=betas)
+    groups = [{"params": matrices, "weight_decay": t.weight_decay}, others]
+    # The fused kernel updates all tensors in one pass; it exists on CUDA and, in torch 2.13, on CPU.
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

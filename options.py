@@ -27,6 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
+# Settings that were renamed: a preset or stored config.toml with the old name is told the new one.
+RENAMED = {"training.eval_iters": "training.eval_batches"}
 SHORT_FLAGS = {"--tokenizer": "data.tokenizer", "--max-iters": "training.max_iters",
                "--device": "training.device", "--resume": "training.resume"}
 
@@ -42,53 +44,20 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
     """
     argv = sys.argv[1:] if argv is None else argv
     opts = options() if options else None
-    own = fields_of(options) if options else {}
-    positional = next((k for k, f in own.items() if f.metadata["positional"]), None)
-    problems, cli_values, overrides, i = [], {}, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
+    problems, cli_values, overrides = [], {}, []
+    for kind, key, value in scan(argv, options, sections, program, problems):
+        if kind == "help":
             raise HelpRequested(help_text(program, about, options, sections, preset))
-        if not arg.startswith("--"):
-            if positional:
-                getattr(opts, positional).append(arg)
-            else:
-                problems.append(f"command line: unexpected argument {arg!r}; options are --name VALUE")
-            continue
-        flag, has_eq, value = arg.partition("=")
-        kind, key, f = resolve(flag, own, sections)
-        if kind is None:
-            if not has_eq and i < len(argv) and not argv[i].startswith("--"):
-                i += 1  # its value, so that it is not reported as one more problem
-            if flag[2:].split(".")[0] in SECTIONS:
-                takes = ", ".join(f"--{s}.*" for s in sections) or "no config settings"
-                problems.append(f"command line: {flag} is not a setting of {program}: it takes {takes}")
-                continue
-            known = ["--" + k.replace("_", "-") for k in own if k != positional]
-            known += [f for f in SHORT_FLAGS if SHORT_FLAGS[f].split(".")[0] in sections]
-            problems.append(f"command line: unknown option {flag}{suggest(flag, known)}; see --help")
-            continue
-        if not has_eq:
-            # A boolean flag alone means true (before a script's positional arguments, only a
-            # following true/false is its value); any other flag takes the next argument.
-            boolean = f is not None and f.type is bool
-            if boolean and (i == len(argv) or argv[i].startswith("--") or
-                            positional and argv[i].lower() not in ("true", "false")):
-                value = "true"
-            elif i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            else:
-                problems.append(f"command line: {flag} needs a value")
-                continue
         if kind == "preset":
             preset = value
         elif kind == "config":
             cli_values.setdefault(key[0], {})[key[1]] = value
-            overrides += [flag, value]
+            overrides += [key[2], value]
+        elif kind == "positional":
+            getattr(opts, key).append(value)
         else:
             try:
-                setattr(opts, key, convert(flag, f, value, from_text=True))
+                setattr(opts, key, convert(f"--{key.replace('_', '-')}", fields_of(options)[key], value, True))
             except ConfigError as e:
                 problems.append(f"command line: {e}")
     cfg = Config()
@@ -106,6 +75,56 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
         raise ConfigError(problems)
     cfg.preset, cfg.overrides, cfg.argv = preset, overrides, list(argv)
     return opts, cfg
+
+
+def scan(argv: list[str], options, sections: tuple[str, ...], program: str, problems: list[str]):
+    """The command line as (kind, key, text value) items: ("help", ..), ("preset", None, FILE),
+    ("config", (section, key, flag), VALUE), ("option", name, VALUE) or ("positional", name, ARG);
+    what cannot be read goes to `problems`."""
+    own = fields_of(options) if options else {}
+    positional = next((k for k, f in own.items() if f.metadata["positional"]), None)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            yield "help", None, None
+            continue
+        if not arg.startswith("--"):
+            if positional:
+                yield "positional", positional, arg
+            else:
+                problems.append(f"command line: unexpected argument {arg!r}; options are --name VALUE")
+            continue
+        flag, has_eq, value = arg.partition("=")
+        kind, key, f = resolve(flag, own, sections)
+        if kind is None:
+            if not has_eq and i < len(argv) and not argv[i].startswith("--"):
+                i += 1  # its value, so that it is not reported as one more problem
+            problems.append(unknown_flag(flag, own, positional, sections, program))
+            continue
+        if not has_eq:
+            # A boolean flag alone means true (before a script's positional arguments, only a
+            # following true/false is its value); any other flag takes the next argument.
+            boolean = f is not None and f.type is bool
+            if boolean and (i == len(argv) or argv[i].startswith("--") or
+                            positional and argv[i].lower() not in ("true", "false")):
+                value = "true"
+            elif i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            else:
+                problems.append(f"command line: {flag} needs a value")
+                continue
+        yield kind, (*key, flag) if kind == "config" else key, value
+
+
+def unknown_flag(flag: str, own: dict, positional: str | None, sections: tuple[str, ...], program: str) -> str:
+    if flag[2:].split(".")[0] in SECTIONS:
+        takes = ", ".join(f"--{s}.*" for s in sections) or "no config settings"
+        return f"command line: {flag} is not a setting of {program}: it takes {takes}"
+    known = ["--" + k.replace("_", "-") for k in own if k != positional]
+    known += [f for f in SHORT_FLAGS if SHORT_FLAGS[f].split(".")[0] in sections]
+    return f"command line: unknown option {flag}{suggest(flag, known)}; see --help"
 
 
 def resolve(flag: str, own: dict, sections: tuple[str, ...]) -> tuple[str | None, object, object]:
@@ -146,7 +165,8 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
             name = f"{section}.{key}"
             if key not in fields[section]:
                 names = [f"{s}.{k}" for s in fields for k in fields[s]]
-                problems.append(f"{origin}: unknown key {name}{suggest(name, names)}")
+                hint = f" (renamed {RENAMED[name]})" if name in RENAMED else suggest(name, names)
+                problems.append(f"{origin}: unknown key {name}{hint}")
                 continue
             try:
                 value = convert(name, fields[section][key], value, from_text)
@@ -260,7 +280,7 @@ def help_text(program: str, about: str = "", options=None, sections: tuple[str, 
     usage = f"usage: python {program}" + (" [options]" if options else "") + \
         (f" [--config FILE (default {preset})]" if preset else " [--config FILE]" if sections else "") + \
         (" [--section.key VALUE ...]" if sections else "")
-    parts = [usage, about.strip().split("\n\n")[0]] if about else [usage]
+    parts = [usage, intro(about)] if about else [usage]
     if options:
         parts.append("options:\n" + "\n".join(describe(fields_of(options), lambda k: "--" + k.replace("_", "-"))))
     if sections:
@@ -270,6 +290,18 @@ def help_text(program: str, about: str = "", options=None, sections: tuple[str, 
                      + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items() if v.split(".")[0] in sections)
                      + ".\n\n" + reference(sections))
     return "\n\n".join(parts)
+
+
+def intro(about: str) -> str:
+    """What --help shows of a script's docstring: its first paragraph, and the indented paragraphs
+    (example commands, lists) right after it."""
+    paragraphs = about.strip().split("\n\n")
+    shown = [paragraphs[0]]
+    for paragraph in paragraphs[1:]:
+        if not paragraph.startswith("  "):
+            break
+        shown.append(paragraph)
+    return "\n\n".join(shown)
 
 
 def resume_command(cfg: Config, launcher: str = "python") -> str:

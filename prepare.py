@@ -16,7 +16,6 @@ input streams in chunks, so memory stays bounded for any size. train.py prepares
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import os
 import sys
@@ -28,13 +27,12 @@ import numpy as np
 
 from config import DataConfig, doc
 from options import parse
-from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, default_processed_dir,
-                  encode_chunks, load_meta, longer_split, resolve_bin_dir, safe_cut, split_safely, token_dtype,
-                  tokenizer_differences)
+from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, Progress, default_processed_dir,
+                  encode_chunks, load_meta, longer_split, resolve_bin_dir, safe_cut, split_safely, text_chunks,
+                  token_dtype, tokenizer_differences)
 from errors import command
 from files import FileError, lock, make_folder, sync_folder, write_json
 
-READ_BYTES = 1 << 22      # 4 MB reads
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
 PROGRESS_BYTES = 5 << 20  # show progress for inputs over 5 MB
 
@@ -69,41 +67,9 @@ def stat_digest(docs: list[Path]) -> str:
 def content_digest(docs: list[Path]) -> str:
     hasher = hashlib.sha256()
     for document in docs:
-        for _ in read_text(document, hasher):
+        for _ in text_chunks(document, hasher):
             pass
     return hasher.hexdigest()
-
-
-def read_text(path: Path, hasher=None):
-    """Yield the text of a file in chunks, exactly as stored (no newline translation)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(READ_BYTES)
-            if hasher is not None:
-                hasher.update(raw)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text ({e.reason} at a byte near "
-                                f"{f.tell() - len(raw) + e.start}); convert it to UTF-8") from None
-            if text:
-                yield text
-            if not raw:
-                return
-
-
-class Progress:
-    def __init__(self, total_bytes: int, label: str, enabled: bool):
-        self.total, self.label, self.done, self.shown = total_bytes, label, 0, -1
-        self.enabled = enabled and total_bytes > PROGRESS_BYTES
-
-    def add(self, n_bytes: int) -> None:
-        self.done += n_bytes
-        pct = min(100, 100 * self.done // max(self.total, 1))
-        if self.enabled and pct // 10 != self.shown:
-            self.shown = pct // 10
-            print(f"{self.label}: {pct:3d}% of {self.total / 1e6:.0f} MB", file=sys.stderr, flush=True)
 
 
 class SplitWriter:
@@ -223,13 +189,14 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
 
     # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
     hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
-    progress = Progress(total_bytes, "prepare: reading", progress)
+    size = f"{total_bytes / 1e6:.0f} MB"
+    reading = Progress(total_bytes, "prepare: reading", size, PROGRESS_BYTES, progress)
     for document in docs:
-        for text in read_text(document, hasher):
+        for text in text_chunks(document, hasher):
             n_chars += len(text)
             if d.tokenizer == "char":
                 seen_chars.update(text)
-            progress.add(len(text.encode("utf-8")) if progress.enabled else 0)
+            reading.add(len(text.encode("utf-8")) if reading.enabled else 0)
     if d.tokenizer == "char":
         missing = sorted(seen_chars - set(chars)) if chars is not None else []
         if missing:
@@ -262,7 +229,8 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
         try:
             # "bytes": each split's UTF-8 text bytes (end-of-text tokens not counted), for bits per byte.
             meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
-                                                         Progress(total_bytes, "prepare: encoding", progress.enabled))
+                                                         Progress(total_bytes, "prepare: encoding", size,
+                                                                  PROGRESS_BYTES, progress))
         except OSError as e:
             raise FileError(f"cannot write into {out} ({e.strerror}); free some space or choose another "
                             "data.processed_dir") from None
@@ -279,7 +247,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
     n_train_chars, seen = int(n_chars * (1 - d.val_fraction)), 0
     try:
         for document in docs:
-            for text in read_text(document):
+            for text in text_chunks(document):
                 head = max(0, min(len(text), n_train_chars - seen))
                 if head:
                     writers["train"].add(text[:head])

@@ -1,10 +1,11 @@
 """Where the work runs: the device, the numeric precision, the processes of a torchrun job and how
-they share the model (DDP, or FSDP's shards), and a profiler window over some of its steps.
+they share the model (DDP, or FSDP's shards), activation checkpointing, stop signals, and a profiler.
 
     device = pick_device("auto")                  # "cuda", "mps" or "cpu"
-    procs = start_processes(device)               # one process, or this process's rank under torchrun
+    proc = start_process(device)                  # this process: rank 0 of 1, or its rank under torchrun
     with autocast("cuda", "bf16"): loss = ...     # mixed precision, or nothing for fp32
-    shard(model, procs, "bf16")                   # FSDP: each process keeps a part of every weight
+    shard(model, proc, "bf16")                    # FSDP: each process keeps a part of every weight
+    all_reduce(loss, proc)                        # the mean over the processes (no-op for one)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from config import ConfigError, TrainingConfig
 from files import make_folder
@@ -81,21 +83,28 @@ def peak_flops(device: str) -> float | None:
 
 
 @dataclass
-class Processes:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+class Process:
+    """This process's place in a torchrun job: its rank among world_size processes (0 of 1 without
+    torchrun) and its device."""
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
     device: str = "cpu"
 
     @property
-    def master(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0  # the one process that prints and writes files
 
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type  # "cuda:1" -> "cuda"
 
-def start_processes(device: str) -> Processes:
-    """Under torchrun (RANK is set), join the process group: one process per GPU, or gloo on CPU."""
+
+def start_process(device: str) -> Process:
+    """Under torchrun (RANK is set), join the process group: one process per GPU, or gloo on CPU.
+    On CUDA, fp32 matmuls may use TF32 (10 bits of mantissa instead of 23: much faster, and training
+    does not notice)."""
     if "RANK" not in os.environ:
-        return Processes(device=device)
+        return tf32(Process(device=device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])  # the GPU's index on this machine
@@ -106,27 +115,58 @@ def start_processes(device: str) -> Processes:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Processes(rank, world, device)
+    return tf32(Process(rank, world, device))
 
 
-def parallel_problems(training: TrainingConfig, procs: Processes) -> list[str]:
-    """What keeps these processes from sharing the work as the settings say."""
-    problems = []
-    if training.grad_accum_steps % procs.world:
-        ok = training.grad_accum_steps + procs.world - training.grad_accum_steps % procs.world
+def tf32(proc: Process) -> Process:
+    if proc.device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return proc
+
+
+def parallel_problems(training: TrainingConfig, proc: Process) -> list[str]:
+    """What keeps the processes from sharing the work as the settings say."""
+    problems, world = [], proc.world_size
+    if training.grad_accum_steps % world:
+        ok = training.grad_accum_steps + world - training.grad_accum_steps % world
         problems.append(f"training.grad_accum_steps = {training.grad_accum_steps} must be divisible by the number "
-                        f"of processes ({procs.world}), e.g. {ok}")
-    if training.parallel == "fsdp" and procs.world == 1:
+                        f"of processes ({world}), e.g. {ok}")
+    if training.parallel == "fsdp" and world == 1:
         problems.append("training.parallel = fsdp shards the model across the processes of a torchrun job, but "
                         "this is one process; start it with torchrun (e.g. torchrun --standalone --nproc-per-node=2 "
                         "train.py ...), or drop training.parallel: one process needs no sharding")
-    elif training.parallel == "fsdp" and procs.device == "mps":
+    elif training.parallel == "fsdp" and proc.device == "mps":
         problems.append("training.parallel = fsdp cannot run on MPS: torch.distributed has no backend that "
                         "connects MPS processes; use --device cpu (gloo) or CUDA GPUs (nccl)")
     return problems
 
 
-def shard(model: torch.nn.Module, procs: Processes, precision: str) -> None:
+def all_reduce(t: torch.Tensor, proc: Process, op: str = "avg") -> torch.Tensor:
+    """t, in place, reduced over every process: "avg" (their mean), "sum", "min" or "max". Every
+    process must call it with a tensor of the same shape; for one process it is t as it is."""
+    if proc.world_size > 1:
+        dist.all_reduce(t, op={"avg": dist.ReduceOp.AVG, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                               "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Activation checkpointing, in place: each block's forward keeps only its input x (B, T, C) for
+    the backward pass, which runs the block's forward again to get the activations it needs (less
+    memory for more compute). The replay draws the same dropout masks: checkpoint saves the RNG state
+    and restores it for the replay. Without gradients (evaluation, generation) a block runs as usual."""
+    for block in model.transformer.h:
+        forward = block.forward
+
+        def checkpointed(*args, forward=forward):
+            if not torch.is_grad_enabled():
+                return forward(*args)
+            return checkpoint(forward, *args, use_reentrant=False)
+
+        block.forward = checkpointed
+
+
+def shard(model: torch.nn.Module, proc: Process, precision: str) -> None:
     """Fully sharded data parallel (FSDP2, PyTorch's fully_shard), in place: every process keeps 1/world
     of each weight (its part of dim 0), and so 1/world of the gradients and of the optimizer state,
     which the optimizer makes from the parameters it is given: create the optimizer after this.
@@ -151,7 +191,7 @@ def shard(model: torch.nn.Module, procs: Processes, precision: str) -> None:
     they all skip the same steps."""
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
-    mesh = init_device_mesh(torch.device(procs.device).type, (procs.world,))  # all processes, one dimension
+    mesh = init_device_mesh(proc.device_type, (proc.world_size,))  # all processes, one dimension
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -164,13 +204,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def all_finite(model: torch.nn.Module, procs: Processes) -> bool:
+def all_finite(model: torch.nn.Module, proc: Process) -> bool:
     """Whether every weight of every process is a finite number (each checks its own shards)."""
     local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters())
-    flag = torch.tensor(int(local), device=procs.device)
-    if procs.world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(all_reduce(torch.tensor(int(local), device=proc.device), proc, "min").item())
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -235,17 +272,17 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def end_processes(procs: Processes, finished: bool) -> None:
-    if procs.world > 1:
+def end_process(proc: Process, finished: bool) -> None:
+    """Leave the process group (torchrun): after a barrier when the run finished, so that no process
+    tears it down while rank 0 is still writing."""
+    if proc.world_size > 1:
         # gloo's threads free each finished collective's tensors themselves, and need Python's lock (the
         # GIL) to free one that Python has let go of; a thread that gets there while Python shuts down
-        # aborts the process ("terminate called without an active exception", after a finished run).
-        # Freeing the garbage now and then waiting at the barrier, where the lock is free, gives them
-        # their turn: on a 2-core CPU, FSDP runs aborted so about 1 time in 10 without these lines, and
-        # 0 times in 65 with them.
+        # aborts the process ("terminate called without an active exception"). Freeing the garbage now,
+        # then waiting at the barrier, where the lock is free, gives them their turn.
         gc.collect()
         if finished:
-            dist.barrier()  # rank 0 may still be writing: tear the group down together, not one by one
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -259,6 +296,20 @@ def set_rng_state(state: dict, device: str) -> None:
     torch.set_rng_state(state["cpu"].cpu())
     if device.startswith("cuda") and state["cuda"].numel():
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def profiler(device: str, memory: bool = False):
+    """A torch.profiler recording the CPU's operators, and the GPU's kernels on CUDA; with `memory`,
+    every allocation and free too. Use it as a context manager, or start() and stop() it."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.startswith("cuda") else [])]
+    return profile(activities=activities, profile_memory=memory)
+
+
+def profile_table(prof, device: str, top: int = 15) -> str:
+    """The operators that took the most time (on the GPU, its time), as a table."""
+    sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
 
 
 class ProfileWindow:
@@ -277,12 +328,10 @@ class ProfileWindow:
         """Call before each optimizer step with the number of steps done; starts recording at `start`
         (or at once, for a run resumed inside the window)."""
         if self.enabled and self.prof is None and self.start <= step < self.end:
-            from torch.profiler import ProfilerActivity, profile
-            cuda = [ProfilerActivity.CUDA] if self.device.startswith("cuda") else []
-            self.prof, self.first = profile(activities=[ProfilerActivity.CPU, *cuda]), step
+            self.prof, self.first = profiler(self.device), step
             self.prof.start()
 
-    def after_step(self, step: int, top: int = 15) -> None:
+    def after_step(self, step: int) -> None:
         """Call after each optimizer step with the number of steps done; stops at `end` and reports."""
         if self.prof is None or step != self.end:
             return
@@ -291,9 +340,7 @@ class ProfileWindow:
         tmp = path.with_name(f".{path.name}.tmp")
         self.prof.export_chrome_trace(str(tmp))
         os.replace(tmp, path)  # a viewer never opens half a trace
-        sort = "self_device_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
-        print(f"profile of steps {self.first} to {step}: {path}\n"
-              + self.prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
+        print(f"profile of steps {self.first} to {step}: {path}\n" + profile_table(self.prof, self.device))
         self.prof, self.enabled = None, False
 
 
@@ -309,8 +356,8 @@ class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
     finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once."""
 
-    def __init__(self, procs: Processes):
-        self.procs, self.received, self.previous = procs, 0, {}
+    def __init__(self, proc: Process):
+        self.proc, self.received, self.previous = proc, 0, {}
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -324,17 +371,15 @@ class StopSignals:
     def handle(self, signum: int, frame) -> None:
         self.received = signum
         signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
-        if self.procs.master:
+        if self.proc.is_main:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
                   "(again to stop at once, without saving)", flush=True)
 
     def requested(self) -> int:
         """The signal to stop for, agreed by every process (they must stop at the same step), or 0."""
-        if self.procs.world == 1:
+        if self.proc.world_size == 1:
             return self.received
-        flag = torch.tensor(self.received, device=self.procs.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return int(all_reduce(torch.tensor(self.received, device=self.proc.device), self.proc, "max").item())
 
 
 def format_duration(seconds: float) -> str:

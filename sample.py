@@ -21,9 +21,10 @@ import torch
 import checkpoint
 from config import ConfigError, doc
 from options import parse
-from data import BPETokenizer, CharTokenizer, DataError, start_token, tokenizer_from_meta
+from data import BPETokenizer, CharTokenizer, DataError, check_in_vocabulary, read_text, start_token, tokenizer_from_meta
 from errors import command
-from model import GPT, check_sampling_args
+from generate import check_sampling_args, generate_stream
+from model import GPT
 from runtime import pick_device
 
 Tokenizer = CharTokenizer | BPETokenizer
@@ -42,12 +43,7 @@ def read_start(start: str) -> str:
     """The prompt: the text itself, or the contents of a file given as FILE:path."""
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:"):])
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--start {start}: cannot read {path} ({getattr(e, 'strerror', None) or e}); "
-                        "give the path of a UTF-8 text file") from None
+    return read_text(start[len("FILE:"):], f"--start {start}")[0]
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int, vocab_size: int) -> list[int]:
@@ -60,9 +56,7 @@ def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int, vocab_size: 
             ids = tokenizer.encode(text)
         except DataError as e:
             raise DataError(f"the prompt has {e}") from None
-    if max(ids) >= vocab_size:  # a BPE model trained on fewer tokens than its encoding has
-        raise DataError(f"the prompt has token {max(ids)}, outside this model's vocabulary of {vocab_size}; "
-                        "use another prompt")
+    check_in_vocabulary(ids, vocab_size, "the prompt")
     if len(ids) > block_size:
         # The model has position embeddings for block_size tokens only; it sees the most recent ones.
         print(f"notice: the prompt is {len(ids)} tokens, longer than the model's context "
@@ -103,7 +97,7 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], opts: 
             print(piece, end="", flush=True)  # flush: show it now, not when the buffer fills
 
     show(prompt)
-    for token in model.generate_stream(idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
+    for token in generate_stream(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
                                        opts.top_p if opts.top_p < 1 else None, generator):
         pieces.append(text.feed(token.item()))
         show(pieces[-1])

@@ -7,343 +7,96 @@
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml --training.parallel fsdp   # sharded
     python train.py --help                                           # every setting, with its doc
 
-Reading order: main(cfg) calls setup() (processes and device, the starting weights, the data, the
-model and optimizer, the log), then train_loop(), then summarize(). Each optimizer step
-accumulates gradients over grad_accum_steps micro-batches; every eval_interval steps (and after
-the last step) the loop evaluates, logs to train_log.json, writes ckpt_last.pt (not at a fresh
-run's step 0) and ckpt_best.pt on improvement, and checks early stopping. Ctrl-C or SIGTERM saves
-the step in progress (see stop). What the run prints and logs besides the loss is in monitor.py.
+How to read it: main() is the recipe, top to bottom. train_step() is one optimizer step, all of it:
+the micro-batches, the forward pass (model.py), the backward pass, the gradients shared among the
+processes, clipping, the update. train_loop() runs the steps and evaluates every eval_interval steps;
+after_evaluation() keeps the best checkpoint and decides early stopping. What surrounds the loop
+(stops, divergence, the summary, exit codes) is in lifecycle.py; what a run prints, in monitor.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import os
-import shlex
-import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lifecycle
+import monitor
 import prepare
-from attention import flex_cannot_train
-from checkpoint import (CheckpointError, Weights, adopt_model_shape, base_reference, find_weights, load_weights,
-                        save_checkpoint, weights_to_save)
+from checkpoint import (CHECKPOINT_VERSION, Weights, base_reference, load_start, restore, save_checkpoint,
+                        weights_to_save)
 from config import Config, ConfigError, TrainingConfig
-from data import check_split_lengths, document_ids, get_batch, load_tokens, split_bits_per_byte
-from errors import UserError, command
-from files import atomic_write_text, lock, make_folder
-from lora import add_adapters, adapter_state, trainable
+from data import Data, check_split_lengths, get_batch, load_tokens
+from errors import command
+from lifecycle import Run
+from lora import add_adapters, load_adapters
 from model import GPT
-from monitor import GradNorms, announce_speed, eval_sample, sample_prompt_ids, start_log, write_log
-from options import config_changes, parse, resume_command, to_toml
-from runtime import (Processes, ProfileWindow, Stopped, StopSignals, all_finite, autocast, end_processes,
-                     format_duration, full_state, load_optimizer_state, parallel_problems, peak_flops, pick_device,
-                     pick_precision, rng_state, set_rng_state, shard, start_processes)
+from muon import make_optimizer
+from options import parse
+from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce, autocast, checkpoint_activations,
+                     full_state, pick_device, pick_precision, rng_state, shard, start_process, whole)
 
-ESTIMATE_EVAL_ABOVE_S = 10  # a first evaluation expected to take longer says how long, before it ends
-
-
-class TrainError(UserError):
-    """A problem that stops training; the message says what to do."""
-
-
-@dataclass
-class Run:
-    """What the loop works with, made by setup()."""
-    model: torch.nn.Module       # what is called: compiled and/or wrapped in DDP
-    raw_model: GPT               # the model itself (sharded in place under FSDP), whose weights checkpoints store
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # loss scaling for fp16; a no-op otherwise
-    splits: dict[str, np.ndarray]
-    meta: dict                   # the data's tokenizer meta
-    state: dict                  # loop state, saved in checkpoints (see new_state)
-    log: dict                    # train_log.json
-    procs: Processes
-    precision: str
-    out_dir: Path
-    saved_step: int | None       # the step ckpt_last.pt holds, once there is one
-    lora_base: dict | None = None  # a LoRA run's base weights: {"path", "digest"}, saved in its checkpoints
-
-
-# ----------------------------------------------------------------------------- set-up
 
 def main(cfg: Config) -> dict:
-    """Train as `cfg` says; returns a summary dict (also printed at the end)."""
-    procs = start_processes(pick_device(cfg.training.device))
-    finished = False
-    try:
-        # One run per out_dir at a time: the lock is held until this process ends, however it ends.
-        with lock(make_folder(cfg.training.out_dir, "training.out_dir") / ".lock",
-                  f"training.out_dir = {cfg.training.out_dir!r}") if procs.master else contextlib.nullcontext():
-            run = setup(cfg, procs)
-            if run.state["step"] >= cfg.training.max_iters:
-                return nothing_to_do(cfg, run)
-            with StopSignals(procs) as signals:
-                train_loop(cfg, run, signals)
-            finished = True
-            return summarize(cfg, run)
-    finally:
-        end_processes(procs, finished)
+    """Train as `cfg` says; returns the run's summary (printed at the end too)."""
+    proc = start_process(pick_device(cfg.training.device))
+    with lifecycle.held(cfg, proc):  # this run alone writes into its out_dir
+        lifecycle.check_run(cfg, proc)
+        start = load_start(cfg, proc)           # resume: the run's ckpt_last.pt; init_from: those weights
+        data = build_data(cfg, proc, start)     # the token splits, prepared on first use
+        model = build_model(cfg, proc, start)   # the GPT with its starting weights
+        run = build_run(cfg, proc, start, data, model)  # its wrappers, optimizer and loop state
+        if run.state.step >= cfg.training.max_iters:
+            return lifecycle.nothing_to_do(run)
+        with StopSignals(proc) as signals:      # Ctrl-C and SIGTERM stop the run between two steps
+            train_loop(run, signals)
+        return lifecycle.summarize(run)
 
 
-def setup(cfg: Config, procs: Processes) -> Run:
-    training, device = cfg.training, procs.device
-    device_type = torch.device(device).type
-    precision = pick_precision(training.precision, device_type, procs.master)
-    problems = parallel_problems(training, procs)
-    if problems:
-        raise ConfigError(problems)
-    out_dir = Path(training.out_dir)
-    if not training.resume and not training.overwrite and (out_dir / "ckpt_last.pt").exists():
-        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
-                         "it with --resume, replace it with --training.overwrite, or choose another "
-                         "training.out_dir")
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    elif cfg.model.attention == "flex" and (why := flex_cannot_train(device)):
-        raise ConfigError(why)
+# ----------------------------------------------------------------------------- one step
 
-    start = load_start(training, device, procs)
-    if start:
-        problems = adopt_model_shape(cfg, start)
-        if problems:
-            raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
-    # Data: prepared on first use. Batches are drawn by key, so no data state needs saving.
-    data_dir, meta = prepare_data(cfg, procs, start)
-    splits = {s: load_tokens(data_dir, s, meta) for s in ("train", "val")}
-    if cfg.data.doc_mask and meta.get("eot_token") is None:
-        raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = meta["vocab_size"]
-    elif cfg.model.vocab_size < meta["vocab_size"]:
-        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({meta['vocab_size']}); use 0 to take it from the data")
-    check_split_lengths(splits, cfg.model.block_size, data_dir)
-    if training.sample_tokens:
-        sample_prompt_ids(training, meta)  # a prompt the tokenizer cannot read fails now, not at the first eval
-
-    torch.manual_seed(training.seed)
-    raw_model = GPT(cfg.model).to(device)
-    raw_model.activation_checkpointing = training.activation_checkpointing
-    lora_base = base_reference(start, training.resume) if cfg.lora.rank else None
-    if cfg.lora.rank:  # freeze the model and add adapters, before the optimizer: only they train
-        add_adapters(raw_model, cfg.lora)
-    if start:  # into the whole model: sharding keeps each process's part of them
-        load_start_weights(start, training.resume, raw_model)
-    if training.parallel == "fsdp":
-        shard(raw_model, procs, precision)  # before the optimizer, which keeps state for the shards it is given
-    optimizer = raw_model.configure_optimizer(training.weight_decay, training.learning_rate,
-                                              (training.beta1, training.beta2), device_type,
-                                              training.optimizer, training.muon_lr)
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    state = restore(start, training.resume, raw_model, optimizer, scaler, device) if start else new_state()
-    model = torch.compile(raw_model) if training.compile else raw_model
-    if procs.world > 1 and training.parallel == "ddp":
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
-
-    log = start_log(cfg, out_dir, raw_model, procs, precision, state if training.resume else None)
-    if procs.master:
-        if training.overwrite:  # the replaced run goes as a whole, now that this one has started
-            for old in ("ckpt_last.pt", "ckpt_last.json", "ckpt_best.pt", "ckpt_best.json", "train_log.json"):
-                (out_dir / old).unlink(missing_ok=True)
-        atomic_write_text(out_dir / "config.toml", to_toml(cfg))
-        print(f"settings: {cfg.preset or 'defaults'}" + (" + command line" if cfg.overrides else "")
-              + f"; all of them in {out_dir / 'config.toml'}\n" + config_changes(cfg))
-        if start:
-            print(f"{'resuming' if training.resume else 'initialised'} from {start.path} at step {state['step']}")
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | data: {data_dir} "
-              f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {device}, {precision}"
-              + (f", {procs.world} processes ({training.parallel})" if procs.world > 1 else ""))
-        if cfg.lora.rank:
-            n, total = trainable(raw_model)
-            print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "
-                  f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%) | base: {lora_base['path']}")
-        print(f"effective batch: {training.batch_size} x {training.grad_accum_steps} accumulation = "
-              f"{training.batch_size * training.grad_accum_steps} sequences = {cfg.tokens_per_step():,} "
-              "tokens per step")
-    return Run(model, raw_model, optimizer, scaler, splits, meta, state, log, procs, precision, out_dir,
-               state["step"] if training.resume else None, lora_base)
-
-
-def load_start(training: TrainingConfig, device: str, procs: Processes) -> Weights | None:
-    """The weights to start from: the run's own ckpt_last.pt (resume), init_from's, or None (random)."""
-    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
-    if not path:
-        return None
-    if training.resume and not path.is_file():
-        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
-                              "set training.out_dir to the run to continue")
-    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
-    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
-    if procs.master and size > 100e6:
-        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
-    start = load_weights(found, device)
-    if training.resume and training.init_from:
-        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
-        # say) may stay in the settings; another one is a contradiction, not something to choose for you.
-        began = ((start.config or {}).get("training") or {}).get("init_from", "")
-        if training.init_from != began:
-            raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
-                              f"started from {began or 'random weights'!r}: --resume continues it from its own "
-                              "checkpoint; drop training.init_from, or train a new run into another out_dir")
-    return start
-
-
-def prepare_data(cfg: Config, procs: Processes, start: Weights | None) -> tuple[Path, dict]:
-    """The prepared-data folder and its meta, made by prepare.py when missing or made otherwise.
-    A char model reads a new text with its own characters (its token ids), and the tokenizer
-    settings taken from the starting weights count as chosen: a folder of another one is refused."""
-    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
-    chosen = cfg.explicit | ({"data.tokenizer", "data.bpe_encoding"} if start and start.meta else set())
-    if procs.master:
-        # If this fails, the other ranks wait at the barrier below until torchrun ends the job.
-        folder, meta = prepare.ensure_prepared(cfg.data, chars, cfg.model.block_size + 1, chosen)
-    if procs.world > 1:
-        dist.barrier()  # the other ranks wait until rank 0 has prepared the data
-    if not procs.master:
-        folder, meta = prepare.ensure_prepared(cfg.data, chars, explicit=chosen)  # reads what rank 0 made
-    return folder, meta
-
-
-def new_state() -> dict:
-    """The loop state that a checkpoint carries besides the weights and the optimizer."""
-    return {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0,
-            "elapsed_s": 0.0, "last_eval_step": None, "start_val_loss": None}
-
-
-def load_start_weights(start: Weights, resume: bool, model: GPT) -> None:
-    """The starting weights. A new LoRA run keeps its fresh adapters (B = 0) on the starting weights;
-    a resumed one gets its own back."""
-    weights = start.lora.state_dict if resume and start.lora else start.state_dict
-    model.load_state_dict(adapter_state(model) | weights)
-
-
-def restore(start: Weights, resume: bool, model: GPT, optimizer, scaler, device: str) -> dict:
-    """The loop state to start from; on resume also the optimizer, scaler and RNG states (the weights
-    are in the model already, see load_start_weights)."""
-    if not resume:
-        return new_state()
-    ckpt = start.training
-    missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
-                              "from its weights with training.init_from instead")
-    load_optimizer_state(model, optimizer, ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    # Checkpoints written before these keys existed were all written right after an evaluation.
-    return new_state() | {"last_eval_step": ckpt["step"]} | {k: ckpt[k] for k in new_state() if k in ckpt}
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def train_loop(cfg: Config, run: Run, signals: StopSignals) -> None:
-    training, state, procs = cfg.training, run.state, run.procs
-    device, master = procs.device, procs.master
-    device_type = torch.device(device).type
-    accum = training.grad_accum_steps // procs.world  # micro-steps per process
-    eot = run.meta.get("eot_token")
-    peak = peak_flops(device)
-    step = first_step = state["step"]  # optimizer steps done so far
-    start_time = time.time() - state["elapsed_s"]  # elapsed_s carries on across resumes
-    interval_start = time.time()  # start of the current log interval (evaluations left out)
-    grads = GradNorms(device)
-    window = ProfileWindow(training.profile_start_step, training.profile_end_step,
-                           training.profile_dir or run.out_dir / "profile", device, master)
-    # The loop passes max_iters + 1 times: the last pass (step == max_iters) makes no update, it
-    # only evaluates and saves the final weights.
-    while True:
-        last_step = step >= training.max_iters
-        stop_reason = None
-        if signum := signals.requested():  # Ctrl-C or SIGTERM: save this step and end the run
-            stop(cfg, run, signum)
-
-        # A resumed run's step was evaluated before it was saved: last_eval_step says so.
-        if (step % training.eval_interval == 0 or last_step) and state["last_eval_step"] != step:
-            eval_start = time.time()
-            if master:
-                print(f"eval step {step}: ", end="", flush=True)  # the rest once it is done: it can take a while
-            losses = evaluate(run.model, run.splits, cfg, device, run.precision, procs, eot,
-                              estimate=master and step == first_step)
-            if not all(map(math.isfinite, losses.values())):
-                raise diverged(run, step, f"the val loss became {losses['val']} (train {losses['train']})")
-            improved = losses["val"] < state["best_val_loss"] - training.early_stopping_min_delta
-            if improved:
-                state.update(best_val_loss=losses["val"], best_step=step, bad_evals=0)
-            else:
-                state["bad_evals"] += 1
-            if training.early_stopping and state["bad_evals"] >= training.early_stopping_patience:
-                stop_reason = (f"early stopping: val loss has not improved by {training.early_stopping_min_delta} "
-                               f"for {state['bad_evals']} evaluations (best {state['best_val_loss']:.4f} "
-                               f"at step {state['best_step']})")
-            state.update(elapsed_s=time.time() - start_time, last_eval_step=step)
-            if state["start_val_loss"] is None:
-                state["start_val_loss"] = losses["val"]
-            save(cfg, run, losses, improved, stop_reason)  # every process: see save
-            interval_start += time.time() - eval_start  # keep evaluation time out of ms/step
-        if last_step or stop_reason:
-            break
-
-        # One optimizer step: accumulate gradients over micro-batches, then update.
-        window.before_step(step)
-        lr = get_lr(step, training)
-        for group in run.optimizer.param_groups:
-            # lr_scale: a group's peak rate relative to learning_rate (Muon's matrices have their own).
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = get_batch(run.splits["train"], cfg.model.block_size, training.batch_size,
-                             ("train", training.seed, step), device, part=procs.rank * accum + micro,
-                             parts=training.grad_accum_steps)
-            # Under DDP, gradients are averaged across processes only on the last micro-step. FSDP sums
-            # and splits them at every micro-step instead, so that each process only ever holds its part
-            # of them (skipping that, with set_requires_gradient_sync(False), would hold whole gradients).
-            sync = micro == accum - 1 or not isinstance(run.model, DDP)
-            with (contextlib.nullcontext() if sync else run.model.no_sync()), autocast(device_type, run.precision):
-                _, loss = run.model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
-            # Each micro-batch's loss is scaled by 1/accum, so the summed gradients are
-            # the gradient of the mean loss over the whole effective batch.
-            run.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-        if procs.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            raise diverged(run, step, f"the loss became {loss_value}")
-        grads.clip(run.scaler, run.optimizer, run.raw_model, training.grad_clip,
-                   measure=(step + 1) % training.log_interval == 0)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state.update(step=step, tokens=state["tokens"] + cfg.tokens_per_step(), elapsed_s=time.time() - start_time)
-        window.after_step(step)
-
-        if master and step == first_step + 2 and training.log_interval > 2:
-            announce_speed(training.max_iters, step, device, (time.time() - interval_start) / 2)  # before the first log
-        if master and step % training.log_interval == 0:
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            # A resumed run's first interval may be short: it starts where the checkpoint was.
-            dt_ms = (time.time() - interval_start) * 1000 / min(training.log_interval, step - first_step)
-            interval_start = time.time()
-            tok_s = cfg.tokens_per_step() * 1000 / dt_ms
-            mfu = f" | mfu {100 * run.raw_model.estimate_mfu(tok_s, peak * procs.world):.1f}%" if peak else ""
-            eta = format_duration((training.max_iters - step) * dt_ms / 1000)  # at this interval's speed
-            norms = grads.report()
-            print(f"step {step}/{training.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
-                  f"{norms['grad_norm']:.3f} (clipped {norms['clipped']:.0%}) | {dt_ms:.1f} ms/step "
-                  f"| {tok_s:,.0f} tok/s{mfu} | eta {eta}")
-            run.log["train"].append({"step": step, "loss": loss_value, "lr": lr, "ms_per_step": round(dt_ms, 2),
-                                     "tokens_per_s": round(tok_s), "tokens": state["tokens"], **norms})
+def train_step(run: Run, lr: float) -> tuple[float, torch.Tensor]:
+    """One optimizer step: the gradients of grad_accum_steps micro-batches, summed, clipped, applied.
+    Returns the step's mean loss and the gradient norm before clipping (left on the device)."""
+    cfg, proc, t = run.cfg, run.proc, run.cfg.training
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices have a peak rate of their own
+    accum = t.grad_accum_steps // proc.world_size  # this process's share of the micro-batches
+    loss_sum = torch.zeros((), device=proc.device)
+    for micro in range(accum):
+        # The step's batch is a pure function of (seed, step); each micro-batch is a slice of it, so
+        # N processes see exactly the samples of one process with N times the accumulation.
+        x, y = get_batch(run.data.train, cfg.model.block_size, t.batch_size, ("train", t.seed, run.state.step),
+                         proc.device, part=proc.rank * accum + micro, parts=t.grad_accum_steps)  # (B, T) each
+        # DDP averages gradients across the processes in the last micro-batch's backward pass only.
+        # FSDP does it in every one, so that each process only ever holds its own part of them.
+        sync = micro == accum - 1 or not isinstance(run.wrapped, DDP)
+        with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), autocast(proc.device_type, run.precision):
+            _, loss = run.wrapped(x, y, run.data.doc_ids(x))  # GPT.forward: the mean loss of the micro-batch
+        # Divided by accum, the summed gradients are those of the mean loss over the whole step. The
+        # scaler (fp16 only) multiplies the loss, so that small gradients do not round to zero.
+        run.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach() / accum
+    loss = all_reduce(loss_sum, proc).item()  # the mean over the processes
+    if not math.isfinite(loss):
+        raise lifecycle.diverged(run, f"the loss became {loss}")
+    run.scaler.unscale_(run.optimizer)  # the true gradients, to measure and clip
+    params = [p for p in run.model.parameters() if p.grad is not None]  # with LoRA, the adapters alone
+    if t.grad_clip > 0:  # scale every gradient down by the same factor when their norm exceeds grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)  # the norm before clipping
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    run.scaler.step(run.optimizer)  # fp16: a step whose gradients overflowed is skipped, the scale lowered
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, whole(grad_norm)  # under FSDP, the norm of sharded gradients is a DTensor
 
 
 def get_lr(step: int, training: TrainingConfig) -> float:
@@ -365,173 +118,206 @@ def get_lr(step: int, training: TrainingConfig) -> float:
     return t.learning_rate - progress * (t.learning_rate - t.min_lr)  # linear, and wsd's decay
 
 
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(run: Run, signals: StopSignals) -> None:
+    """Steps until max_iters, evaluating every eval_interval steps and after the last one. The loop
+    passes max_iters + 1 times: the last pass makes no update, it evaluates and saves."""
+    t, state = run.cfg.training, run.state
+    first_step, clock = state.step, time.time() - state.elapsed_s  # elapsed_s carries on across resumes
+    meter = monitor.StepMeter(run.cfg, run.proc, run.model, run.log, first_step)
+    profiler = ProfileWindow(t.profile_start_step, t.profile_end_step, t.profile_dir or run.out_dir / "profile",
+                             run.proc.device, run.proc.is_main)
+    while True:
+        last_step = state.step >= t.max_iters
+        if signum := signals.requested():  # Ctrl-C or SIGTERM, agreed by every process
+            save(run)  # this step, so that --resume continues from it
+            raise lifecycle.stopped(run, signum)
+
+        # A resumed run's step was evaluated before it was saved: last_eval_step says so.
+        if (state.step % t.eval_interval == 0 or last_step) and state.last_eval_step != state.step:
+            began = time.time()
+            losses = evaluate(run, estimate=state.step == first_step)
+            state.elapsed_s = time.time() - clock
+            stop_early = after_evaluation(run, losses)
+            meter.exclude(time.time() - began)  # the time per step leaves evaluations out
+            if stop_early:
+                break
+        if last_step:
+            break
+
+        profiler.before_step(state.step)
+        lr = get_lr(state.step, t)
+        loss, grad_norm = train_step(run, lr)
+        state.step += 1
+        state.tokens += run.cfg.tokens_per_step()
+        state.elapsed_s = time.time() - clock
+        profiler.after_step(state.step)
+        meter.step_done(state, loss, lr, grad_norm)
+
+
 @torch.no_grad()
-def evaluate(model, splits: dict, cfg: Config, device: str, precision: str, procs: Processes,
-             eot: int | None, estimate: bool = False) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time, shared among ranks.
-    `estimate`: when the evaluation will take a while (a big preset on a CPU), say how long, from the
-    first batch, so that a first evaluation of minutes is not a silent one."""
-    model.eval()
-    out, n, start = {}, cfg.training.eval_iters, time.time()
-    for split, tokens in splits.items():
-        total = torch.zeros((), device=device)
+def evaluate(run: Run, estimate: bool = False) -> dict[str, float]:
+    """Mean loss over eval_batches batches of each split: the same batches every time, shared among
+    the processes. `estimate`: say how long the evaluation will take, from its first batch."""
+    cfg, proc, n = run.cfg, run.proc, run.cfg.training.eval_batches
+    if proc.is_main:
+        print(f"eval step {run.state.step}: ", end="", flush=True)  # the rest once it is done
+    began, out = time.time(), {}
+    run.wrapped.eval()  # no dropout
+    for split, tokens in (("train", run.data.train), ("val", run.data.val)):
+        total = torch.zeros((), device=proc.device)
         # Every process runs as many batches (under FSDP each forward gathers weights from all of them):
-        # when they do not divide evenly, the ones past eval_iters run but do not count.
-        for k in range(procs.rank, math.ceil(n / procs.world) * procs.world, procs.world):
+        # when they do not divide evenly, the ones past eval_batches run but do not count.
+        for k in range(proc.rank, math.ceil(n / proc.world_size) * proc.world_size, proc.world_size):
             x, y = get_batch(tokens, cfg.model.block_size, cfg.training.batch_size,
-                             ("eval", split, cfg.training.seed, k), device)
-            with autocast(torch.device(device).type, precision):
-                _, loss = model(x, y, document_ids(x, eot) if cfg.data.doc_mask else None)
+                             ("eval", split, cfg.training.seed, k), proc.device)
+            with autocast(proc.device_type, run.precision):
+                _, loss = run.wrapped(x, y, run.data.doc_ids(x))
             if k < n:
                 total += loss.float()
-            if estimate and k == procs.rank:  # the first batch: every batch takes about as long
+            if estimate and proc.is_main and k == 0:  # every batch takes about as long as the first
                 loss.item()  # on a GPU, wait for it to finish
-                seconds = (time.time() - start) * math.ceil(n / procs.world) * len(splits)
-                if seconds > ESTIMATE_EVAL_ABOVE_S:
-                    print(f"(about {format_duration(seconds)}) ", end="", flush=True)
+                monitor.eval_estimate((time.time() - began) * math.ceil(n / proc.world_size) * 2)
                 estimate = False
-        if procs.world > 1:
-            dist.all_reduce(total)
-        out[split] = total.item() / n
-    model.train()
+        out[split] = all_reduce(total, proc, "sum").item() / n
+    run.wrapped.train()
     return out
 
 
-def save(cfg: Config, run: Run, losses: dict | None, improved: bool = False, stop_reason: str | None = None) -> None:
-    """Log the evaluation (if any), then write ckpt_last.pt (and ckpt_best.pt on improvement). The log
-    goes first: a kill in between leaves a log ahead of the checkpoint, which resuming trims back.
-    A fresh run's step 0 is logged, not saved: its weights are the seed's or init_from's, and a run
-    that fails at its start leaves no checkpoint behind. Every process calls it: under FSDP each
-    holds a part of the weights, and all of them take part in gathering them (and in sampling);
-    rank 0 alone writes."""
-    state, step, training = run.state, run.state["step"], cfg.training
-    sample = eval_sample(run.raw_model, run.meta, training, run.procs) if losses is not None else None
-    saved = step > 0 and step != run.saved_step
-    weights, optimizer = full_state(run.raw_model, run.optimizer) if saved else ({}, {})
-    if not run.procs.master:
-        run.saved_step = step if saved else run.saved_step  # as on rank 0: they must agree on what to gather
+def after_evaluation(run: Run, losses: dict[str, float]) -> bool:
+    """What follows an evaluation: the best val loss and early stopping, the log (with a sample),
+    ckpt_last.pt and ckpt_best.pt, and the report. True when early stopping ends the run."""
+    t, state = run.cfg.training, run.state
+    if not all(map(math.isfinite, losses.values())):
+        raise lifecycle.diverged(run, f"the val loss became {losses['val']} (train {losses['train']})")
+    improved = losses["val"] < state.best_val_loss - t.early_stopping_min_delta
+    if improved:
+        state.best_val_loss, state.best_step, state.bad_evals = losses["val"], state.step, 0
+    else:
+        state.bad_evals += 1
+    stop_early = t.early_stopping and state.bad_evals >= t.early_stopping_patience
+    state.last_eval_step = state.step
+    state.start_val_loss = losses["val"] if state.start_val_loss is None else state.start_val_loss
+    sample = monitor.eval_sample(run.model, run.data.meta, t, run.proc)  # every process, under FSDP
+    if run.proc.is_main:
+        # The log goes first: a kill before the checkpoint leaves a log ahead of it, which a resume trims.
+        lr = get_lr(min(state.step, t.max_iters - 1), t)
+        val_bpb = monitor.record_eval(run.log, state, losses, lr, run.data.meta, sample)
+        if stop_early:
+            lifecycle.early_stopped(run)
+        monitor.write_log(run.out_dir, run.log)
+    save(run, losses["val"], best=improved and t.save_best)
+    if run.proc.is_main:
+        saved_best = improved and t.save_best and run.saved_step == state.step
+        monitor.report_eval(losses, val_bpb, improved, saved_best, state.step, sample)
+    return stop_early
+
+
+def save(run: Run, val_loss: float | None = None, best: bool = False) -> None:
+    """ckpt_last.pt at this step (and ckpt_best.pt when `best`), each with what resuming needs. Every
+    process calls it: under FSDP each holds a part of the weights, and all take part in gathering them;
+    rank 0 writes. A fresh run's step 0 is not saved (its weights are the seed's or init_from's, so a run
+    that fails at its start leaves no checkpoint), nor a step twice, nor weights that are not finite."""
+    if run.state.step == 0 or run.state.step == run.saved_step:
         return
-    if losses is not None:
-        val_bpb = split_bits_per_byte(run.meta, "val", losses["val"])
-        run.log["evals"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                 "val_bpb": val_bpb, "lr": get_lr(min(step, training.max_iters - 1), training),
-                                 "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 2),
-                                 **({"sample": sample} if sample is not None else {})})
-        run.log["best"] = {"step": state["best_step"], "val_loss": state["best_val_loss"]}
-    if stop_reason:
-        run.log["run"].update(status="early_stopped", stop_reason=stop_reason, early_stop_step=step)
-    write_log(run.out_dir, run.log)
-    if saved:
-        ckpt = {"version": 1, **weights_to_save(weights, cfg.lora, run.lora_base), "optimizer": optimizer,
-                "scaler": run.scaler.state_dict(), **state, "val_loss": losses and losses["val"],
-                "rng": rng_state(run.procs.device), "config": cfg.to_dict(), "meta": run.meta}
+    if not all_finite(run.model, run.proc):  # the last update came after the last loss was checked
+        raise lifecycle.diverged(run, "the weights became non-finite numbers")
+    weights, optimizer = full_state(run.model, run.optimizer)  # of the unwrapped, uncompiled model
+    if run.proc.is_main:
+        ckpt = {"version": CHECKPOINT_VERSION, **weights_to_save(weights, run.cfg.lora, run.lora_base),
+                "optimizer": optimizer, "scaler": run.scaler.state_dict(), "rng": rng_state(run.proc.device),
+                **dataclasses.asdict(run.state), "val_loss": val_loss, "config": run.cfg.to_dict(),
+                "meta": run.data.meta}
         save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
-        run.saved_step = step
-        if improved and training.save_best:
+        if best:
             save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
-    if losses is not None:
-        print(f"train {losses['train']:.4f}, val {losses['val']:.4f}"
-              + (f" = {val_bpb:.4f} bits/byte" if val_bpb is not None else "")
-              + (" (best" + (", saved ckpt_best.pt)" if saved and training.save_best else ")") if improved else ""))
-        if sample is not None:
-            print(f"sample at step {step}:\n{sample}\n")
+    run.saved_step = run.state.step
 
 
-def stop(cfg: Config, run: Run, signum: int) -> None:
-    """Save the current step and end the run with exit status 128 + signal: weights that are not finite
-    numbers are refused as a divergence instead, and before step 1 there is nothing to save."""
-    if not all_finite(run.raw_model, run.procs):  # the last update came after the last loss was checked
-        raise diverged(run, run.state["step"], "the weights became non-finite numbers")
-    save(cfg, run, None)  # every process: see save
-    if run.procs.master:
-        run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {run.state['step']}")
-        write_log(run.out_dir, run.log)
-        launcher = "python" if run.procs.world == 1 else "torchrun [your torchrun options]"
-        if run.saved_step is None:  # a resume would find no checkpoint: the way on is the same command again
-            print(f"stopped at step {run.state['step']}: nothing was saved (it was the first step); start it again "
-                  f"with:\n  {launcher} train.py {shlex.join(cfg.argv)}")
-        else:
-            print(f"stopped at step {run.state['step']}: ckpt_last.pt holds step {run.saved_step}; continue "
-                  f"with:\n  {resume_command(cfg, launcher)}")
-    if run.procs.world > 1:
-        dist.barrier()  # torchrun ends every process once one has ended: not before rank 0 has written
-    raise Stopped(128 + signum)
+# ----------------------------------------------------------------------------- set-up
+
+def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
+    """The train and val splits, prepared on first use (prepare.py). A char model reads a new text with
+    its own characters (its token ids), and the tokenizer settings taken from the starting weights
+    count as chosen: a folder of another tokenizer is refused. model.vocab_size 0 is the data's."""
+    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
+    chosen = cfg.explicit | ({"data.tokenizer", "data.bpe_encoding"} if start and start.meta else set())
+    if proc.is_main:  # if this fails, the other processes wait at the barrier until torchrun ends the job
+        folder, meta = prepare.ensure_prepared(cfg.data, chars, cfg.model.block_size + 1, chosen)
+    if proc.world_size > 1:
+        dist.barrier()  # the others read what rank 0 prepared
+    if not proc.is_main:
+        folder, meta = prepare.ensure_prepared(cfg.data, chars, explicit=chosen)
+    if cfg.data.doc_mask and meta.get("eot_token") is None:
+        raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta["vocab_size"]
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({meta['vocab_size']}); use 0 to take it from the data")
+    data = Data(folder, meta, *(load_tokens(folder, s, meta) for s in ("train", "val")),
+                eot_token=meta.get("eot_token") if cfg.data.doc_mask else None)
+    check_split_lengths({"train": data.train, "val": data.val}, cfg.model.block_size, folder)
+    if cfg.training.sample_tokens:
+        monitor.sample_prompt_ids(cfg.training, meta)  # a prompt the tokenizer cannot read fails now, not at the first eval
+    return data
 
 
-def diverged(run: Run, step: int, what: str) -> TrainError:
-    """The error for a loss that is no longer a finite number, saying truly which step is safe."""
-    if run.procs.master:
-        run.log["run"].update(status="diverged", stop_reason=f"{what} at step {step}")
-        write_log(run.out_dir, run.log)  # nulls where the values were not finite numbers
-    safe = (f"ckpt_last.pt holds step {run.saved_step}, the last finite state: resume from it with a lower "
-            "training.learning_rate" if run.saved_step is not None else
-            "no checkpoint was written: start again with a lower training.learning_rate")
-    return TrainError(f"{what} at step {step}: training diverged; {safe} (or bf16 instead of fp16)")
+def build_model(cfg: Config, proc: Process, start: Weights | None) -> GPT:
+    """The GPT on this process's device, with random weights from training.seed, or the starting ones."""
+    torch.manual_seed(cfg.training.seed)
+    model = GPT(cfg.model).to(proc.device)
+    if start:
+        model.load_state_dict(start.to_start_from(cfg.training.resume)[0])
+    return model
 
 
-# ----------------------------------------------------------------------------- the end
-
-def nothing_to_do(cfg: Config, run: Run) -> dict:
-    if run.procs.master:
-        print(f"nothing to do: {run.out_dir / 'ckpt_last.pt'} is at step {run.state['step']} and "
-              f"training.max_iters is {cfg.training.max_iters}; raise --max-iters to train further")
-    return summary_of(run, "nothing_to_do")
-
-
-def summarize(cfg: Config, run: Run) -> dict:
-    """Mark the log finished and print what the run did and what to do next."""
-    state, out_dir = run.state, run.out_dir
-    if run.procs.master:
-        if run.log["run"]["status"] == "running":
-            run.log["run"].update(status="finished", stop_reason=f"reached max_iters = {cfg.training.max_iters}")
-        write_log(out_dir, run.log)
-        start, best = state["start_val_loss"], state["best_val_loss"]
-        if state["best_step"] == 0 and state["step"] > 0:
-            start_weights = cfg.training.init_from or f"random (training.seed = {cfg.training.seed})"
-            best_line = (f"no evaluation improved on step 0 (val {best:.4f}), so there is no ckpt_best.pt; "
-                         f"step 0's weights are {start_weights}")
-        else:
-            best_line = f"best val loss {best:.4f} at step {state['best_step']}" + \
-                (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
-        best_file = out_dir / ("ckpt_best.pt" if (out_dir / "ckpt_best.pt").exists() else "ckpt_last.pt")
-        print(f"\ndone: {run.log['run']['stop_reason']}\n"
-              f"  {state['step']} steps, {state['tokens']:,} tokens, {format_duration(state['elapsed_s'])} wall time\n"
-              f"  {best_line}\n"
-              f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
-              f"log: {out_dir}/train_log.json\n"
-              f"next:\n  python sample.py --ckpt {best_file}\n"
-              f"  python plot.py {out_dir}/train_log.json")
-    return summary_of(run, run.log["run"]["status"])
+def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict) -> torch.nn.Module:
+    """Make `model` ready to train, in place, and return what a step calls. The order matters:
+    1. LoRA freezes every weight and adds the adapters (a resumed run's own come back): before the
+       optimizer, which takes the trainable parameters, and before FSDP, which shards those that exist.
+    2. Activation checkpointing wraps each block's forward, inside FSDP's gathering of its weights, so
+       that the replay in the backward pass finds them gathered.
+    3. FSDP shards the parameters in place: after the starting weights are in, so that each process
+       keeps its part of them.
+    4. torch.compile compiles the forward pass, and 5. DDP goes around it: its gradient averaging runs
+       outside the compiled code.
+    `model` itself stays what checkpoints store: its state dict has the names of an unwrapped GPT."""
+    t = cfg.training
+    if cfg.lora.rank:
+        add_adapters(model, cfg.lora)
+        load_adapters(model, adapters)
+    if t.activation_checkpointing:
+        checkpoint_activations(model)
+    if t.parallel == "fsdp":
+        shard(model, proc, precision)
+    wrapped = torch.compile(model) if t.compile else model
+    if proc.world_size > 1 and t.parallel == "ddp":
+        wrapped = DDP(wrapped, device_ids=[torch.device(proc.device).index] if proc.device_type == "cuda" else None)
+    return wrapped
 
 
-def summary_of(run: Run, status: str) -> dict:
-    state = run.state
-    return {"step": state["step"], "tokens": state["tokens"], "best_val_loss": state["best_val_loss"],
-            "best_step": state["best_step"], "start_val_loss": state["start_val_loss"], "status": status,
-            "out_dir": str(run.out_dir), "wall_s": state["elapsed_s"]}
-
-
-def terminated_outside_the_loop(signum: int, frame) -> None:
-    """SIGTERM while no step is in progress (preparing data, loading weights, the summary): end now,
-    saying so. Inside the loop, StopSignals takes over: it finishes the step and saves it."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"\n{signal.Signals(signum).name}: stopped outside the training loop; no step was saved by it",
-              file=sys.stderr)
-    raise Stopped(128 + signum)
+def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, model: GPT) -> Run:
+    """Everything the loop works with: the wrappers, the optimizer (after them: it takes LoRA's adapters,
+    FSDP's shards), the loop state (on resume, the checkpoint's, with the optimizer's and the RNG's)."""
+    t = cfg.training
+    precision = pick_precision(t.precision, proc.device_type, proc.is_main)
+    wrapped = wrap(model, cfg, proc, precision, start.to_start_from(t.resume)[1] if start else {})
+    optimizer = make_optimizer(model, t, proc.device_type)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=precision == "fp16")
+    state = restore(start, t, model, optimizer, scaler, proc.device)
+    log = monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resume else None)
+    run = Run(cfg, proc, model, wrapped, optimizer, scaler, data, state, log, precision,
+              base_reference(start, t.resume) if cfg.lora.rank else None, state.step if t.resume else None)
+    lifecycle.begin(run, start)
+    return run
 
 
 @command
 def cli(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (or nothing left to do), 2 a mistake to fix, 130 Ctrl-C, 143 SIGTERM
-    (both after saving the current step, when there is one), 1 a bug (with its traceback)."""
-    previous = signal.signal(signal.SIGTERM, terminated_outside_the_loop)
-    try:
-        main(parse(argv, about=__doc__)[1])
-    except Stopped as e:
-        return e.code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+    """python train.py [options]: the exit status is lifecycle.exit_status's (2 for a mistake, 1 a bug)."""
+    return lifecycle.exit_status(lambda: main(parse(argv, about=__doc__)[1]))
 
 
 if __name__ == "__main__":

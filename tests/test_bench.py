@@ -6,6 +6,7 @@ import pytest
 
 import bench
 import train
+from benchmarks import common, gpu
 from options import load_config
 from conftest import ROOT
 
@@ -15,16 +16,16 @@ TINY = ["--config", str(ROOT / "configs/cpu/smoke.toml"), "--device", "cpu", "--
 
 def test_overrides_reach_the_trainer_and_the_json(tmp_path, char_data, monkeypatch, capsys):
     seen = []
-    real_main = bench.train.main
+    real_main = train.main
 
     def recording_main(cfg):
         seen.append(cfg)
         return real_main(cfg)
 
-    monkeypatch.setattr(bench.train, "main", recording_main)
+    monkeypatch.setattr(train, "main", recording_main)
     out = tmp_path / "bench.json"
     assert bench.main(["--what", "train", *TINY, "--data.processed_dir", char_data, "--json", str(out)]) == 0
-    assert [c.training.precision for c in seen] == [p for p in ("fp32", "bf16") if p in bench.precisions("cpu")]
+    assert [c.training.precision for c in seen] == [p for p in ("fp32", "bf16") if p in common.precisions("cpu")]
     for cfg in seen:
         assert cfg.model.n_embd == 32 and cfg.training.batch_size == 2 and cfg.data.processed_dir == char_data
     result = json.loads(out.read_text())
@@ -42,7 +43,7 @@ def test_profile_prints_the_top_operators(capsys):
 
 def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train,nope"]) == 2
-    assert "error: --what nope is not one of: train, sample, prepare, speedrun, ablation, profile" in \
+    assert "error: --what nope is not one of: train, sample, prepare, profile, speedrun, ablation, lora, memory, gpu" in \
         capsys.readouterr().err
     assert bench.main(["--what", "train", "--stpes", "3"]) == 2
     assert capsys.readouterr().err == "error: command line: unknown option --stpes (did you mean --steps?); see --help\n"
@@ -68,19 +69,19 @@ def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch
     """The code of four GPU checks, run on the CPU: fp16 falls back to fp32 there, so this shows that
     the resume comparison, LoRA's comparisons and the projection work, not what they find on a GPU
     (someone with one runs python bench.py --what gpu)."""
-    monkeypatch.setattr(bench, "GPU_TINY", bench.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
+    monkeypatch.setattr(gpu, "GPU_TINY", gpu.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
                                                              "--training.batch_size", "4"])
-    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], bench.BenchOptions, program="bench.py",
+    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], common.BenchOptions, program="bench.py",
                             preset="configs/base/base.toml")
-    row = bench.gpu_fp16_resume(opts, cfg, "cpu", tmp_path / "fp16")
+    row = gpu.gpu_fp16_resume(opts, cfg, "cpu", tmp_path / "fp16")
     assert row["result"].startswith("resumed run bit-identical (weights True, optimizer True, scaler True); fp32")
     assert not row["ok"]  # no fp16 on a CPU: the check only passes where fp16 really ran
-    row = bench.gpu_bf16(opts, cfg, "cpu", tmp_path / "bf16")
-    assert row["ok"] == ("bf16" in bench.precisions("cpu")) and "val loss" in row["result"]
-    row = bench.gpu_projection(opts, cfg, "cpu", tmp_path / "projection")
+    row = gpu.gpu_bf16(opts, cfg, "cpu", tmp_path / "bf16")
+    assert row["ok"] == ("bf16" in common.precisions("cpu")) and "val loss" in row["result"]
+    row = gpu.gpu_projection(opts, cfg, "cpu", tmp_path / "projection")
     assert row["ok"] and "100 steps projected at" in row["result"] and row["ms_per_step"] > 0
     assert "smoke.toml" in row["what"]
-    row = bench.gpu_lora(opts, cfg, "cpu", tmp_path / "lora")
+    row = gpu.gpu_lora(opts, cfg, "cpu", tmp_path / "lora")
     assert not row["ok"] and row["result"].startswith("fp32: val loss ")  # no fp16 on a CPU
     # The rest of the check holds: the adapters learn, and merging them changes no logit.
     assert row["best_val_loss"] < row["val_start"] and row["max_diff"] < 1e-4
@@ -90,13 +91,13 @@ def test_gpu_checks_run_on_a_cpu_where_they_can(tmp_path, char_data, monkeypatch
 def test_the_fsdp_gpu_check_runs_on_a_cpu_with_gloo(tmp_path, char_data, monkeypatch):
     """On a CPU its 2 processes talk through gloo, in bf16 where the CPU has it: the check's comparison
     with one process and its reading of the checkpoint work (on CUDA it needs 2 GPUs)."""
-    monkeypatch.setattr(bench, "GPU_TINY", bench.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
+    monkeypatch.setattr(gpu, "GPU_TINY", gpu.GPU_TINY + ["--model.n_embd", "32", "--model.block_size", "16",
                                                              "--training.batch_size", "4"])
-    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], bench.BenchOptions, program="bench.py",
+    opts, cfg = bench.parse([*TINY, "--data.processed_dir", char_data], common.BenchOptions, program="bench.py",
                             preset="configs/base/base.toml")
-    row = bench.gpu_fsdp(opts, cfg, "cpu", tmp_path)
+    row = gpu.gpu_fsdp(opts, cfg, "cpu", tmp_path)
     assert row["ok"], row
-    assert row["what"] == f"FSDP2, 2 processes, {bench.low_precision('cpu')}"
+    assert row["what"] == f"FSDP2, 2 processes, {common.low_precision('cpu')}"
     assert "checkpoint read in one process at step 20" in row["result"]
 
 
@@ -105,10 +106,10 @@ def test_lora_against_a_full_fine_tune_in_fresh_processes(tmp_path, char_data, c
     config_only = [a for i, a in enumerate(TINY) if a not in ("--steps", "--warmup") and TINY[i - 1] not in (
         "--steps", "--warmup")]  # the same model, trained by train.py: the base weights
     train.main(load_config([*config_only, "--data.processed_dir", char_data, "--max-iters", "2",
-                            "--training.eval_iters", "1", "--training.out_dir", str(tmp_path / "base")]))
+                            "--training.eval_batches", "1", "--training.out_dir", str(tmp_path / "base")]))
     out = tmp_path / "bench.json"
     assert bench.main(["--what", "lora", *TINY, "--data.processed_dir", char_data, "--max-iters", "3",
-                       "--training.eval_iters", "1", "--training.init_from", str(tmp_path / "base"),
+                       "--training.eval_batches", "1", "--training.init_from", str(tmp_path / "base"),
                        "--lora.rank", "2", "--json", str(out)]) == 0
     lora, full = json.loads(out.read_text())["results"]
     assert lora["what"].startswith("LoRA, ") and full["what"].startswith("full fine-tune, ")
@@ -124,11 +125,11 @@ def test_lora_against_a_full_fine_tune_in_fresh_processes(tmp_path, char_data, c
 def test_an_architecture_is_measured_as_set(char_data, monkeypatch):
     """bench.py applies model overrides to what it times: --model.arch llama times a Llama."""
     seen = []
-    real_main = bench.train.main
-    monkeypatch.setattr(bench.train, "main", lambda cfg: seen.append(cfg) or real_main(cfg))
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda cfg: seen.append(cfg) or real_main(cfg))
     assert bench.main(["--what", "train", *TINY, "--data.processed_dir", char_data, "--model.arch", "llama"]) == 0
     assert seen and all((c.model.position, c.model.norm, c.model.mlp) == ("rope", "rmsnorm", "swiglu") for c in seen)
-    assert bench.model_for(seen[0]).rotary is not None  # the plain loop's model too
+    assert common.model_for(seen[0]).rotary is not None  # the plain loop's model too
 
 
 @pytest.mark.slow  # two torchrun jobs of 2 processes, then a few forward and backward passes
@@ -142,7 +143,7 @@ def test_memory_fsdp_holds_half_per_process_and_checkpointing_cuts_activations(t
                        "--json", str(out)]) == 0
     rows = {r["what"]: r for r in json.loads(out.read_text())["results"]}
     ddp, fsdp = ([rows[f"{p}, process {rank} of 2: what it holds"] for rank in (0, 1)] for p in ("ddp", "fsdp"))
-    n_params = bench.model_for(load_config(["--config", TINY[1], "--model.n_layer", "4", "--model.n_embd", "32",
+    n_params = common.model_for(load_config(["--config", TINY[1], "--model.n_layer", "4", "--model.n_embd", "32",
                                             "--model.n_head", "2", "--data.processed_dir", char_data])).num_params()
     whole = {"params_mb": 4 * n_params / 2**20, "grads_mb": 4 * n_params / 2**20, "optimizer_mb": 8 * n_params / 2**20}
     for kind, mb in whole.items():  # fp32; AdamW's one-number step count per tensor is left to the 1%

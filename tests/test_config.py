@@ -67,14 +67,14 @@ def test_type_and_range_errors_name_field_value_and_rule(tmp_path):
     preset = write(tmp_path, '[training]\nbatch_size = "64"\n')
     found = problems(["--config", preset, "--training.max_iters", "1.5", "--model.attention", "fast",
                       "--training.compile", "yes", "--model.n_embd", "100", "--model.n_head", "3",
-                      "--training.eval_iters", "0", "--model.dropout", "1.0"])
+                      "--training.eval_batches", "0", "--model.dropout", "1.0"])
     text = "\n".join(found)
     assert "training.batch_size = '64' is a str, expected a int" in text
     assert "training.max_iters = '1.5' is not an int" in text
     assert "model.attention = 'fast' is not one of: eager, sdpa, flex" in text
     assert "training.compile = 'yes' is not a boolean: use true or false" in text
     assert "model.n_embd (100) must be divisible by model.n_head (3)" in text
-    assert "training.eval_iters = 0 must be at least 1" in text
+    assert "training.eval_batches = 0 must be at least 1" in text
     assert "model.dropout = 1.0 must be in [0, 1)" in text
     assert len(found) == 7
 
@@ -122,7 +122,7 @@ def test_reference_preset_is_what_the_benchmark_expects():
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (t.batch_size, t.learning_rate, t.min_lr, t.warmup_iters, t.lr_schedule, t.max_iters) == \
         (12, 1e-3, 1e-4, 100, "cosine", 2000)
-    assert (t.precision, t.eval_interval, t.eval_iters) == ("fp32", 250, 20)
+    assert (t.precision, t.eval_interval, t.eval_batches) == ("fp32", 250, 20)
 
 
 def test_to_toml_round_trips(tmp_path):

@@ -78,7 +78,7 @@ def test_bpe_prepare_round_trips_corpus(tmp_path, gpt2_tokenizer):
 
 def test_bpe_small_chunks_are_exact(tmp_path, monkeypatch, gpt2_tokenizer):
     monkeypatch.setattr(prepare, "ENCODE_CHARS", 20_000)
-    monkeypatch.setattr(prepare, "READ_BYTES", 7_777)
+    monkeypatch.setattr(data, "READ_BYTES", 7_777)
     text = TEXT[:200_000] + "\n\n  odd  \n spacing\n\nend"
     src = tmp_path / "in.txt"
     src.write_text(text)

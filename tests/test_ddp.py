@@ -20,7 +20,7 @@ def args(out_dir, data_dir, *extra):
     return ["--data.processed_dir", data_dir, "--model.n_layer", "1", "--model.n_head", "2",
             "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
             "--training.batch_size", "4", "--training.grad_accum_steps", "4", "--training.max_iters", "6",
-            "--training.eval_interval", "3", "--training.eval_iters", "4", "--training.log_interval", "1",
+            "--training.eval_interval", "3", "--training.eval_batches", "4", "--training.log_interval", "1",
             "--training.warmup_iters", "2", "--device", "cpu", "--training.out_dir", str(out_dir), *extra]
 
 

@@ -21,6 +21,7 @@ import runtime
 import sample
 import train
 from config import TrainingConfig
+from generate import generate
 from options import load_config
 from conftest import ROOT
 from test_ddp import TORCHRUN, args, final_weights, torchrun
@@ -92,7 +93,7 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path, char_da
             assert torch.allclose(v.float(), fsdp_opt["state"][i][k].float(), rtol=1e-3, atol=1e-7), (i, k)
     # What sample.py, eval.py, export.py and training.init_from do with it, in one process.
     model, weights = checkpoint.load_model(runs / "fsdp")
-    assert weights.step == 6 and model.generate(torch.zeros((1, 1), dtype=torch.long), 5).shape == (1, 6)
+    assert weights.step == 6 and generate(model, torch.zeros((1, 1), dtype=torch.long), 5).shape == (1, 6)
     assert sample.main(["--ckpt", str(runs / "fsdp"), "--num-samples", "1", "--max-new-tokens", "5"]) == 0
     train.main(load_config(args(tmp_path / "init", char_data, "--training.init_from", str(runs / "fsdp"),
                                 "--training.max_iters", "1")))
@@ -105,21 +106,21 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path, char_da
     assert sorted(p.name for p in (runs / "fsdp").iterdir()) == sorted(p.name for p in (runs / "single").iterdir())
 
 
-def readme_two_machine_command() -> list[str]:
-    """The README's command for the first of two machines, as a list of arguments."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    line = next(line for line in readme.splitlines() if line.startswith("torchrun --nnodes=2 "))
+def documented_two_machine_command() -> list[str]:
+    """docs/distributed.md's command for the first of two machines, as a list of arguments."""
+    page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    line = next(line for line in page.splitlines() if line.startswith("torchrun --nnodes=2 "))
     return shlex.split(line)
 
 
 @pytest.mark.slow
-def test_the_readmes_two_machine_command_equals_one_machine(runs, char_data, tmp_path):
-    """The README's two-machine command, run as two torchrun agents on this machine (node ranks 0 and 1,
+def test_the_documented_two_machine_command_equals_one_machine(runs, char_data, tmp_path):
+    """docs/distributed.md's two-machine command, run as two torchrun agents on this machine (node ranks 0 and 1,
     one process each, HOST = 127.0.0.1): the same run as 2 processes on one machine, bit for bit (the
     same processes hold the same ranks and exchange the same numbers, over TCP either way)."""
-    argv = readme_two_machine_command()
+    argv = documented_two_machine_command()
     script = argv.index("train.py")
-    assert "--training.parallel" in argv[script:], "the README's two-machine command trains with fsdp"
+    assert "--training.parallel" in argv[script:], "docs/distributed.md's two-machine command trains with fsdp"
     port = free_port()
     agents = []
     for node in (0, 1):
@@ -244,13 +245,13 @@ def test_fsdp_needs_several_processes_on_cuda_or_cpu():
     """One process needs no sharding; MPS has no collective backend (a check made before anything runs,
     so it can be shown on any machine)."""
     fsdp = TrainingConfig(parallel="fsdp", grad_accum_steps=2)
-    (one,) = runtime.parallel_problems(fsdp, runtime.Processes(device="cpu"))
+    (one,) = runtime.parallel_problems(fsdp, runtime.Process(device="cpu"))
     assert one.startswith("training.parallel = fsdp shards the model across the processes of a torchrun job")
-    assert runtime.parallel_problems(fsdp, runtime.Processes(0, 2, "cpu")) == []
-    assert runtime.parallel_problems(fsdp, runtime.Processes(0, 2, "cuda:0")) == []
-    (mps,) = runtime.parallel_problems(fsdp, runtime.Processes(0, 2, "mps"))
+    assert runtime.parallel_problems(fsdp, runtime.Process(0, 2, "cpu")) == []
+    assert runtime.parallel_problems(fsdp, runtime.Process(0, 2, "cuda:0")) == []
+    (mps,) = runtime.parallel_problems(fsdp, runtime.Process(0, 2, "mps"))
     assert re.match(r"training.parallel = fsdp cannot run on MPS: .*; use --device cpu", mps)
-    assert runtime.parallel_problems(TrainingConfig(grad_accum_steps=2), runtime.Processes(0, 2, "mps")) == []
+    assert runtime.parallel_problems(TrainingConfig(grad_accum_steps=2), runtime.Process(0, 2, "mps")) == []
 
 
 def test_more_processes_than_gpus_is_one_line_before_the_process_group(monkeypatch):
@@ -262,7 +263,7 @@ def test_more_processes_than_gpus_is_one_line_before_the_process_group(monkeypat
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(runtime.ConfigError) as e:
-        runtime.start_processes("cuda")
+        runtime.start_process("cuda")
     assert e.value.problems == ["torchrun started 2 processes on this machine, which has 1 CUDA GPU(s): one process "
                                 "per GPU, so use --nproc-per-node=1 (or --device cpu)"]
     assert not torch.distributed.is_initialized()

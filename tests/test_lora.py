@@ -19,11 +19,12 @@ import lora  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CheckpointError, load_weights, save_checkpoint  # noqa: E402
-from config import ConfigError, LoraConfig, ModelConfig  # noqa: E402
+from config import ConfigError, LoraConfig, ModelConfig, TrainingConfig  # noqa: E402
 from options import load_config  # noqa: E402
 from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
 from test_train import tiny  # noqa: E402
 from model import GPT  # noqa: E402
+from muon import make_optimizer  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
 FEW = ["--num-samples", "1", "--max-new-tokens", "30"]
@@ -91,7 +92,7 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}
     assert adapters == {f"{layer}.lora_{x}" for layer in layers for x in "AB"}
     for name in ("adamw", "muon"):  # frozen weights are in no optimizer group
-        optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", name)
+        optimizer = make_optimizer(model, TrainingConfig(weight_decay=0.1, optimizer=name), "cpu")
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
         # A and B are matrices: weight decay pulls them, and so the change B A, towards zero.

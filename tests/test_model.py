@@ -6,9 +6,14 @@ import pytest
 import torch
 
 import attention
+import generate as generate_module
 import model as model_module
-from config import ARCHS, ConfigError, ModelConfig
+from config import ARCHS, ConfigError, ModelConfig, TrainingConfig
+from generate import generate, generate_stream
 from model import GPT
+from monitor import estimate_mfu, flops_per_token
+from muon import make_optimizer
+from runtime import checkpoint_activations
 
 # Uncompiled flex_attention warns that it is unfused (slow); expected on CPU, irrelevant here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
@@ -208,8 +213,8 @@ def test_kv_cache_greedy_equals_no_cache(prompt_len, backend, variant):
     m = tiny(attention=backend, **variant).eval()
     prompt = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(3))
     n_new = 30  # runs well past block_size = 16, through the crop-and-re-prefill path
-    cached = m.generate(prompt, n_new, temperature=0)
-    uncached = m.generate(prompt, n_new, temperature=0, use_cache=False)
+    cached = generate(m, prompt, n_new, temperature=0)
+    uncached = generate(m, prompt, n_new, temperature=0, use_cache=False)
     assert cached.shape == (2, prompt_len + n_new)
     assert torch.equal(cached[:, :prompt_len], prompt)
     assert torch.equal(cached, uncached)
@@ -221,25 +226,25 @@ def test_kv_cache_logits_match_full_forward(variant):
     learned table's rows, or rotary angles), exactly as in one forward over all ten."""
     m = tiny(**variant).eval()
     idx, _ = batch(B=2, T=10)
-    caches = [model_module.KVCache(16) for _ in range(2)]
+    caches = [attention.KVCache(16) for _ in range(2)]
     with torch.no_grad():
         full, _ = m(idx)
-        prefill = m._forward_cached(idx[:, :6], caches)
-        steps = [m._forward_cached(idx[:, t:t + 1], caches) for t in range(6, 10)]
+        prefill = m(idx[:, :6], caches=caches)[0]
+        steps = [m(idx[:, t:t + 1], caches=caches)[0] for t in range(6, 10)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_generate_stream_yields_each_token():
     m = tiny().eval()
     prompt, _ = batch(B=2, T=4)
-    new = list(m.generate_stream(prompt, 5, temperature=0))
+    new = list(generate_stream(m, prompt, 5, temperature=0))
     assert len(new) == 5 and all(t.shape == (2, 1) for t in new)
-    assert torch.equal(torch.cat([prompt, *new], dim=1), m.generate(prompt, 5, temperature=0))
+    assert torch.equal(torch.cat([prompt, *new], dim=1), generate(m, prompt, 5, temperature=0))
 
 
 def sample(m, seed, **kw):
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    return m.generate(prompt, 30, generator=torch.Generator().manual_seed(seed), **kw)
+    return generate(m, prompt, 30, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def test_seeded_sampling_is_reproducible():
@@ -258,14 +263,14 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
 
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = model_module.top_p_filter(logits, 0.75).isfinite()
+    kept = generate_module.top_p_filter(logits, 0.75).isfinite()
     assert kept.tolist() == [[True, True, False, False]]
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_arguments(kw):
     with pytest.raises(ConfigError):
-        tiny().generate(torch.zeros(1, 1, dtype=torch.long), 1, **kw)
+        generate(tiny(), torch.zeros(1, 1, dtype=torch.long), 1, **kw)
 
 
 # ----------------------------------------------------------------------------- training behaviour
@@ -280,7 +285,7 @@ def test_initial_loss_is_near_uniform():
 def test_adamw_overfits_one_batch():
     m = tiny()
     idx, targets = batch(B=4, T=16)
-    opt = m.configure_optimizer(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    opt = make_optimizer(m, TrainingConfig(weight_decay=0.1, learning_rate=1e-2, beta2=0.99), "cpu")
     first = None
     for _ in range(40):
         _, loss = m(idx, targets)
@@ -304,7 +309,7 @@ def test_ignore_index_targets_are_skipped():
 
 def test_optimizer_decays_matrices_only():
     m = tiny()
-    opt = m.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = make_optimizer(m, TrainingConfig(weight_decay=0.1, learning_rate=1e-3, beta2=0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -318,8 +323,8 @@ def test_parameter_and_flop_counts():
     expected = V * C + T * C + L * per_block + 2 * C  # wte counted once, lm_head is tied
     assert m.num_params() == expected
     assert m.num_params(non_embedding=True) == expected - T * C
-    assert m.flops_per_token() == 6 * (expected - T * C) + 12 * L * C * T
-    assert m.estimate_mfu(1000.0, 1e9) == pytest.approx(m.flops_per_token() * 1000.0 / 1e9)
+    assert flops_per_token(m) == 6 * (expected - T * C) + 12 * L * C * T
+    assert estimate_mfu(m, 1000.0, 1e9) == pytest.approx(flops_per_token(m) * 1000.0 / 1e9)
 
 
 def count_weights(C, L, V, T, nh, H, *, position="learned", norm="layernorm", mlp="gelu", bias=True,
@@ -363,7 +368,7 @@ def test_parameter_and_flop_counts_for_every_combination(overrides):
     assert counter.get_total_flops() == 2 * T * (6 * matrices + 12 * L * C * T)  # B * T tokens
     # The estimate also counts 6 FLOPs per bias and norm gain (element-wise, not matmuls).
     small = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 1)
-    assert m.flops_per_token() == 6 * (matrices + small) + 12 * L * C * T
+    assert flops_per_token(m) == 6 * (matrices + small) + 12 * L * C * T
 
 
 def test_llama_layout():
@@ -408,7 +413,7 @@ def test_soft_cap_bounds_the_logits_and_keeps_their_order():
 
 def test_padded_vocab():
     m = tiny(vocab_size=37, pad_vocab_multiple=8)
-    assert m.padded_vocab_size == 40 and m.transformer.wte.weight.shape == (40, 16)
+    assert m.config.padded_vocab_size() == 40 and m.transformer.wte.weight.shape == (40, 16)
     idx, targets = batch()
     logits, loss = m(idx, targets)
     assert logits.shape == (3, 16, 37) and torch.isfinite(loss)
@@ -417,7 +422,7 @@ def test_padded_vocab():
     assert other.lm_head.weight is other.transformer.wte.weight  # loading keeps the tie
     with torch.no_grad():
         torch.testing.assert_close(other(idx)[0], logits.detach())
-    assert tiny(vocab_size=40, pad_vocab_multiple=8).padded_vocab_size == 40
+    assert tiny(vocab_size=40, pad_vocab_multiple=8).transformer.wte.weight.shape == (40, 16)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -464,10 +469,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
 
     def loss_and_grads(checkpointing: bool, seed: int = 5) -> tuple[torch.Tensor, dict, int]:
         model = tiny(dropout=0.2, attn_dropout=0.1, **variant)  # the same weights each time
-        model.activation_checkpointing = checkpointing
+        if checkpointing:
+            checkpoint_activations(model)
         calls = []
-        for block in model.transformer.h:
-            block.register_forward_pre_hook(lambda *_: calls.append(1))
+        for block in model.transformer.h:  # what a block calls runs again when the backward pass replays it
+            block.attn.register_forward_pre_hook(lambda *_: calls.append(1))
         torch.manual_seed(seed)  # the dropout masks
         _, loss = model(x, y)
         loss.backward()

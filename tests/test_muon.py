@@ -2,9 +2,9 @@
 
 import torch
 
-from config import ModelConfig
+from config import ModelConfig, TrainingConfig
 from model import GPT
-from muon import MuonAdamW, orthogonalize
+from muon import MuonAdamW, make_optimizer, orthogonalize
 
 
 def test_orthogonalize_approximates_u_v_transpose():
@@ -37,7 +37,8 @@ def test_adamw_half_matches_torch_adamw():
 def test_muon_groups_and_a_training_run():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=20, dropout=0.0))
-    opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.99), "cpu", name="muon", muon_lr=0.05)
+    opt = make_optimizer(model, TrainingConfig(weight_decay=0.0, learning_rate=1e-2, optimizer="muon", muon_lr=0.05),
+                         "cpu")
     muon_params = {id(p) for g in opt.param_groups if g.get("use_muon") for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in muon_params}
     assert names == {f"transformer.h.{i}.{m}.weight" for i in range(2)

@@ -269,7 +269,7 @@ def test_real_runs_log_plots_and_overlays(tmp_path):
         train.main(load_config([
             "--data.processed_dir", data_dir, "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
             "32", "--model.block_size", "16", "--training.batch_size", "4", "--training.eval_interval", "5",
-            "--training.eval_iters", "2", "--training.log_interval", "1", "--device", "cpu",
+            "--training.eval_batches", "2", "--training.log_interval", "1", "--device", "cpu",
             "--training.out_dir", str(tmp_path / out), *extra]))
 
     run("a", "--max-iters", "10")

@@ -1,5 +1,7 @@
-"""The README cannot rot: its reading guide names real functions and tests, its config reference is
-options.reference() (the text of --help), and every command in it runs (shortened where it trains)."""
+"""The README and the pages of docs/ cannot rot: the reading guide names real functions and tests, the
+config reference is options.reference() (the text of --help), every link leads to a page that exists,
+and every command runs (shortened where it trains), README first, then each page in the order a
+reader would follow them (later pages use what earlier ones made: checkpoints/small, exports/small)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ import options
 from conftest import CORPUS, ROOT, output_lines, wait_for_line
 
 README = ROOT / "README.md"
+# The pages in the order their commands run, after the README's.
+DOCS = ["data.md", "checkpoints.md", "finetuning.md", "evaluation.md", "huggingface.md", "llama.md",
+        "configuration.md", "monitoring.md", "distributed.md", "benchmarks.md", "errors.md"]
 # Appended to every train command (later CLI values win): one tiny shape everywhere, so that resume,
 # init_from and export see the same model. block_size 64 > 3 prompt + 50 new tokens of the HF snippet.
-SHRINK = ["--training.eval_interval", "2", "--training.eval_iters", "1", "--training.log_interval", "1",
+SHRINK = ["--training.eval_interval", "2", "--training.eval_batches", "1", "--training.log_interval", "1",
           "--training.batch_size", "4", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
           "--model.block_size", "64", "--device", "cpu"]
 SAMPLE_SHORT = ["--max-new-tokens", "20", "--num-samples", "1"]
@@ -37,10 +42,14 @@ def readme() -> str:
     return README.read_text(encoding="utf-8")
 
 
+def doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text(encoding="utf-8")
+
+
 def between(text: str, name: str) -> str:
     """The text between <!-- name:start --> and <!-- name:end -->."""
     match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.DOTALL)
-    assert match, f"README.md has no <!-- {name}:start/end --> markers"
+    assert match, f"no <!-- {name}:start/end --> markers"
     return match.group(1)
 
 
@@ -60,8 +69,8 @@ def code_blocks(text: str) -> list[tuple[str, str, int]]:
 
 
 def commands(bash: str) -> list[str]:
-    """Each command of a bash block: lines (with \\ continuations joined) split on ' && '."""
-    lines = bash.replace("\\\n", " ").splitlines()
+    """Each command of a bash block: lines (with \\ continuations joined, comments dropped) split on ' && '."""
+    lines = [re.sub(r"\s+#\s.*$", "", line) for line in bash.replace("\\\n", " ").splitlines()]
     return [part.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
             for part in line.split(" && ")]
 
@@ -194,26 +203,31 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
 
 # ----------------------------------------------------------------------------- tests
 
-def table_rows(name: str) -> list[list[str]]:
-    """The cells of each row of the README table between the `name` markers (header left out)."""
-    rows = [line for line in between(readme(), name).splitlines() if line.startswith("|")][2:]
+def table_rows(text: str, name: str) -> list[list[str]]:
+    """The cells of each row of the table between the `name` markers in `text` (header left out)."""
+    rows = [line for line in between(text, name).splitlines() if line.startswith("|")][2:]
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
 
 
-def missing_code_and_tests(row: list[str], file: str, functions: str, test_ids: str) -> list[str]:
-    """What a table row names that does not exist: functions (`a`, `Class.method`) in `file`, tests."""
+def missing_code_and_tests(row: list[str], files: str, functions: str, test_ids: str) -> list[str]:
+    """What a table row names that does not exist: functions (`a`, `Class.method`) in one of `files`
+    (comma-separated), and tests."""
     names = re.findall(r"`([^`]+)`", functions)
     ids = re.findall(r"(tests/[\w/]+\.py)::(\w+)", test_ids)
-    if not (ROOT / file).is_file():
-        return [f"{file} does not exist"]
+    files = [f.strip() for f in files.split(",")]
+    if not all((ROOT / file).is_file() for file in files):
+        return [f"{files}: not all of them exist"]
     problems = [] if names and ids else [f"row names no function or no test: {row}"]
-    module = importlib.import_module(Path(file).stem)
+    modules = [importlib.import_module(Path(file).stem) for file in files]
     for name in names:
-        obj = module
-        for part in name.split("."):
-            obj = getattr(obj, part, None)
-        if obj is None:
-            problems.append(f"{file}: {name} does not exist")
+        found = False
+        for module in modules:
+            obj = module
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+            found = found or obj is not None
+        if not found:
+            problems.append(f"{', '.join(files)}: {name} does not exist")
     for test_file, test_name in ids:
         path = ROOT / test_file
         defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
@@ -224,7 +238,7 @@ def missing_code_and_tests(row: list[str], file: str, functions: str, test_ids: 
 
 
 def test_reading_guide_names_real_functions_and_tests():
-    rows = table_rows("reading-guide")
+    rows = table_rows(readme(), "reading-guide")
     assert len(rows) >= 15, f"the reading guide has {len(rows)} rows; expected at least 15"
     problems = []
     for row in rows:
@@ -236,8 +250,8 @@ def test_reading_guide_names_real_functions_and_tests():
 
 
 def test_llama_table_names_real_settings_code_and_tests():
-    """Each row of "From GPT-2 to Llama": model settings that exist, model.py names that exist, a test."""
-    rows = table_rows("llama-changes")
+    """Each row of docs/llama.md's table: model settings that exist, model.py names that exist, a test."""
+    rows = table_rows(doc("llama.md"), "llama-changes")
     assert len(rows) >= 8
     fields, problems = config.fields_of(config.ModelConfig), []
     for row in rows:
@@ -250,59 +264,85 @@ def test_llama_table_names_real_settings_code_and_tests():
         problems += missing_code_and_tests(row, "model.py", row[2], row[3])
     switched = {s for row in rows for s in re.findall(r"`(\w+)`: \w+ →", row[1])}
     assert switched == set(config.ARCHS["llama"]), "every switch of model.arch has a row"
-    assert not problems, "README's From GPT-2 to Llama table is out of date:\n" + "\n".join(problems)
+    assert not problems, "docs/llama.md's table is out of date:\n" + "\n".join(problems)
 
 
 def test_config_reference_matches_the_schema():
-    block = between(readme(), "config-reference").strip().splitlines()
+    block = between(doc("configuration.md"), "config-reference").strip().splitlines()
     assert block[0].startswith("```") and block[-1] == "```", "the config reference is not one fenced block"
     expected = normalized(options.reference())
     assert normalized("\n".join(block[1:-1])) == expected, (
-        "README's config reference differs from options.reference(); paste the output of "
-        "python -c 'import config; print(options.reference())' between the config-reference markers")
+        "docs/configuration.md's config reference differs from options.reference(); paste the output of "
+        "python -c 'import options; print(options.reference())' between the config-reference markers")
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60).stdout
     assert expected in normalized(out)
 
 
+def test_every_page_is_linked_run_and_every_link_leads_somewhere():
+    """Each page of docs/ is linked from the README and in DOCS (so its commands run); every relative
+    link of the README and the pages names a file that exists, and an anchor a heading of it."""
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert sorted(DOCS) == pages, "DOCS must list every page of docs/"
+    assert all(f"(docs/{name})" in readme() for name in pages), "the README links every page"
+    problems = []
+    for path in [README, *(ROOT / "docs" / name for name in pages)]:
+        for target in re.findall(r"\]\(([^)]+)\)", path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                problems.append(f"{path.name}: {target} does not exist")
+            elif anchor and linked.suffix == ".md":
+                headings = [re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-")
+                            for h in re.findall(r"^#+ (.*)$", linked.read_text(encoding="utf-8"), re.MULTILINE)]
+                if anchor not in headings:
+                    problems.append(f"{path.name}: no heading for #{anchor} in {linked.name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_is_a_front_door():
+    assert readme().count("\n") <= 300, "README.md is at most 300 lines: topics go to docs/"
+
+
 @pytest.mark.slow
-def test_readme_commands_run(tmp_path):
-    text, ci = readme(), (ROOT / ".ci" / "run").read_text()
+def test_readme_and_docs_commands_run(tmp_path):
+    ci = (ROOT / ".ci" / "run").read_text()
     ci_lines = {" ".join(a for a in line.split() if a != "-q") for line in ci.splitlines()}
     assert "python -m pytest" in ci, ".ci/run must run the test suite with python -m pytest"
     repo, max_iters = copy_repo(tmp_path), MaxIters()
     ran, skipped = [], []
-    for lang, body, line in code_blocks(text):
-        if lang == "python":
-            check_run([sys.executable, "-c", body], repo, f"python block at README.md:{line + 1}",
-                      {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-            ran.append(f"python block at README.md:{line + 1}")
-        if lang != "bash":
-            continue
-        block = commands(body)
-        for cmd in block:
-            if cmd.startswith(("python3 -m venv", ". ", "source ", "pip ")):
-                # Installation really runs in CI, from a fresh venv: the README's test command must be
-                # what .ci/run does; other install steps must at least name files that exist.
-                if "python -m pytest" in block and cmd.startswith("pip "):
-                    assert cmd in ci_lines, f"README's test command does `{cmd}`; .ci/run does not"
-                elif "python -m pytest" in block:  # a venv elsewhere: the same steps, another path
-                    assert ("python3 -m venv" if "venv" in cmd.split()[:3] else "bin/activate") in ci, cmd
-                elif " -r " in cmd:
-                    assert (repo / cmd.split(" -r ")[1].split()[0]).is_file(), f"{cmd}: no such file"
-                skipped.append(cmd)
-            elif run_readme_command(cmd, repo, max_iters):
-                ran.append(cmd)
-            else:
-                skipped.append(cmd)
-    assert len(ran) >= 15, f"only {len(ran)} README commands ran: {ran} (not run: {skipped})"
+    for path in [README, *(ROOT / "docs" / name for name in DOCS)]:
+        name = path.relative_to(ROOT)
+        for lang, body, line in code_blocks(path.read_text(encoding="utf-8")):
+            if lang == "python":
+                check_run([sys.executable, "-c", body], repo, f"python block at {name}:{line + 1}",
+                          {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                ran.append(f"python block at {name}:{line + 1}")
+            if lang != "bash":
+                continue
+            block = commands(body)
+            for cmd in block:
+                if cmd.startswith(("python3 -m venv", ". ", "source ", "pip ")):
+                    # Installation really runs in CI, from a fresh venv: the README's test command must be
+                    # what .ci/run does; other install steps must at least name files that exist.
+                    if "python -m pytest" in block and cmd.startswith("pip "):
+                        assert cmd in ci_lines, f"README's test command does `{cmd}`; .ci/run does not"
+                    elif " -r " in cmd:
+                        assert (repo / cmd.split(" -r ")[1].split()[0]).is_file(), f"{cmd}: no such file"
+                    skipped.append(cmd)
+                elif cmd in ran:
+                    skipped.append(cmd)  # the same command on another page (bench.py's): run once
+                elif run_readme_command(cmd, repo, max_iters):
+                    ran.append(cmd)
+                else:
+                    skipped.append(cmd)
+    assert len(ran) >= 40, f"only {len(ran)} commands ran: {ran} (not run: {skipped})"
 
 
 def test_readme_main_command_shortened(tmp_path):
-    text = readme()
-    start = text.index("## Two commands")
-    line = text[:start].count("\n")
-    body = next(b for lang, b, at in code_blocks(text) if lang == "bash" and at > line)
+    body = next(b for lang, b, _ in code_blocks(readme()) if lang == "bash" and "python train.py" in b)
     main = [c for c in commands(body) if c.startswith(("python train.py", "python sample.py"))]
     assert [c.split()[1] for c in main] == ["train.py", "sample.py"], main
     repo = copy_repo(tmp_path)
@@ -329,14 +369,11 @@ def test_readme_example_output_is_what_the_main_command_prints(tmp_path, monkeyp
     class Stop(Exception):
         pass
 
-    real_save = train.save
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
+    def stop(*args, **kwargs):  # the first step, right after the first evaluation
         raise Stop
 
     monkeypatch.chdir(copy_repo(tmp_path))
-    monkeypatch.setattr(train, "save", save_then_stop)
+    monkeypatch.setattr(train, "train_step", stop)
     with pytest.raises(Stop):
         assert train.cli(["--config", "configs/cpu/small.toml"])
     printed = capsys.readouterr().out.splitlines()

@@ -18,6 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import checkpoint
 import files
 import monitor
+import lifecycle
+import runtime
 import train
 from conftest import ROOT
 from options import load_config
@@ -36,7 +38,7 @@ def run_cli(*argv, timeout=120) -> subprocess.CompletedProcess:
 def tiny_argv(out_dir, data_dir, *extra) -> list[str]:
     return ["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
             "32", "--model.block_size", "16", "--model.dropout", "0", "--training.batch_size", "4",
-            "--training.eval_interval", "10", "--training.eval_iters", "2", "--training.log_interval", "1",
+            "--training.eval_interval", "10", "--training.eval_batches", "2", "--training.log_interval", "1",
             "--training.warmup_iters", "2", "--device", "cpu", "--training.out_dir", str(out_dir), *extra]
 
 
@@ -117,7 +119,7 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
     monkeypatch.setattr(train, "get_batch", signal_at_step_6)
     cut = tiny(tmp_path / "cut", char_data, *extra)
     cut.argv = tiny_argv(tmp_path / "cut", char_data, *extra)
-    with pytest.raises(train.Stopped) as stopped:
+    with pytest.raises(runtime.Stopped) as stopped:
         train.main(cut)
     assert stopped.value.code == 130
     out = capsys.readouterr().out
@@ -138,13 +140,13 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
 def test_sigterm_while_preparing_is_one_line_and_exit_143(tmp_path, char_data, monkeypatch, capsys):
     """A scheduler's SIGTERM during setup (preparing data, loading weights) ends the run at once, saying
     so, with 143 as for a SIGTERM in the loop; the usual SIGTERM handling is back afterwards."""
-    real_setup = train.setup
+    real_build_data = train.build_data
 
-    def setup_then_sigterm(cfg, procs):
+    def sigterm_then_build_data(cfg, proc, start):
         os.kill(os.getpid(), signal.SIGTERM)
-        return real_setup(cfg, procs)
+        return real_build_data(cfg, proc, start)
 
-    monkeypatch.setattr(train, "setup", setup_then_sigterm)
+    monkeypatch.setattr(train, "build_data", sigterm_then_build_data)
     before = signal.getsignal(signal.SIGTERM)
     assert train.cli(tiny_argv(tmp_path, char_data, "--max-iters", "5")) == 143
     err = capsys.readouterr().err
@@ -162,7 +164,7 @@ def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path
         return signals
 
     monkeypatch.setattr(train.StopSignals, "__enter__", enter_then_ctrl_c)
-    with pytest.raises(train.Stopped) as stopped:
+    with pytest.raises(runtime.Stopped) as stopped:
         train.main(load_config(tiny_argv(tmp_path, char_data, "--max-iters", "20")))
     assert stopped.value.code == 130
     out = capsys.readouterr().out
@@ -193,7 +195,7 @@ def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, c
     monkeypatch.setattr(train, "get_batch", signal_at_step_12)
     hook = register_optimizer_step_post_hook(break_the_weights)  # every optimizer's step calls it
     try:
-        with pytest.raises(train.TrainError) as e:
+        with pytest.raises(lifecycle.TrainError) as e:
             train.main(tiny(tmp_path, char_data))
     finally:
         hook.remove()
@@ -206,7 +208,7 @@ def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, c
 def test_a_diverged_state_is_never_saved_and_the_log_stays_valid_json(tmp_path, char_data):
     cfg = tiny(tmp_path, char_data, "--training.learning_rate", "1e6", "--training.grad_clip", "0",
                "--training.eval_interval", "1", "--training.warmup_iters", "0", "--max-iters", "50")
-    with pytest.raises(train.TrainError) as e:
+    with pytest.raises(lifecycle.TrainError) as e:
         train.main(cfg)
     message = str(e.value)
     assert "training diverged" in message
@@ -262,7 +264,7 @@ def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
 def test_a_long_first_evaluation_says_how_long_before_it_ends(tmp_path, char_data, capsys, monkeypatch):
     """A big preset's first evaluation on a CPU takes minutes: its estimate is printed after one batch.
     (Here any evaluation counts as long; the later evaluations print no estimate.)"""
-    monkeypatch.setattr(train, "ESTIMATE_EVAL_ABOVE_S", 0)
+    monkeypatch.setattr(monitor, "ESTIMATE_EVAL_ABOVE_S", 0)
     train.main(tiny(tmp_path, char_data))
     out = capsys.readouterr().out
     assert re.search(r"^eval step 0: \(about \d+m\d\ds\) train \d\.\d{4}, val ", out, re.M), out

@@ -15,6 +15,7 @@ from checkpoint import load_weights, save_checkpoint
 from config import Config
 from options import load_config
 from conftest import CORPUS, ROOT, prepare_text
+from generate import generate
 from model import GPT
 
 FEW = ["--num-samples", "2", "--max-new-tokens", "40"]
@@ -30,7 +31,7 @@ def run_dir(tmp_path_factory):
     train.main(load_config(["--data.processed_dir", str(data), "--model.n_layer", "1", "--model.n_head", "2",
                             "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
                             "--training.batch_size", "4", "--training.max_iters", "20",
-                            "--training.eval_interval", "10", "--training.eval_iters", "2",
+                            "--training.eval_interval", "10", "--training.eval_batches", "2",
                             "--training.device", "cpu", "--training.out_dir", str(root / "run")]))
     shutil.rmtree(data)
     return root / "run"
@@ -173,7 +174,7 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     model, tokenizer, _ = sample.load_for_sampling(tmp_path / "ckpt.pt")
     generator = torch.Generator().manual_seed(1337)
     prompt = torch.tensor([tokenizer.encode("a")])
-    expected = ["a" + tokenizer.decode(model.generate(prompt, 40, 2.0, generator=generator)[0, 1:].tolist())
+    expected = ["a" + tokenizer.decode(generate(model, prompt, 40, 2.0, generator=generator)[0, 1:].tolist())
                 + "\n" for _ in range(2)]
     assert samples(plain[1]) == expected
     assert sample.encode_prompt("", gpt2_tokenizer, 32, 50257) == [50256]  # empty prompt: end-of-text

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import lifecycle
 import train
 from checkpoint import CheckpointError
 from config import ConfigError
@@ -23,7 +24,7 @@ def tiny(out_dir, data_dir, *extra):
     return load_config(["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2",
                         "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0",
                         "--training.batch_size", "4", "--training.max_iters", "20",
-                        "--training.eval_interval", "10", "--training.eval_iters", "2",
+                        "--training.eval_interval", "10", "--training.eval_batches", "2",
                         "--training.log_interval", "1", "--training.warmup_iters", "2",
                         "--training.device", "cpu", "--training.out_dir", str(out_dir), *extra])
 
@@ -200,7 +201,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path, char_data):
 def test_resume_takes_the_model_shape_from_the_checkpoint(tmp_path, char_data, capsys):
     train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path), "--device",
-                       "cpu", "--max-iters", "12", "--training.eval_iters", "2", "--resume"])
+                       "cpu", "--max-iters", "12", "--training.eval_batches", "2", "--resume"])
     assert cfg.model.n_layer == 6  # the default, not chosen by the user
     assert train.main(cfg)["step"] == 12
     assert cfg.model.n_layer == 1 and cfg.model.n_embd == 32 and cfg.model.block_size == 16
@@ -261,7 +262,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, char_data, monkeypatch):
     train.main(tiny(tmp_path, char_data, "--training.max_iters", "10"))  # a good checkpoint at step 10
     good = weights(tmp_path / "ckpt_last.pt")
     monkeypatch.setattr(train.GPT, "forward", nan_at_step_5)
-    with pytest.raises(train.TrainError, match="the loss became nan at step 15"):
+    with pytest.raises(lifecycle.TrainError, match="the loss became nan at step 15"):
         train.main(tiny(tmp_path, char_data, "--resume"))
     after = weights(tmp_path / "ckpt_last.pt")
     assert all(torch.equal(good[k], after[k]) for k in good)
@@ -301,7 +302,7 @@ def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
     # No model settings given: the shape comes from the export.
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "b"),
                        "--device", "cpu", "--max-iters", "2", "--training.eval_interval", "10",
-                       "--training.eval_iters", "2", "--training.batch_size", "4",
+                       "--training.eval_batches", "2", "--training.batch_size", "4",
                        "--training.init_from", str(tmp_path / "exp")])
     train.main(cfg)
     start_loss = read_log(tmp_path / "b")["evals"][0]["val_loss"]
@@ -371,7 +372,7 @@ def test_a_llama_run_fine_tunes_from_its_export_with_its_settings(tmp_path, char
     def start_from_export(out: str, *extra: str):
         return load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / out),
                             "--device", "cpu", "--max-iters", "2", "--training.eval_interval", "10",
-                            "--training.eval_iters", "2", "--training.batch_size", "4",
+                            "--training.eval_batches", "2", "--training.batch_size", "4",
                             "--training.init_from", str(tmp_path / "exp"), *extra])
     cfg = start_from_export("b")  # no model settings: all of them come from the export
     train.main(cfg)
@@ -393,7 +394,7 @@ def test_the_finetune_presets_improve_on_their_start(tmp_path, char_data, capsys
     import export
 
     train.main(tiny(tmp_path / "base", char_data, "--max-iters", "600", "--training.learning_rate", "3e-3",
-                    "--training.min_lr", "3e-4", "--training.eval_interval", "600", "--training.eval_iters", "20",
+                    "--training.min_lr", "3e-4", "--training.eval_interval", "600", "--training.eval_batches", "20",
                     "--training.batch_size", "32", "--training.log_interval", "100"))
     export.export(tmp_path / "base", tmp_path / "exp")
     for preset in ("shakespeare_finetune", "shakespeare_lora"):

@@ -1,0 +1,201 @@
+"""A training run around its loop: what it holds (Run), the checks before it starts, how it ends
+(finished, nothing to do, stopped by Ctrl-C or SIGTERM, diverged), its summary and its exit status.
+train.py is the training itself; this is the bookkeeping that keeps a run safe to stop and to rerun.
+
+Exit status of train.py: 0 finished (or nothing left to do), 2 a mistake to fix (errors.command),
+130 Ctrl-C and 143 SIGTERM (both after saving the current step, when there is one), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attention import flex_cannot_train
+from checkpoint import LoopState, Weights, best_checkpoint
+from config import Config, ConfigError
+from data import Data
+from errors import UserError
+from files import atomic_write_text, lock, make_folder
+from model import GPT
+from monitor import print_header, write_log
+from options import resume_command, to_toml
+from runtime import Process, Stopped, end_process, format_duration, parallel_problems
+
+
+class TrainError(UserError):
+    """A problem that stops training; the message says what to do."""
+
+
+@dataclass
+class Run:
+    """What the training loop works with: made by train.build_run, moved on by every step."""
+    cfg: Config
+    proc: Process                 # this process: its rank, the number of processes, its device
+    model: GPT                    # the network itself, whose weights checkpoints store (FSDP shards it in place)
+    wrapped: torch.nn.Module      # what a step calls: `model` compiled and/or inside DDP, or `model` itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16: scales the loss up so that small gradients survive; else a no-op
+    data: Data                    # the token splits and their meta.json
+    state: LoopState              # the step, the best val loss, ...: saved in every checkpoint
+    log: dict                     # train_log.json (monitor.py)
+    precision: str                # the one used: fp32, bf16 or fp16
+    lora_base: dict | None = None  # a LoRA run's base weights, {"path", "digest"}, saved in its checkpoints
+    saved_step: int | None = None  # the step ckpt_last.pt holds, once there is one
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.training.out_dir)
+
+
+# ----------------------------------------------------------------------------- before the loop
+
+@contextlib.contextmanager
+def held(cfg: Config, proc: Process) -> Iterator[None]:
+    """The run's out_dir, locked for this run alone (rank 0 holds the lock until the process ends,
+    however it ends); on the way out, the processes of a torchrun job end together."""
+    finished = False
+    try:
+        with lock(make_folder(cfg.training.out_dir, "training.out_dir") / ".lock",
+                  f"training.out_dir = {cfg.training.out_dir!r}") if proc.is_main else contextlib.nullcontext():
+            yield
+        finished = True
+    finally:
+        end_process(proc, finished)
+
+
+def check_run(cfg: Config, proc: Process) -> None:
+    """Refuse a run that cannot work on these processes, or that would replace a finished one."""
+    problems = parallel_problems(cfg.training, proc)
+    if problems:
+        raise ConfigError(problems)
+    out_dir, t = Path(cfg.training.out_dir), cfg.training
+    if not t.resume and not t.overwrite and (out_dir / "ckpt_last.pt").exists():
+        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
+                         "it with --resume, replace it with --training.overwrite, or choose another "
+                         "training.out_dir")
+    if cfg.model.attention == "flex" and proc.device_type != "cuda" and (why := flex_cannot_train(proc.device)):
+        raise ConfigError(why)
+
+
+def begin(run: Run, start: Weights | None) -> None:
+    """Rank 0: remove the run that --training.overwrite replaces (now that this one has started),
+    write config.toml, and say what this run is."""
+    if not run.proc.is_main:
+        return
+    if run.cfg.training.overwrite:
+        for old in ("ckpt_last.pt", "ckpt_last.json", "ckpt_best.pt", "ckpt_best.json", "train_log.json"):
+            (run.out_dir / old).unlink(missing_ok=True)
+    atomic_write_text(run.out_dir / "config.toml", to_toml(run.cfg))
+    print_header(run.cfg, run.model, run.data, run.proc, run.precision, start, run.state, run.lora_base)
+
+
+# ----------------------------------------------------------------------------- how a run ends
+
+def early_stopped(run: Run) -> None:
+    """Record that early stopping ends the run at this evaluation (the log is written with it)."""
+    t, state = run.cfg.training, run.state
+    run.log["run"].update(status="early_stopped", early_stop_step=state.step, stop_reason=(
+        f"early stopping: val loss has not improved by {t.early_stopping_min_delta} for {state.bad_evals} "
+        f"evaluations (best {state.best_val_loss:.4f} at step {state.best_step})"))
+
+
+def stopped(run: Run, signum: int) -> Stopped:
+    """After Ctrl-C or SIGTERM, with the step saved: log it, print the command that continues the run,
+    and return the exception that ends it with exit status 128 + signal."""
+    step = run.state.step
+    if run.proc.is_main:
+        run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {step}")
+        write_log(run.out_dir, run.log)
+        launcher = "python" if run.proc.world_size == 1 else "torchrun [your torchrun options]"
+        if run.saved_step is None:  # a resume would find no checkpoint: the way on is the same command again
+            print(f"stopped at step {step}: nothing was saved (it was the first step); start it again "
+                  f"with:\n  {launcher} train.py {shlex.join(run.cfg.argv)}")
+        else:
+            print(f"stopped at step {step}: ckpt_last.pt holds step {run.saved_step}; continue "
+                  f"with:\n  {resume_command(run.cfg, launcher)}")
+    if run.proc.world_size > 1:
+        torch.distributed.barrier()  # torchrun ends every process once one has ended: not before rank 0 wrote
+    return Stopped(128 + signum)
+
+
+def diverged(run: Run, what: str) -> TrainError:
+    """The error for a loss or weights that are no longer finite numbers, saying truly which step is safe."""
+    step = run.state.step
+    if run.proc.is_main:
+        run.log["run"].update(status="diverged", stop_reason=f"{what} at step {step}")
+        write_log(run.out_dir, run.log)  # nulls where the values were not finite numbers
+    safe = (f"ckpt_last.pt holds step {run.saved_step}, the last finite state: resume from it with a lower "
+            "training.learning_rate" if run.saved_step is not None else
+            "no checkpoint was written: start again with a lower training.learning_rate")
+    return TrainError(f"{what} at step {step}: training diverged; {safe} (or bf16 instead of fp16)")
+
+
+def nothing_to_do(run: Run) -> dict:
+    if run.proc.is_main:
+        print(f"nothing to do: {run.out_dir / 'ckpt_last.pt'} is at step {run.state.step} and "
+              f"training.max_iters is {run.cfg.training.max_iters}; raise --max-iters to train further")
+    return summary_of(run, "nothing_to_do")
+
+
+def summarize(run: Run) -> dict:
+    """Mark the log finished and print what the run did and what to do next."""
+    state, out_dir, cfg = run.state, run.out_dir, run.cfg
+    if run.proc.is_main:
+        if run.log["run"]["status"] == "running":
+            run.log["run"].update(status="finished", stop_reason=f"reached max_iters = {cfg.training.max_iters}")
+        write_log(out_dir, run.log)
+        start, best = state.start_val_loss, state.best_val_loss
+        if state.best_step == 0 and state.step > 0:
+            start_weights = cfg.training.init_from or f"random (training.seed = {cfg.training.seed})"
+            best_line = (f"no evaluation improved on step 0 (val {best:.4f}), so there is no ckpt_best.pt; "
+                         f"step 0's weights are {start_weights}")
+        else:
+            best_line = f"best val loss {best:.4f} at step {state.best_step}" + \
+                (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
+        print(f"\ndone: {run.log['run']['stop_reason']}\n"
+              f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
+              f"  {best_line}\n"
+              f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
+              f"log: {out_dir}/train_log.json\n"
+              f"next:\n  python sample.py --ckpt {best_checkpoint(out_dir)}\n"
+              f"  python plot.py {out_dir}/train_log.json")
+    return summary_of(run, run.log["run"]["status"])
+
+
+def summary_of(run: Run, status: str) -> dict:
+    state = run.state
+    return {"step": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
+            "best_step": state.best_step, "start_val_loss": state.start_val_loss, "status": status,
+            "out_dir": str(run.out_dir), "wall_s": state.elapsed_s}
+
+
+# ----------------------------------------------------------------------------- exit status
+
+def exit_status(train: Callable[[], object]) -> int:
+    """Run `train` (train.py's whole job) and return its exit status: 0, or 128 + the signal that
+    stopped it. A SIGTERM while no step is in progress (preparing data, loading weights, the summary)
+    ends the run at once, saying so; inside the loop, runtime.StopSignals takes over: the step is saved."""
+    previous = signal.signal(signal.SIGTERM, terminated_outside_the_loop)
+    try:
+        train()
+    except Stopped as e:
+        return e.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def terminated_outside_the_loop(signum: int, frame) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"\n{signal.Signals(signum).name}: stopped outside the training loop; no step was saved by it",
+              file=sys.stderr)
+    raise Stopped(128 + signum)
