@@ -33,12 +33,16 @@ def flex_unavailable() -> str | None:
 
 
 # ----------------------------------------------------------------------------- attention backends
-# All three take q, k, v of shape (B, nh, T, hd) and return (B, nh, T, hd). A token may attend to
-# itself and to earlier tokens (causal); with document ids, only to those of its own document.
+# All three take q of shape (B, nh, T, hd), k and v of shape (B, nkv, T, hd), and return (B, nh, T, hd).
+# With grouped-query attention (nkv < nh), key/value head j serves query heads j * nh/nkv ... (j + 1) *
+# nh/nkv - 1. A token may attend to itself and to earlier tokens (causal); with document ids, only to
+# those of its own document.
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     dropout_p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v, written out. mask: (B, 1, T, T) bool, True = may attend."""
+    if k.size(1) != q.size(1):  # grouped-query: each key/value head repeated for the query heads it serves
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # (B, nh, T, hd)
     if mask is None:
         mask = causal_mask(q.size(-2), q.device)  # (T, T)
     # Dividing by sqrt(hd) keeps the scores' variance near 1, so softmax does not saturate.
@@ -53,7 +57,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                    dropout_p: float) -> torch.Tensor:
     """The same math as eager_attention, in PyTorch's fused kernel (flash/memory-efficient)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=mask is None)
+                                          is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
 
 
 def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -69,7 +73,7 @@ def flex_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Inside a compiled model, torch.compile fuses the plain call already.
     run = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     try:
-        return run(q, k, v, block_mask=block_mask)
+        return run(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
     except NotImplementedError as err:  # e.g. "FlexAttention does not support backward on CPU"
         raise ConfigError(f'model.attention = "flex" cannot run here ({err}); {FLEX_ALTERNATIVES}, '
                           "or train on a CUDA GPU") from err
@@ -124,23 +128,27 @@ def document_bool_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 class KVCache:
     """One layer's keys and values for the tokens seen so far, so that generating a token costs
-    one new query instead of recomputing the whole context. Storage is allocated on the first
-    append, taking dtype/device from the keys (this also makes it work under autocast)."""
+    one new query instead of recomputing the whole context. Storage takes its dtype and device from the
+    keys (so it works under autocast) and grows as needed, doubling, up to max_len tokens: a model with
+    a long context (8,192 tokens) does not set aside all of it for a short sample."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.length = 0  # tokens stored so far; also the position of the next token
-        self.k = self.v = None  # (B, nh, max_len, hd) once allocated
+        self.k = self.v = None  # (B, nkv, room, hd) once allocated
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v of shape (B, nh, T, hd); return all keys and values so far (B, nh, length, hd)."""
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
+        """Store k, v of shape (B, nkv, T, hd); return all keys and values so far (B, nkv, length, hd)."""
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; {end} do not fit")
+        if self.k is None or end > self.k.size(2):
+            room = min(self.max_len, max(256, 2 * end))
+            grown = [t.new_zeros((t.size(0), t.size(1), room, t.size(3))) for t in (k, v)]
+            if self.k is not None:
+                for new, old in zip(grown, (self.k, self.v)):
+                    new[:, :, :self.length] = old[:, :, :self.length]
+            self.k, self.v = grown
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end

@@ -15,14 +15,13 @@ Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
 native export or a Hugging Face folder (ours, or one saved by transformers: hf.py converts it) into
-`Weights`. train.py (resume, init_from: `load_start`, `restore`), sample.py, eval.py and export.py
+`Weights`. train.py (resume, init_from: lifecycle.load_start), sample.py, eval.py and export.py
 all read through it (`load_model` builds the GPT from it). Nothing here runs pickled code:
 checkpoints load with torch.load(weights_only=True), exports are safetensors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -31,25 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import hf
-from config import Config, ConfigError, LoraConfig, ModelConfig, TrainingConfig, apply_implied, validate
+from config import Config, LoraConfig, ModelConfig, apply_implied, validate
 from data import meta_problems
 from errors import UserError
 from files import atomic_file, write_json
 from lora import add_adapters, is_adapter, merge
 from model import GPT
 from options import apply
-from runtime import Process, load_optimizer_state, set_rng_state
+from tokenizer import hf_tokenizer_meta
 
 CHECKPOINT_VERSION = 1
 # Model settings that the weights carry: their shapes, and what they compute (the architecture's
 # switches). A run starting from weights takes these from them. Dropout and the backend are not here.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "pad_vocab_multiple", "arch",
-              "position", "norm", "mlp", "mlp_hidden", "tie_embeddings", "qk_norm", "rope_theta", "norm_eps",
-              "logit_softcap")
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "block_size", "bias", "qkv_bias", "vocab_size",
+              "pad_vocab_multiple", "arch", "position", "norm", "mlp", "mlp_hidden", "tie_embeddings", "qk_norm",
+              "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+              "rope_original_context", "norm_eps", "logit_softcap")
 NATIVE = "tinygpt-native"  # config.json "format" of a native export
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of its shards
+DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}  # safetensors' names -> ours
 META_FILE = "tokenizer_meta.json"  # not tokenizer.json: transformers reads that name as its own format
 
 
@@ -232,7 +234,36 @@ def best_checkpoint(folder: Path) -> Path | None:
 
 
 def is_export(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    """A folder of safetensors weights (ours, or a Hugging Face model's, whole or in shards)."""
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+class SafetensorsFolder:
+    """A folder's safetensors weights, one model.safetensors or shards named by model.safetensors.index.json,
+    memory-mapped: `shapes` costs no reading, and get(name) reads one tensor, as fp32 on `device`, so
+    that converting a model holds one copy of it (its own dtype, bf16 say, is `dtype`)."""
+
+    def __init__(self, folder: Path, device: str | torch.device):
+        self.device, index = device, folder / WEIGHT_FILES[1]
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor names to files; download it again")
+        else:
+            weight_map = None
+        files = sorted(set(weight_map.values())) if weight_map else [WEIGHT_FILES[0]]
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} "
+                                  "not in the folder; download the missing shards")
+        self.files = {name: safe_open(folder / name, "pt") for name in files}
+        self.where = weight_map or {k: files[0] for k in self.files[files[0]].keys()}
+        self.shapes = {k: tuple(self.files[f].get_slice(k).get_shape()) for k, f in self.where.items()}
+        first = next(iter(self.where), None)
+        self.dtype = str(self.files[self.where[first]].get_slice(first).get_dtype()) if first else "F32"
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.files[self.where[name]].get_tensor(name).to(self.device, torch.float32)
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weights:
@@ -275,16 +306,16 @@ def model_config(values, where: Path, section: str = "model") -> ModelConfig | L
 
 
 def read_export(folder: Path, device: str | torch.device) -> Weights:
-    """A native export (our names) or a GPT-2 folder in transformers' layout (ours or anyone's)."""
+    """A native export (our names) or a Hugging Face folder (ours or anyone's), with its tokenizer:
+    our tokenizer_meta.json, else the folder's tokenizer.json (tokenizer.hf_tokenizer_meta)."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         meta_path = folder / META_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
-        with safe_open(folder / "model.safetensors", "pt") as f:
-            tensors = {k: f.get_tensor(k).to(device, torch.float32) for k in f.keys()}
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else hf_tokenizer_meta(folder)
+        weights = SafetensorsFolder(folder, device)
     except OSError as e:
         raise CheckpointError(f"{folder} cannot be read ({e.strerror}: {e.filename}); check its permissions") from None
-    except Exception as e:  # truncated, or not JSON / safetensors at all
+    except (ValueError, SafetensorError) as e:  # truncated, or not JSON / safetensors at all
         raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder}/config.json is not a JSON object; export it again")
@@ -292,29 +323,30 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(meta_problems(meta))}); export it again")
     if config.get("format") == NATIVE:
         cfg = model_config(config.get("model"), folder / "config.json")
+        tensors = {k: weights.get(k) for k in weights.shapes}
         if cfg.tie_embeddings and "transformer.wte.weight" in tensors:
             tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: stored once
         source = config.get("source") or {}
         return Weights(cfg, tensors, meta, config.get("config"), None, folder, "native",
                        config.get("dtype", "fp32"), source.get("step"), source.get("val_loss"))
-    if config.get("model_type") in hf.ARCHITECTURES:
-        ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
-        try:
-            cfg = model_config(ours.get("model") or hf.read_config(config, tensors, folder), folder / "config.json")
-            wrong = hf.check_counts(tensors, cfg, folder)  # before converting: that pads and loops as it says
-            if wrong:
-                raise not_fitting(folder, wrong)
-            state = hf.from_hf(tensors, cfg, folder)
-        except hf.FormatError as e:
-            raise CheckpointError(e.problems) from None
-        if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == hf.GPT2_META["vocab_size"]:
-            meta = dict(hf.GPT2_META)  # a GPT-2 BPE model from elsewhere
-        dtype = {v: k for k, v in hf.DTYPES.items()}.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
-        source = ours.get("source") or {}
-        return Weights(cfg, state, meta, ours.get("config"), None, folder, "hf", dtype,
-                       source.get("step"), source.get("val_loss"))
-    raise CheckpointError(f"{folder}/config.json is neither a tinygpt export nor a Hugging Face config we read "
-                          f"(model_type {config.get('model_type')!r}; we read {', '.join(hf.ARCHITECTURES)})")
+    ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
+    try:
+        settings = hf.read_config(config, weights.shapes, folder)  # refuses a model_type we do not read
+        cfg = model_config(ours.get("model") or settings, folder / "config.json")
+        wrong = hf.check_counts(weights.shapes, cfg)  # before converting: that pads and loops as it says
+        if wrong:
+            raise not_fitting(folder, wrong)
+        state = hf.from_hf(weights.get, weights.shapes, cfg, config["model_type"], folder)
+    except hf.FormatError as e:
+        raise CheckpointError(e.problems) from None
+    if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == hf.GPT2_META["vocab_size"]:
+        meta = dict(hf.GPT2_META)  # a GPT-2 BPE model from elsewhere
+    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
+        raise CheckpointError(f"{folder}: its tokenizer has {meta['vocab_size']:,} tokens, more than the model's "
+                              f"{cfg.vocab_size:,} embedding rows; the tokenizer belongs to another model")
+    source = ours.get("source") or {}
+    return Weights(cfg, state, meta, ours.get("config"), None, folder, "hf", DTYPE_NAMES.get(weights.dtype, "fp32"),
+                   source.get("step"), source.get("val_loss"))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -362,67 +394,24 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
     if weights.meta is not None:
         stored += [("data", "tokenizer", weights.meta["tokenizer"]),
                    ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]
-    # Rotary positions have no table, so a rope model trains and samples with any context you choose.
-    free = {"block_size"} if weights.model.position == "rope" else set()
     problems = []
     for section, k, theirs in stored:
         ours = getattr(getattr(cfg, section), k)
         chosen = f"{section}.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0)
-        if theirs == ours or (chosen and k in free):
+        if k == "block_size" and weights.model.position == "rope" and not cfg.training.resume:
+            # Rotary positions have no table: a new run trains with the context its settings give (the
+            # default, bounded by the weights'), not a folder's maximum (8,192 for SmolLM2) that would
+            # not fit in memory; it may be shorter than the weights', never longer than they learned.
+            if chosen and ours > theirs:
+                problems.append(f"model.block_size = {ours} is longer than the {theirs} tokens the weights learned "
+                                f"(rotary positions beyond are untrained); use at most {theirs}")
+            cfg.model.block_size = ours if chosen else min(ours, theirs)
+        elif theirs == ours:
             continue
-        if chosen:
-            problems.append(f"{section}.{k}: {theirs!r} in the weights, {ours!r} in the config")
+        elif chosen:
+            fix = ("; the model reads text with its own tokenizer: drop data.tokenizer, and train.py prepares "
+                   "the data with it" if section == "data" else "")
+            problems.append(f"{section}.{k}: {theirs!r} in the weights, {ours!r} in the config{fix}")
         else:
             setattr(getattr(cfg, section), k, theirs)
     return problems
-
-
-# ----------------------------------------------------------------------------- starting a run
-
-def load_start(cfg: Config, proc: Process) -> Weights | None:
-    """The weights a run starts from: its own ckpt_last.pt (training.resume), training.init_from's, or
-    None (random weights). Their model shape and tokenizer settings go into cfg (adopt_model_shape)."""
-    training = cfg.training
-    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
-    if not path:
-        return None
-    if training.resume and not path.is_file():
-        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
-                              "set training.out_dir to the run to continue")
-    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
-    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
-    if proc.is_main and size > 100e6:
-        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
-    start = load_weights(found, proc.device)
-    if training.resume and training.init_from:
-        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
-        # say) may stay in the settings; another one is a contradiction, not something to choose for you.
-        began = ((start.config or {}).get("training") or {}).get("init_from", "")
-        if training.init_from != began:
-            raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
-                              f"started from {began or 'random weights'!r}: --resume continues it from its own "
-                              "checkpoint; drop training.init_from, or train a new run into another out_dir")
-    problems = adopt_model_shape(cfg, start)
-    if problems:
-        raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
-    return start
-
-
-def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: str) -> LoopState:
-    """The loop state to start from: a new one, or on resume the checkpoint's, with the optimizer's,
-    the scaler's and the RNG's states put back (the weights are in the model already)."""
-    if not (start and training.resume):
-        return LoopState()
-    ckpt = start.training
-    missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
-                              "from its weights with training.init_from instead")
-    load_optimizer_state(model, optimizer, ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    # Checkpoints written before last_eval_step existed were all written right after an evaluation.
-    saved = {"last_eval_step": ckpt["step"]} | {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)
-                                                if f.name in ckpt}
-    return LoopState(**saved)

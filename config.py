@@ -1,7 +1,7 @@
 """Every setting: typed dataclass sections, each field with a default, a one-line doc and its allowed
 values (`choices`, or an interval `within`), and the rules that involve several fields.
 
-`--help` and the README's config reference are generated from these fields (options.py reads presets
+`--help` and docs/configuration.md's reference are generated from these fields (options.py reads presets
 and the command line into them), so they cannot drift, and every rule about a setting is checked
 here, once: `validate`. Precedence: command line > TOML preset > the defaults here.
 
@@ -33,8 +33,10 @@ def doc(text: str, default, choices: tuple | None = None, within: str | None = N
 class DataConfig:
     input: str = doc("text file or folder of text files to train on", "data/shakespeare/input.txt")
     processed_dir: str = doc("where prepared data lives; empty: data/processed/<corpus>_<tokenizer>", "")
-    tokenizer: str = doc("char: one token per character; bpe: a tiktoken encoding", "char",
-                         choices=("char", "bpe"))
+    tokenizer: str = doc("char: one token per character; bpe: a tiktoken encoding; hf: the tokenizer.json of a "
+                         "Hugging Face model (data.tokenizer_path)", "char", choices=("char", "bpe", "hf"))
+    tokenizer_path: str = doc("tokenizer = hf: the folder holding tokenizer.json (training.init_from's, when it is "
+                              "a Hugging Face folder, goes without saying)", "")
     bpe_encoding: str = doc("tiktoken encoding name used when tokenizer = bpe", "gpt2")
     val_fraction: float = doc("fraction of the corpus held out for validation", 0.1, within="(0, 1)")
     format: str = doc("bin: memory-mapped token files; txt: text splits, tokenized when loaded", "bin",
@@ -45,7 +47,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     n_layer: int = doc("number of transformer blocks", 6, within="[1, inf)")
-    n_head: int = doc("attention heads per block; must divide n_embd", 6, within="[1, inf)")
+    n_head: int = doc("attention heads per block (query heads)", 6, within="[1, inf)")
+    n_kv_head: int = doc("key/value heads; 0: n_head. Fewer: each is shared by n_head / n_kv_head query heads "
+                         "(grouped-query attention; 1: multi-query), a smaller KV cache", 0, within="[0, inf)")
+    head_dim: int = doc("width of each head; 0: n_embd / n_head (which must then divide)", 0, within="[0, inf)")
     n_embd: int = doc("width of the residual stream", 384, within="[1, inf)")
     block_size: int = doc("context length in tokens", 256, within="[1, inf)")
     dropout: float = doc("dropout on embeddings and residual branches in training (0 disables it)", 0.2,
@@ -67,9 +72,20 @@ class ModelConfig:
     mlp: str = doc("gelu (GPT-2), swiglu (Llama: a SiLU gate times a second projection), relu2 "
                    "(ReLU squared)", "gelu", choices=("gelu", "swiglu", "relu2"))
     bias: bool = doc("biases in Linear layers and LayerNorm (RMSNorm never has one), as in GPT-2", True)
+    qkv_bias: bool = doc("biases on the query, key and value projections even with bias = false (Qwen2)", False)
     # Settings usable with either arch.
     rope_theta: float = doc("rotary base: channel pair i of a head turns by position * theta^(-2i / "
                             "head size); larger is slower (position = rope)", 10000.0, within="(0, inf)")
+    rope_scaling: str = doc("stretch rotary positions for a longer context than the model learned: linear "
+                            "divides every angle by rope_factor; llama3 only the slow pairs (Llama 3.1 and later)",
+                            "none", choices=("none", "linear", "llama3"))
+    rope_factor: float = doc("rope_scaling's stretch", 1.0, within="[1, inf)")
+    rope_low_freq_factor: float = doc("llama3: pairs slower than rope_original_context / this are stretched fully",
+                                      1.0, within="(0, inf)")
+    rope_high_freq_factor: float = doc("llama3: pairs faster than rope_original_context / this are kept", 4.0,
+                                       within="(0, inf)")
+    rope_original_context: int = doc("llama3: the context the model was first trained with", 8192,
+                                     within="[1, inf)")
     norm_eps: float = doc("epsilon added to the variance in every norm", 1e-5, within="(0, 1)")
     mlp_hidden: int = doc("width of the MLP's hidden layer; 0: 4 * n_embd, or for swiglu 8/3 * n_embd "
                           "rounded up to a multiple of 8 (about the same number of weights)", 0,
@@ -81,8 +97,12 @@ class ModelConfig:
                                "0: off", 0.0, within="[0, inf)")
 
     def head_size(self) -> int:
-        """hd, the width of one attention head: the heads split the n_embd channels between them."""
-        return self.n_embd // self.n_head
+        """hd, the width of one attention head: head_dim, or the n_embd channels split between the heads."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    def kv_heads(self) -> int:
+        """The key/value heads: n_kv_head, or one per query head."""
+        return self.n_kv_head or self.n_head
 
     def padded_vocab_size(self) -> int:
         """The rows of the embedding table and the output layer: vocab_size rounded up to a multiple of
@@ -94,12 +114,20 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """Rules that involve more than one field (one-field rules are in the field metadata)."""
         out = []
-        if self.n_head > 0 and self.n_embd % self.n_head != 0:
-            out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head > 0 and not self.head_dim and self.n_embd % self.n_head != 0:
+            out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}), or set "
+                       "model.head_dim")
         elif self.position == "rope" and self.n_head > 0 and self.head_size() % 2:
-            out.append(f'model.position = "rope" needs an even head size, but model.n_embd / model.n_head = '
-                       f"{self.n_embd} / {self.n_head} = {self.head_size()}: rotary embeddings "
+            sizes = (f"model.head_dim = {self.head_dim}" if self.head_dim else
+                     f"model.n_embd / model.n_head = {self.n_embd} / {self.n_head} = {self.head_size()}")
+            out.append(f'model.position = "rope" needs an even head size, but {sizes}: rotary embeddings '
                        "turn channels in pairs")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            out.append(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}): each key/value "
+                       "head serves the same number of query heads")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            out.append(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be greater than "
+                       f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
         if self.attn_dropout > 0 and self.attention == "flex":
             out.append("model.attn_dropout > 0 is not supported by flex attention: use 0, or "
                        'model.attention = "sdpa" or "eager"')

@@ -1,4 +1,4 @@
-"""Tokenizers, prepared-data loading and training batches.
+"""Text files, prepared-data loading and training batches (the tokenizers are in tokenizer.py).
 
 prepare.py writes a folder with meta.json and either train.bin/val.bin (flat token
 arrays) or train.txt/val.txt (raw text splits). This file reads it back:
@@ -19,7 +19,6 @@ import codecs
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,18 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import DataError
+from tokenizer import EOT_TEXT, encode_chunks, split_safely, tokenizer_from_meta
 
 META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
 # r50k_base file means one cached file serves both names offline.
-ENCODING_FILES = {"gpt2": "r50k_base"}
-EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
 READ_BYTES = 1 << 22  # text files are read 4 MB at a time
-
-
-class DataError(UserError):
-    """A problem with the user's data or settings; the message says how to fix it."""
 
 
 # ----------------------------------------------------------------------------- text files
@@ -91,95 +85,6 @@ class Progress:
             print(f"{self.label}: {10 * tenth:3d}% of {self.size}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
-class CharTokenizer:
-    """One token per character; the vocabulary is the sorted characters of the corpus (or, to
-    fine-tune a char model on another text, the model's own characters in the model's order)."""
-
-    kind = "char"
-    eot_token = None
-
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.vocab_size = len(chars)
-        # Lookup table from code point to token id (-1: not in the vocabulary), so that
-        # encoding a large text is one numpy indexing operation instead of a Python loop.
-        codes = np.array([ord(c) for c in chars], dtype=np.int64)
-        self.table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int64)
-        self.table[codes] = np.arange(len(codes))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        ids = np.full(len(codes), -1, dtype=np.int64)
-        known = codes < len(self.table)
-        ids[known] = self.table[codes[known]]
-        unknown = codes[ids < 0]
-        if len(unknown):
-            bad = [chr(c) for c in np.unique(unknown)]
-            shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if bad[20:] else "")
-            raise DataError(f"characters not in the vocabulary: {shown} ({len(unknown):,} "
-                            f"occurrence{'s' if len(unknown) > 1 else ''}); use text made of the training "
-                            "corpus's characters")
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-
-class BPETokenizer:
-    """A tiktoken byte-pair encoding, with its end-of-text token between documents."""
-
-    kind = "bpe"
-
-    def __init__(self, name: str):
-        self.name = name
-        self.enc = load_tiktoken(name)
-        self.vocab_size = self.enc.n_vocab
-        self.eot_token = self.enc.eot_token
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.array(self.encode(text), dtype=np.int64)
-
-    def encode(self, text: str) -> list[int]:
-        # Ordinary text only: a literal "<|endoftext|>" in a corpus is not a control token.
-        return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # tiktoken encodes a batch on several threads, outside the GIL.
-        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
-
-
-def load_tiktoken(name: str):
-    import tiktoken
-
-    if name not in tiktoken.list_encoding_names():
-        raise DataError(f"unknown bpe encoding {name!r}; valid: {', '.join(tiktoken.list_encoding_names())}")
-    try:
-        return tiktoken.get_encoding(ENCODING_FILES.get(name, name))
-    except Exception as e:  # tiktoken raises requests' errors when offline
-        raise DataError(
-            f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads an encoding's "
-            "file once and caches it; offline, set TIKTOKEN_CACHE_DIR to a folder holding that cache (fill one "
-            f"where there is internet: TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
-            f"tiktoken.get_encoding('{ENCODING_FILES.get(name, name)}')\", then copy DIR)") from None
-
-
-def start_token(tokenizer) -> int:
-    """The token a text starts after: the end-of-text token that separates documents (bpe), or a
-    newline (char; token 0 for a vocabulary without one). An empty prompt starts here, and the
-    first token of a scored text is predicted from it."""
-    if tokenizer.kind == "bpe":
-        return tokenizer.eot_token
-    return tokenizer.chars.index("\n") if "\n" in tokenizer.chars else 0
-
-
 def bits_per_byte(loss_nats: float, n_bytes: int) -> float:
     """Loss summed over a text's tokens (nats) -> bits per UTF-8 byte of the text: a measure that
     does not depend on the tokenizer, so a char model and a BPE model compare on the same text."""
@@ -192,33 +97,6 @@ def split_bits_per_byte(meta: dict, split: str, mean_loss: float) -> float | Non
     if "bytes" not in meta:
         return None
     return bits_per_byte(mean_loss * meta["tokens"][split], meta["bytes"][split])
-
-
-def tokenizer_from_meta(meta: dict):
-    if meta["tokenizer"] == "char":
-        return CharTokenizer(meta["chars"])
-    return BPETokenizer(meta["encoding"])
-
-
-def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[str]:
-    """How two tokenizer metas differ (empty: the same ids mean the same text in both); a `b` without
-    "chars" accepts any characters. The one place that decides whether two sides share tokens."""
-    if a.get("tokenizer") != b.get("tokenizer"):
-        return [f"data.tokenizer: {a.get('tokenizer')!r} {a_name}, {b.get('tokenizer')!r} {b_name}"]
-    if a["tokenizer"] == "bpe" and a.get("encoding") != b.get("encoding"):
-        return [f"data.bpe_encoding: {a.get('encoding')!r} {a_name}, {b.get('encoding')!r} {b_name}"]
-    if a["tokenizer"] == "char" and b.get("chars") is not None and a.get("chars") != b["chars"]:
-        return [f"other characters ({len(a.get('chars') or '')} {a_name}, {len(b['chars'])} {b_name})"]
-    return []
-
-
-def check_in_vocabulary(ids, vocab_size: int, what: str) -> None:
-    """Refuse token ids that the model cannot take: a BPE model trained on fewer tokens than its
-    encoding has (its vocabulary is the data's) meets a text with the others. `what` names the text."""
-    top = max(ids, default=0)
-    if top >= vocab_size:
-        raise DataError(f"{what} has token {top}, outside this model's vocabulary of {vocab_size}; this model "
-                        "cannot read it: use another text")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -253,12 +131,13 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
     fields and types this code reads, so that a damaged file is named rather than crashing later."""
     if not isinstance(meta, dict):
         return ["not a JSON object"]
-    wanted = {"tokenizer": str, "vocab_size": int} | (
-        {"chars": str} if meta.get("tokenizer") == "char" else {"encoding": str})
+    wanted = {"tokenizer": str, "vocab_size": int} | {
+        "char": {"chars": str}, "hf": {"files": dict, "sha256": str, "stop_tokens": list}}.get(
+        meta.get("tokenizer"), {"encoding": str})
     if prepared:
         wanted |= {"format_version": int, "format": str, "dtype": str}
     out = [f"{k} is missing or not a {t.__name__}" for k, t in wanted.items() if type(meta.get(k)) is not t]
-    allowed = {"tokenizer": ("char", "bpe")} | ({"format": ("bin", "txt"), "dtype": ("uint16", "uint32")}
+    allowed = {"tokenizer": ("char", "bpe", "hf")} | ({"format": ("bin", "txt"), "dtype": ("uint16", "uint32")}
                                                 if prepared else {})
     out += [f"{k} = {meta[k]!r} is not one of {', '.join(v)}" for k, v in allowed.items()
             if isinstance(meta.get(k), str) and meta[k] not in v]
@@ -272,6 +151,8 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
             out.append("bytes is there without tokens")
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
         out.append("vocab_size is not the number of chars")
+    if not out and meta["tokenizer"] == "hf" and not isinstance(meta["files"].get("tokenizer.json"), str):
+        out.append("files has no tokenizer.json")
     return out
 
 
@@ -326,44 +207,6 @@ def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> n
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def split_safely(text: str, size: int = 1 << 16) -> list[str]:
-    """Cut text into pieces of about `size` characters where BPE cannot merge across.
-
-    A cut just after a single newline between two non-space characters ("x\ny") falls
-    on a pre-tokenizer boundary of tiktoken's encodings, so encoding the pieces
-    separately gives exactly the tokens of encoding the whole text. (After "\n\n" or
-    " \n" it would not: runs of whitespace merge into one token.)
-    """
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = safe_cut(text, start + size)
-        if cut < 0:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def safe_cut(text: str, pos: int) -> int:
-    """The first safe cut at or after pos (see split_safely), or -1 if there is none."""
-    nl = text.find("\n", max(pos - 1, 1))
-    while nl >= 0 and nl + 1 < len(text):
-        if not text[nl - 1].isspace() and not text[nl + 1].isspace():
-            return nl + 1
-        nl = text.find("\n", nl + 1)
-    return -1
-
-
-def encode_chunks(tokenizer, pieces: list[str]):
-    if tokenizer.kind == "bpe":
-        for ids in tokenizer.encode_batch(pieces):
-            yield np.array(ids, dtype=np.int64)
-    else:
-        for piece in pieces:
-            yield tokenizer.encode_array(piece)
-
-
 # ----------------------------------------------------------------------------- batches
 
 def batch_generator(key: tuple) -> torch.Generator:
@@ -404,11 +247,13 @@ def document_ids(x: torch.Tensor, eot_token: int) -> torch.Tensor:
     return torch.cumsum(is_eot, dim=1) - is_eot
 
 
-def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: str) -> str:
-    """data/processed/<corpus>_<tokenizer>[_<encoding>][_txt]: one folder per way of preparing."""
+def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: str, tokenizer_sha: str = "") -> str:
+    """data/processed/<corpus>_<tokenizer>[_<encoding> or _<tokenizer.json's digest>][_txt]: one folder
+    per way of preparing."""
     path = Path(input_path)
     corpus = path.parent.name if path.stem == "input" else path.stem
-    name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else "")
+    name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else f"_{tokenizer_sha[:8]}" if
+                                      tokenizer == "hf" else "")
     return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
 
 

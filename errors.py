@@ -23,6 +23,10 @@ class UserError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class DataError(UserError):
+    """A problem with the user's data, text or tokenizer; the message says how to fix it."""
+
+
 class HelpRequested(Exception):
     """--help was given; the exception's text is the help to print."""
 

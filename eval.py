@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from config import ConfigError, doc
 from options import parse
-from data import (DataError, Progress, bits_per_byte, check_in_vocabulary, encode_chunks, read_text, split_safely,
-                  start_token, tokenizer_from_meta)
+from data import Progress, bits_per_byte, read_text
+from errors import DataError
+from tokenizer import check_in_vocabulary, encode_chunks, split_safely, start_token, tokenizer_from_meta
 from errors import command
 from files import finite
 from model import GPT

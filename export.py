@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from safetensors.torch import save as safetensors_bytes
 import hf
 from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weights
 from config import doc
-from data import load_tiktoken
+from tokenizer import load_tiktoken
 from options import parse
 from errors import UserError, command
 from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
@@ -79,6 +80,8 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
     write_json(out / "config.json", config)
     if src.meta is not None:
         write_json(out / META_FILE, src.meta)
+    for name, text in (src.meta or {}).get("files", {}).items():  # a Hugging Face tokenizer's own files
+        atomic_write_text(out / name, text)
     if fmt == "hf" and (src.meta or {}).get("encoding") in ("gpt2", "r50k_base"):
         vocab, merges = hf.gpt2_tokenizer_files(load_tiktoken("gpt2"))
         write_json(out / "vocab.json", vocab)
@@ -90,16 +93,13 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
 # ----------------------------------------------------------------------------- LoRA adapters for PEFT
 
 def hf_base(src: Weights, given: str) -> Path:
-    """The Hugging Face GPT-2 folder of the weights under `src`'s adapters, which PEFT loads them onto:
-    `given` (--base), else the base the run started from; either must hold those very weights."""
-    if src.model.arch != "gpt2":
-        raise ExportError(f"--adapters-only writes PEFT adapters for GPT-2's layer names, and this model is "
-                          f"model.arch = {src.model.arch!r}; export the merged model instead (without --adapters-only)")
+    """The Hugging Face folder of the weights under `src`'s adapters, which PEFT loads them onto: `given`
+    (--base), else the base the run started from; either must hold those very weights."""
     path = Path(given or src.lora.base["path"])
     base = load_weights(path)
     if base.format != "hf":
         name = path.parent.name if path.is_file() else path.name
-        raise ExportError(f"--adapters-only: PEFT loads adapters onto a Hugging Face GPT-2 model, and the base "
+        raise ExportError(f"--adapters-only: PEFT loads adapters onto a Hugging Face model, and the base "
                           f"{path} is not one ({base.format}); export it first (python export.py --ckpt {path} "
                           f"--out exports/{name}_hf --format hf), then add --base exports/{name}_hf")
     if digest(base.state_dict, base.model) != src.lora.base["digest"]:
@@ -111,19 +111,27 @@ def hf_base(src: Weights, given: str) -> Path:
 def write_adapters(src: Weights, out: Path, dtype: str, base: Path) -> None:
     """adapter_model.safetensors and adapter_config.json, as PEFT's save_pretrained writes them.
 
-    PEFT names a layer's adapters base_model.model.<layer>.lora_A.weight, (r, in), and .lora_B.weight,
-    (out, r): our shapes. GPT-2's layers are Conv1D, whose weight is (in, out) (fan_in_fan_out), but
-    PEFT's A and B are ordinary Linear layers beside them, so nothing is transposed."""
-    adapters = {k: v for k, v in src.lora.state_dict.items() if is_adapter(k)}
-    write_safetensors(out / "adapter_model.safetensors", {f"base_model.model.{k}.weight": v for k, v in adapters.items()},
-                      dtype)
-    lora = src.lora.config
-    # "transformer.h.0.attn.c_attn.lora_A" -> "attn.c_attn"; PEFT matches target_modules to the end of a name.
-    targets = sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in adapters})
+    PEFT names a module's adapters base_model.model.<module>.lora_A.weight, (r, in), and .lora_B.weight,
+    (out, r), with the module names of the Hugging Face model (hf.module_names): our c_attn's adapters
+    are three there, the q, k and v projections' of a Llama, or one, GPT-2's c_attn. GPT-2's layers
+    are Conv1D, whose weight is (in, out) (fan_in_fan_out), but PEFT's A and B are ordinary Linear layers
+    beside them, so nothing is transposed."""
+    lora, cfg, state = src.lora.config, src.model, src.lora.state_dict
+    tensors = {}
+    for layer in sorted({k.rsplit(".", 1)[0] for k in state if is_adapter(k)}):  # transformer.h.0.attn.c_attn
+        modules, B = hf.module_names(cfg, layer), state[layer + ".lora_B"]
+        rows = hf.lora_parts(cfg).get(layer.split(".", 3)[3], [len(B)])  # "attn.c_attn": its projections' rows
+        for module, A, B in zip(modules, state[layer + ".lora_A"].split(lora.rank), B.split(rows)):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+    write_safetensors(out / "adapter_model.safetensors", tensors, dtype)
+    # "model.layers.0.self_attn.q_proj" -> "self_attn.q_proj"; PEFT matches target_modules to the end of a name.
+    targets = sorted({re.split(r"\.\d+\.", k.removeprefix("base_model.model."), maxsplit=1)[1].rsplit(".", 2)[0]
+                      for k in tensors})
     write_json(out / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
-        "fan_in_fan_out": True, "bias": "none", "inference_mode": True})
+        "fan_in_fan_out": bool(hf.architecture_of(cfg).transposed), "bias": "none", "inference_mode": True})
     if src.meta is not None:
         write_json(out / META_FILE, src.meta)
 

@@ -1,5 +1,6 @@
-"""A training run around its loop: what it holds (Run), the checks before it starts, how it ends
-(finished, nothing to do, stopped by Ctrl-C or SIGTERM, diverged), its summary and its exit status.
+"""A training run around its loop: what it holds (Run), the checks before it starts, where it starts
+from (load_start, restore), how it ends (finished, nothing to do, stopped by Ctrl-C or SIGTERM,
+diverged), its summary and its exit status.
 train.py is the training itself; this is the bookkeeping that keeps a run safe to stop and to rerun.
 
 Exit status of train.py: 0 finished (or nothing left to do), 2 a mistake to fix (errors.command),
@@ -9,6 +10,7 @@ Exit status of train.py: 0 finished (or nothing left to do), 2 a mistake to fix 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -20,15 +22,17 @@ from pathlib import Path
 import torch
 
 from attention import flex_cannot_train
-from checkpoint import LoopState, Weights, best_checkpoint
-from config import Config, ConfigError
+from checkpoint import (CheckpointError, LoopState, Weights, adopt_model_shape, best_checkpoint, find_weights,
+                        load_weights)
+from config import Config, ConfigError, TrainingConfig
 from data import Data
 from errors import UserError
 from files import atomic_write_text, lock, make_folder
 from model import GPT
 from monitor import print_header, write_log
 from options import resume_command, to_toml
-from runtime import Process, Stopped, end_process, format_duration, parallel_problems
+from runtime import (Process, Stopped, available_memory, end_process, format_duration, load_optimizer_state,
+                     parallel_problems, set_rng_state, step_memory)
 
 
 class TrainError(UserError):
@@ -86,6 +90,20 @@ def check_run(cfg: Config, proc: Process) -> None:
         raise ConfigError(why)
 
 
+def check_memory(run: Run) -> None:
+    """Refuse a run that will not fit in memory, before its first step, in one line naming the settings
+    to lower. The estimate (runtime.step_memory) counts only what a step surely adds: it refuses runs
+    that cannot fit, not every run that might not."""
+    available = available_memory(run.proc.device)
+    need = step_memory(run.model, run.cfg, run.precision, run.proc.world_size)
+    if available is not None and need > available:
+        m, t = run.cfg.model, run.cfg.training
+        raise TrainError(f"this run needs at least {need / 2**30:.1f} GiB more for its first step and {run.proc.device} "
+                         f"has {available / 2**30:.1f} GiB available: lower model.block_size ({m.block_size}) or "
+                         f"training.batch_size ({t.batch_size}, with a larger training.grad_accum_steps to keep the "
+                         "batch), or set training.activation_checkpointing = true")
+
+
 def begin(run: Run, start: Weights | None) -> None:
     """Rank 0: remove the run that --training.overwrite replaces (now that this one has started),
     write config.toml, and say what this run is."""
@@ -96,6 +114,57 @@ def begin(run: Run, start: Weights | None) -> None:
             (run.out_dir / old).unlink(missing_ok=True)
     atomic_write_text(run.out_dir / "config.toml", to_toml(run.cfg))
     print_header(run.cfg, run.model, run.data, run.proc, run.precision, start, run.state, run.lora_base)
+
+
+# ----------------------------------------------------------------------------- where a run starts
+
+def load_start(cfg: Config, proc: Process) -> Weights | None:
+    """The weights a run starts from: its own ckpt_last.pt (training.resume), training.init_from's, or
+    None (random weights). Their model shape and tokenizer settings go into cfg (adopt_model_shape)."""
+    training = cfg.training
+    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
+    if not path:
+        return None
+    if training.resume and not path.is_file():
+        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
+                              "set training.out_dir to the run to continue")
+    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
+    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
+    if proc.is_main and size > 100e6:
+        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
+    start = load_weights(found, proc.device)
+    if training.resume and training.init_from:
+        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
+        # say) may stay in the settings; another one is a contradiction, not something to choose for you.
+        began = ((start.config or {}).get("training") or {}).get("init_from", "")
+        if training.init_from != began:
+            raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
+                              f"started from {began or 'random weights'!r}: --resume continues it from its own "
+                              "checkpoint; drop training.init_from, or train a new run into another out_dir")
+    problems = adopt_model_shape(cfg, start)
+    if problems:
+        raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
+    return start
+
+
+def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: str) -> LoopState:
+    """The loop state to start from: a new one, or on resume the checkpoint's, with the optimizer's,
+    the scaler's and the RNG's states put back (the weights are in the model already)."""
+    if not (start and training.resume):
+        return LoopState()
+    ckpt = start.training
+    missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
+                              "from its weights with training.init_from instead")
+    load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    # Checkpoints written before last_eval_step existed were all written right after an evaluation.
+    saved = {"last_eval_step": ckpt["step"]} | {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)
+                                                if f.name in ckpt}
+    return LoopState(**saved)
 
 
 # ----------------------------------------------------------------------------- how a run ends
@@ -161,12 +230,13 @@ def summarize(run: Run) -> dict:
         else:
             best_line = f"best val loss {best:.4f} at step {state.best_step}" + \
                 (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
+        best_file = best_checkpoint(out_dir) or out_dir / "ckpt_last.pt"
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
               f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
               f"  {best_line}\n"
               f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
               f"log: {out_dir}/train_log.json\n"
-              f"next:\n  python sample.py --ckpt {best_checkpoint(out_dir)}\n"
+              f"next:\n  python sample.py --ckpt {best_file}\n"
               f"  python plot.py {out_dir}/train_log.json")
     return summary_of(run, run.log["run"]["status"])
 

@@ -14,6 +14,10 @@ The update B A has rank at most r and costs r * (in + out) parameters instead of
 - Only A and B have requires_grad: only they get gradients and optimizer state (AdamW keeps two
   numbers per trained parameter), which is where the memory goes, and checkpoints hold only them (unless lora.save = "full").
 
+A layer of ours that stacks several projections of the Hugging Face model (Llama's q, k and v are
+our c_attn) gets one adapter per projection, as PEFT gives theirs (hf.lora_parts): its A holds their
+A matrices stacked, its B their B matrices, so that PEFT loads them onto the original model.
+
     add_adapters(model, cfg.lora)  # wrap the chosen linear layers of every block; freeze the rest
     merge(model)                   # W <- W + (alpha / r) B A: plain nn.Linear again, no extra cost
     remove(model)                  # drop the adapters: the base model again
@@ -29,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError, LoraConfig
+from hf import lora_parts
 from options import suggest
 
 
@@ -37,23 +42,35 @@ class LoRALinear(nn.Module):
 
     It takes over the wrapped layer's own `weight` and `bias` Parameters, so their names in the
     state dict stay what they were (attn.c_attn.weight); the adapters add attn.c_attn.lora_A and
-    attn.c_attn.lora_B."""
+    attn.c_attn.lora_B. `parts`: the output rows of each projection the layer stacks (P of them;
+    one, the whole layer, by default); each has its own A (r, in) and B (rows, r)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, parts: list[int] | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
+        self.rank, self.parts = rank, parts or [self.out_features]
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_A = nn.Parameter(torch.empty(len(self.parts) * rank, self.in_features, **like))  # (P r, in)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r): B A = 0
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., in) -> (..., r) -> (..., out): two thin matmuls, never the (out, in) matrix B A.
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        # (..., in) -> (..., P r) -> (..., out): thin matmuls, never the (out, in) matrix B A.
+        h = F.linear(self.dropout(x), self.lora_A)
+        if len(self.parts) == 1:
+            update = F.linear(h, self.lora_B)
+        else:  # projection i: its r columns of h through its rows of B
+            update = torch.cat([F.linear(hi, Bi) for hi, Bi in zip(h.split(self.rank, -1),
+                                                                    self.lora_B.split(self.parts))], dim=-1)
         return F.linear(x, self.weight, self.bias) + self.scale * update
+
+    def delta(self) -> torch.Tensor:
+        """The update as a matrix, (alpha / r) B A (out, in): each projection's B_i A_i, stacked."""
+        return self.scale * torch.cat([Bi @ Ai for Ai, Bi in zip(self.lora_A.split(self.rank),
+                                                                  self.lora_B.split(self.parts))])
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
@@ -61,14 +78,14 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def target_problems(cfg: LoraConfig, block: nn.Module) -> list[str]:
+def target_problems(cfg: LoraConfig, block: nn.Module, parts: dict[str, list[int]]) -> list[str]:
     """What is wrong with lora.targets and lora.rank for the model's blocks (one of them is `block`)."""
     layers = linear_layers(block)
     names = list(layers) if cfg.targets == "all" else cfg.target_list()
     problems = [f"lora.targets: {name} is not a linear layer of a block{suggest(name, list(layers))}; "
                 f"they are: {', '.join(layers)} (or all)" for name in names if name not in layers]
     # B A has rank at most min(in, out): a larger r only adds parameters.
-    narrow = {n: min(layers[n].in_features, layers[n].out_features) for n in names if n in layers}
+    narrow = {n: min(layers[n].in_features, *parts.get(n, [layers[n].out_features])) for n in names if n in layers}
     narrow = {n: width for n, width in narrow.items() if cfg.rank > width}
     if narrow:
         widths = ", ".join(f"{n} ({w})" for n, w in narrow.items())
@@ -78,9 +95,10 @@ def target_problems(cfg: LoraConfig, block: nn.Module) -> list[str]:
 
 
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
-    """Freeze every weight of `model` (a GPT) and wrap the target layers of each block in a LoRALinear."""
-    blocks = model.transformer.h
-    problems = target_problems(cfg, blocks[0])
+    """Freeze every weight of `model` (a GPT) and wrap the target layers of each block in a LoRALinear,
+    with one adapter per projection the Hugging Face model has in it (hf.lora_parts)."""
+    blocks, parts = model.transformer.h, lora_parts(model.config)
+    problems = target_problems(cfg, blocks[0], parts)
     if problems:
         raise ConfigError(problems)
     for p in model.parameters():
@@ -90,7 +108,7 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
         for name in names:
             parent, _, attr = name.rpartition(".")
             owner = block.get_submodule(parent)
-            setattr(owner, attr, LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout))
+            setattr(owner, attr, LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout, parts.get(name)))
 
 
 def plain_linear(layer: LoRALinear) -> nn.Linear:
@@ -113,7 +131,7 @@ def merge(model: nn.Module) -> None:
     """Write W + (alpha / r) B A into each adapted layer's weight and drop its adapters: the same
     function (up to rounding) as plain linear layers, which export and sampling need."""
     def merged(layer: LoRALinear) -> nn.Linear:
-        layer.weight += layer.scale * (layer.lora_B @ layer.lora_A)  # (out, r) @ (r, in) = (out, in)
+        layer.weight += layer.delta()  # (out, in)
         return plain_linear(layer)
     replace_adapted(model, merged)
 

@@ -1,7 +1,8 @@
 """A GPT-2 style language model, written to be read, with the switches that make it a Llama.
 
 Shapes in comments use B = batch, T = sequence length, C = n_embd, V = vocab size,
-nh = n_head, hd = the head size C // nh (ModelConfig.head_size), H = the MLP's hidden width.
+nh = n_head, nkv = the key/value heads (n_kv_head, or nh), hd = the head size (head_dim, or C // nh:
+ModelConfig.head_size), H = the MLP's hidden width.
 
     model = GPT(cfg.model)
     logits, loss = model(idx, targets)   # (B, T) token ids -> (B, T, V) scores, and the mean loss
@@ -41,10 +42,11 @@ class RotaryEmbedding(nn.Module):
     The pairs are (channel i, channel i + hd/2) of each head: transformers' Llama convention
     ("rotate_half"), so its weights load as they are. cos and sin are tabulated for block_size positions."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)  # (max_len, hd/2)
+        hd = cfg.head_size()
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))  # (hd/2,) per position
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float), rope_scaled(inv_freq, cfg))  # (T, hd/2)
         # persistent=False: computed, not learned, so not in the state dict (nor in checkpoints).
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -52,6 +54,26 @@ class RotaryEmbedding(nn.Module):
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (T,) -> cos, sin of their angles, each (T, hd/2)."""
         return self.cos[pos], self.sin[pos]
+
+
+def rope_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """model.rope_scaling: turn the pairs more slowly, so that a longer context than the model learned
+    spans the angles it knows. linear slows every pair by rope_factor (positions are interpolated).
+    llama3 slows only the slow pairs, whose wavelength 2 pi / inv_freq is longer than the original
+    context / rope_low_freq_factor: they never turned a whole way round in training. Pairs with a
+    wavelength below the context / rope_high_freq_factor keep their speed, and those between are a
+    smooth mix of the two (as Llama 3.1 and 3.2 were trained; the same formula as transformers')."""
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    context, low, high = cfg.rope_original_context, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq  # (hd/2,) tokens per full turn of each pair
+    slowed = torch.where(wavelength > context / low, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)  # 0 at the slow edge, 1 at the fast edge
+    mixed = (1 - smooth) * slowed / cfg.rope_factor + smooth * slowed
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, mixed, slowed)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,13 +123,20 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin for this forward's positi
 
 
 class CausalSelfAttention(nn.Module):
+    """Each token's query is scored against the keys of the tokens before it, and it takes their values,
+    weighted by those scores, in nh heads side by side. With grouped-query attention (n_kv_head < n_head)
+    there are fewer key/value heads than query heads: each serves nh / nkv query heads, which makes the
+    KV cache that much smaller, and the model barely worse."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_size = cfg.n_head, cfg.head_size()
+        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.kv_heads(), cfg.head_size()
+        self.sizes = (self.n_head * self.head_size, *2 * (self.n_kv_head * self.head_size,))  # q, k, v widths
         self.backend = cfg.attention
         self.attn_dropout = cfg.attn_dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # q, k and v in one matmul; qkv_bias (Qwen2): biases here alone.
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(self.sizes[0], cfg.n_embd, bias=cfg.bias)  # the heads, side by side, back to C
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # one gain per channel of a head, shared by the heads (as in Qwen 3)
@@ -117,9 +146,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None, rotary: Rotary | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        # Give each head its own hd-wide slice of the channels: (B, T, C) -> (B, nh, T, hd).
-        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)  # (B, T, nh * hd), and (B, T, nkv * hd) twice
+        # Give each head its own hd-wide slice of the channels: (B, T, nh * hd) -> (B, nh, T, hd).
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hd)
         if self.qk_norm:  # qk_norm: unit-rms queries and keys keep the scores from growing
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:  # rope: positions enter here, as rotations of q and k (v is left alone)
@@ -133,7 +163,7 @@ class CausalSelfAttention(nn.Module):
             attend = eager_attention if self.backend == "eager" else sdpa_attention
             y = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
 
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.sizes[0])  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     @staticmethod
@@ -144,8 +174,8 @@ class CausalSelfAttention(nn.Module):
         prefill = cache.length == 0
         if not prefill and q.size(2) != 1:
             raise ValueError("after the prefill, the KV cache takes one token at a time")
-        k, v = cache.append(k, v)  # (B, nh, length, hd)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=prefill)
+        k, v = cache.append(k, v)  # (B, nkv, length, hd): the cache holds the key/value heads only
+        return F.scaled_dot_product_attention(q, k, v, is_causal=prefill, enable_gqa=k.size(1) != q.size(1))
 
 
 class MLP(nn.Module):
@@ -208,7 +238,7 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # GPT-2: learned positions
         else:  # rope: no table; the attention layers rotate queries and keys instead
-            self.rotary = RotaryEmbedding(cfg.head_size(), cfg.block_size, cfg.rope_theta)
+            self.rotary = RotaryEmbedding(cfg)
         self.transformer.drop = nn.Dropout(cfg.dropout)
         self.transformer.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.transformer.ln_f = make_norm(cfg)

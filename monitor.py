@@ -17,7 +17,9 @@ import torch
 
 from checkpoint import LoopState, Weights
 from config import Config, ConfigError, TrainingConfig
-from data import Data, DataError, split_bits_per_byte, start_token, tokenizer_from_meta
+from data import Data, split_bits_per_byte
+from errors import DataError
+from tokenizer import start_token, tokenizer_from_meta
 from files import write_json
 from generate import generate
 from lora import trainable
@@ -217,12 +219,12 @@ def announce_speed(max_iters: int, step: int, device: str, seconds_per_step: flo
 def flops_per_token(model: GPT) -> int:
     """Training FLOPs per token, the standard estimate (Kaplan et al. 2020; PaLM appendix B):
     6 per parameter (2 for the forward multiply-add, 4 for the backward), plus attention's
-    q k^T and weights @ v, which use no parameters: each costs 2 * n_embd * T per token and
-    layer in the forward, times 3 with the backward, so 12 * n_layer * n_embd * T, counted
-    for a full context of T = block_size. Element-wise work (norms, activations, the SwiGLU
+    q k^T and weights @ v, which use no parameters: each costs 2 * nh * hd * T per token and
+    layer in the forward (nh * hd = n_embd unless head_dim is set), times 3 with the backward, so
+    12 * n_layer * nh * hd * T, counted for a full context of T = block_size. Element-wise work (norms, activations, the SwiGLU
     product, rotary, softmax, soft-cap) is left out, as is usual: it is small next to matmuls."""
     cfg = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size() * cfg.block_size
 
 
 def estimate_mfu(model: GPT, tokens_per_s: float, peak_flops: float) -> float:

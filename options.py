@@ -266,7 +266,7 @@ def describe(fields: dict[str, dataclasses.Field], flag) -> list[str]:
 
 
 def reference(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
-    """Every config field with its type, default and doc: the text of --help and of the README."""
+    """Every config field with its type, default and doc: the text of --help and of docs/configuration.md."""
     lines = []
     for section in sections:
         lines.append(f"[{section}]")

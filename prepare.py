@@ -27,20 +27,43 @@ import numpy as np
 
 from config import DataConfig, doc
 from options import parse
-from data import (EOT_TEXT, META_VERSION, BPETokenizer, CharTokenizer, DataError, Progress, default_processed_dir,
-                  encode_chunks, load_meta, longer_split, resolve_bin_dir, safe_cut, split_safely, text_chunks,
-                  token_dtype, tokenizer_differences)
-from errors import command
+from data import (META_VERSION, Progress, default_processed_dir, load_meta, longer_split, resolve_bin_dir,
+                  text_chunks, token_dtype)
+from errors import DataError, command
 from files import FileError, lock, make_folder, sync_folder, write_json
+from tokenizer import (encode_chunks, hf_tokenizer_meta, safe_cut, split_safely, tokenizer_differences,
+                       tokenizer_from_meta)
 
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
 PROGRESS_BYTES = 5 << 20  # show progress for inputs over 5 MB
 
 
-def output_dir(d: DataConfig) -> Path:
-    """data.processed_dir, or data/processed/<corpus>_<tokenizer>... when it is empty."""
-    folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding, d.format))
+def output_dir(d: DataConfig, wanted: dict | None = None) -> Path:
+    """data.processed_dir, or data/processed/<corpus>_<tokenizer>... when it is empty (`wanted`: the
+    tokenizer meta, which names the folder of a Hugging Face tokenizer by its digest)."""
+    sha = (wanted or {}).get("sha256", "")
+    folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding, d.format, sha))
     return resolve_bin_dir(folder) if d.format == "bin" else folder
+
+
+def wanted_tokenizer(d: DataConfig, model_meta: dict | None) -> dict | None:
+    """The tokenizer to encode with, as a meta: the starting weights' own (`model_meta`: a char model's
+    characters, a BPE model's encoding, a Hugging Face model's tokenizer.json), or the one the settings
+    name; None for a new char model, whose characters come from the text."""
+    if model_meta is not None:
+        return model_meta
+    if d.tokenizer == "bpe":
+        return {"tokenizer": "bpe", "encoding": d.bpe_encoding}
+    if d.tokenizer != "hf":
+        return None
+    if not d.tokenizer_path:
+        raise DataError("data.tokenizer = hf needs data.tokenizer_path: the folder of a Hugging Face model, which "
+                        "holds its tokenizer.json")
+    meta = hf_tokenizer_meta(d.tokenizer_path)
+    if meta is None:
+        raise DataError(f"data.tokenizer_path = {d.tokenizer_path!r} holds no tokenizer.json; give the folder of a "
+                        "Hugging Face model, which has one")
+    return meta
 
 
 def list_documents(input_path: str) -> list[Path]:
@@ -82,8 +105,12 @@ class SplitWriter:
         self.tmp = path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")
         self.buffer, self.n_tokens, self.n_bytes = "", 0, 0  # n_bytes: UTF-8 bytes of the text encoded
+        self.starting = True  # the next text begins a document
 
     def add(self, text: str) -> None:
+        if self.starting and text and self.tokenizer.prefix:  # e.g. Llama 3's <|begin_of_text|>
+            self._write(np.array(self.tokenizer.prefix), self.tokenizer.decode(self.tokenizer.prefix))
+        self.starting = self.starting and not text
         self.buffer += text
         if len(self.buffer) >= ENCODE_CHARS:
             # Encode up to a cut where BPE cannot merge across; keep the rest for later.
@@ -96,7 +123,8 @@ class SplitWriter:
         self._encode(self.buffer)
         self.buffer = ""
         if self.tokenizer.eot_token is not None:
-            self._write(np.array([self.tokenizer.eot_token]), EOT_TEXT)
+            self._write(np.array([self.tokenizer.eot_token]), self.tokenizer.eot_text)
+        self.starting = True
 
     def _encode(self, text: str) -> None:
         for ids in encode_chunks(self.tokenizer, split_safely(text)):
@@ -119,12 +147,11 @@ class SplitWriter:
         self.file.close()
 
 
-def differences(meta: dict, d: DataConfig, chars: str | None, source: dict | None) -> list[str]:
+def differences(meta: dict, d: DataConfig, wanted: dict | None, source: dict | None) -> list[str]:
     """How the data described by `meta` differs from what `d` asks for (empty: it is that data).
-    `chars`: the characters the text must be encoded with (None: any); `source`: the input's
-    fingerprint, or None when the input cannot be read (then it is not compared)."""
-    wanted = {"tokenizer": d.tokenizer, "encoding": d.bpe_encoding, "chars": chars}
-    out = tokenizer_differences(meta, wanted, "there", "now")
+    `wanted`: the tokenizer the text must be encoded with (None: char, any characters); `source`: the
+    input's fingerprint, or None when the input cannot be read (then it is not compared)."""
+    out = tokenizer_differences(meta, wanted or {"tokenizer": d.tokenizer}, "there", "now")
     out += [f"data.{k}: {meta.get(k)!r} there, {v!r} now" for k, v in (("format", d.format),
             ("val_fraction", d.val_fraction)) if meta.get(k) != v]
     old = meta.get("source") or {}
@@ -134,20 +161,21 @@ def differences(meta: dict, d: DataConfig, chars: str | None, source: dict | Non
     return out
 
 
-def ensure_prepared(d: DataConfig, chars: str | None = None, min_tokens: int = 2,
+def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: int = 2,
                     explicit: set[str] | None = None) -> tuple[Path, dict]:
     """The prepared folder for `d` and its meta, preparing it when it is missing or was made otherwise.
 
     The default folder (data.processed_dir empty) is prepared again when it was made otherwise. A
     folder the user named is never replaced: the settings left at their defaults are taken from how
     it was made (like a model shape from its weights), and a setting the user chose (`explicit`,
-    e.g. {"data.val_fraction"}) that differs is an error. `chars`: a char model's characters, to
-    encode the text with the model's own ids. `min_tokens`: the shortest usable split."""
-    folder = output_dir(d)
-    with_chars = " with the model's characters" if chars else ""
+    e.g. {"data.val_fraction"}) that differs is an error. `model_meta`: the starting weights' tokenizer,
+    to encode the text with the model's own ids. `min_tokens`: the shortest usable split."""
+    wanted = wanted_tokenizer(d, model_meta)
+    folder = output_dir(d, wanted)
+    with_chars = " with the model's tokenizer" if model_meta else ""
     if not (folder / "meta.json").exists():
         print(f"no prepared data in {folder}: preparing it from {d.input}{with_chars}", flush=True)
-        return folder, prepare(d, chars=chars, min_tokens=min_tokens)
+        return folder, prepare(d, model_meta=model_meta, min_tokens=min_tokens)
     meta = load_meta(folder)
     if d.processed_dir:
         made = {"input": meta.get("source", {}).get("path"), "tokenizer": meta["tokenizer"],
@@ -160,30 +188,32 @@ def ensure_prepared(d: DataConfig, chars: str | None = None, min_tokens: int = 2
         source = {"stat": stat_digest(docs), "docs": docs}
     except DataError:  # no input here (e.g. only the prepared folder was copied): use the folder as it is
         source = None
-    diffs = differences(meta, d, chars, source)
+    diffs = differences(meta, d, wanted, source)
     if not diffs:
         return folder, meta
     if d.processed_dir:
         fix = ("set data.processed_dir to a new folder (train.py prepares the text there with the model's "
-               "characters)" if chars else f"prepare it again: {prepare_command(d)}, or set "
+               "tokenizer)" if model_meta else f"prepare it again: {prepare_command(d)}, or set "
                "data.processed_dir to another folder")
         raise DataError(f"{folder} holds data prepared differently ({'; '.join(diffs)}); {fix}")
     print(f"{folder} was prepared differently ({'; '.join(diffs)}): preparing it again{with_chars}", flush=True)
-    return folder, prepare(d, force=True, chars=chars, min_tokens=min_tokens)
+    return folder, prepare(d, force=True, model_meta=model_meta, min_tokens=min_tokens)
 
 
 def prepare_command(d: DataConfig) -> str:
-    bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else ""
+    bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else \
+        f" --data.tokenizer_path {d.tokenizer_path}" if d.tokenizer == "hf" else ""
     return (f"python prepare.py --data.input {d.input} --data.processed_dir {d.processed_dir} --data.tokenizer "
             f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction} --force")
 
 
-def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progress: bool = True,
+def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, progress: bool = True,
             min_tokens: int = 2) -> dict:
-    """Prepare d.input into output_dir(d); returns the meta dict that was written. `chars` (char only):
-    a model's characters to encode with, instead of the corpus's own, so that model can train on it.
+    """Prepare d.input into output_dir(d); returns the meta dict that was written. `model_meta`: the
+    tokenizer of the model that will train on it (a char model's own characters, not the corpus's).
     A split of fewer than `min_tokens` tokens is refused before anything is replaced."""
-    out = output_dir(d)
+    wanted = wanted_tokenizer(d, model_meta)
+    out = output_dir(d, wanted)
     docs = list_documents(d.input)
     total_bytes = sum(p.stat().st_size for p in docs)
 
@@ -197,27 +227,27 @@ def prepare(d: DataConfig, force: bool = False, chars: str | None = None, progre
             if d.tokenizer == "char":
                 seen_chars.update(text)
             reading.add(len(text.encode("utf-8")) if reading.enabled else 0)
-    if d.tokenizer == "char":
-        missing = sorted(seen_chars - set(chars)) if chars is not None else []
+    if wanted is None or wanted["tokenizer"] == "char":
+        chars = wanted["chars"] if wanted else "".join(sorted(seen_chars))
+        missing = sorted(seen_chars - set(chars))
         if missing:
             shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
             raise DataError(f"{d.input} has characters the model does not know: {shown}; remove them from "
                             "the text, or use a bpe model, which reads any text")
-        tok = CharTokenizer(chars if chars is not None else "".join(sorted(seen_chars)))
-    else:
-        tok = BPETokenizer(d.bpe_encoding)
+        wanted = {"tokenizer": "char", "chars": chars}
+    tok = tokenizer_from_meta(wanted)
     source = {"path": str(d.input), "sha256": hasher.hexdigest(), "bytes": total_bytes, "documents": len(docs),
               "stat": stat_digest(docs)}
+    own = {"char": ("chars",), "bpe": ("encoding", "eot_token"), "hf": ("eot_token", "stop_tokens", "sha256", "files")}
     meta = {
-        "format_version": META_VERSION, "tokenizer": d.tokenizer, "format": d.format,
+        "format_version": META_VERSION, "tokenizer": wanted["tokenizer"], "format": d.format,
         "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size),
-        **({"chars": tok.chars} if d.tokenizer == "char" else {"encoding": d.bpe_encoding,
-                                                                "eot_token": tok.eot_token}),
+        **{k: getattr(tok, k) if k in ("chars", "eot_token") else wanted[k] for k in own[wanted["tokenizer"]]},
         "val_fraction": d.val_fraction, "source": source,
     }
     if (out / "meta.json").exists() and not force:
         try:
-            diffs = differences(load_meta(out), d, meta.get("chars"), source)
+            diffs = differences(load_meta(out), d, meta, source)
         except DataError:
             diffs = ["meta.json is corrupt"]
         if diffs:

@@ -21,13 +21,15 @@ import torch
 import checkpoint
 from config import ConfigError, doc
 from options import parse
-from data import BPETokenizer, CharTokenizer, DataError, check_in_vocabulary, read_text, start_token, tokenizer_from_meta
+from data import read_text
+from errors import DataError
+from tokenizer import BPETokenizer, CharTokenizer, HFTokenizer, check_in_vocabulary, start_token, tokenizer_from_meta
 from errors import command
 from generate import check_sampling_args, generate_stream
 from model import GPT
 from runtime import pick_device
 
-Tokenizer = CharTokenizer | BPETokenizer
+Tokenizer = CharTokenizer | BPETokenizer | HFTokenizer
 
 
 def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
@@ -68,18 +70,30 @@ def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int, vocab_size: 
 class TextStream:
     """Token ids -> text, one token at a time. A BPE token can end in the middle of a UTF-8
     character (an emoji is often split over two tokens), so the bytes go through an incremental
-    decoder, which holds back an incomplete character until the next token completes it."""
+    decoder, which holds back an incomplete character until the next token completes it. A Hugging
+    Face tokenizer decodes whole sequences (its decoder may join tokens), so it decodes all the ids so
+    far and gives what is new, holding back a trailing incomplete character (U+FFFD) the same way."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids, self.shown = [], ""  # hf: every id so far, and the text already given
 
     def feed(self, token: int) -> str:
         if self.tokenizer.kind == "char":
             return self.tokenizer.chars[token]
+        if self.tokenizer.kind == "hf":
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids)
+            if text.endswith("\ufffd"):
+                return ""
+            new, self.shown = text[len(self.shown):], text
+            return new
         return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token))
 
     def flush(self) -> str:
+        if self.tokenizer.kind == "hf":
+            return self.tokenizer.decode(self.ids)[len(self.shown):]
         return self.utf8.decode(b"", final=True)  # a trailing incomplete character becomes U+FFFD
 
 
@@ -98,7 +112,9 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], opts: 
 
     show(prompt)
     for token in generate_stream(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
-                                       opts.top_p if opts.top_p < 1 else None, generator):
+                                 opts.top_p if opts.top_p < 1 else None, generator):
+        if token.item() in tokenizer.stop_tokens:  # end-of-sequence (a Hugging Face model's): the sample ends
+            break
         pieces.append(text.feed(token.item()))
         show(pieces[-1])
     pieces.append(text.flush())

@@ -30,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lifecycle
 import monitor
 import prepare
-from checkpoint import (CHECKPOINT_VERSION, Weights, base_reference, load_start, restore, save_checkpoint,
-                        weights_to_save)
+from checkpoint import CHECKPOINT_VERSION, Weights, base_reference, save_checkpoint, weights_to_save
 from config import Config, ConfigError, TrainingConfig
 from data import Data, check_split_lengths, get_batch, load_tokens
 from errors import command
@@ -49,10 +48,13 @@ def main(cfg: Config) -> dict:
     proc = start_process(pick_device(cfg.training.device))
     with lifecycle.held(cfg, proc):  # this run alone writes into its out_dir
         lifecycle.check_run(cfg, proc)
-        start = load_start(cfg, proc)           # resume: the run's ckpt_last.pt; init_from: those weights
-        data = build_data(cfg, proc, start)     # the token splits, prepared on first use
-        model = build_model(cfg, proc, start)   # the GPT with its starting weights
-        run = build_run(cfg, proc, start, data, model)  # its wrappers, optimizer and loop state
+        start = lifecycle.load_start(cfg, proc)  # resume: the run's ckpt_last.pt; init_from: those weights
+        weights, adapters = start.to_start_from(cfg.training.resume) if start else ({}, {})
+        data = build_data(cfg, proc, start)      # the token splits, prepared on first use
+        model = build_model(cfg, proc, weights)  # the GPT with its starting weights
+        run = build_run(cfg, proc, start, data, model, adapters)  # its wrappers, optimizer and loop state
+        lifecycle.check_memory(run)              # before the first step: refuse what will not fit
+        lifecycle.begin(run, start)              # replace an overwritten run, write config.toml, say what it is
         if run.state.step >= cfg.training.max_iters:
             return lifecycle.nothing_to_do(run)
         with StopSignals(proc) as signals:      # Ctrl-C and SIGTERM stop the run between two steps
@@ -83,7 +85,7 @@ def train_step(run: Run, lr: float) -> tuple[float, torch.Tensor]:
         # Divided by accum, the summed gradients are those of the mean loss over the whole step. The
         # scaler (fp16 only) multiplies the loss, so that small gradients do not round to zero.
         run.scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach() / accum
+        loss_sum += loss.detach().float() / accum
     loss = all_reduce(loss_sum, proc).item()  # the mean over the processes
     if not math.isfinite(loss):
         raise lifecycle.diverged(run, f"the loss became {loss}")
@@ -124,7 +126,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
     """Steps until max_iters, evaluating every eval_interval steps and after the last one. The loop
     passes max_iters + 1 times: the last pass makes no update, it evaluates and saves."""
     t, state = run.cfg.training, run.state
-    first_step, clock = state.step, time.time() - state.elapsed_s  # elapsed_s carries on across resumes
+    first_step, start_time = state.step, time.time() - state.elapsed_s  # elapsed_s carries on across resumes
     meter = monitor.StepMeter(run.cfg, run.proc, run.model, run.log, first_step)
     profiler = ProfileWindow(t.profile_start_step, t.profile_end_step, t.profile_dir or run.out_dir / "profile",
                              run.proc.device, run.proc.is_main)
@@ -138,7 +140,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
         if (state.step % t.eval_interval == 0 or last_step) and state.last_eval_step != state.step:
             began = time.time()
             losses = evaluate(run, estimate=state.step == first_step)
-            state.elapsed_s = time.time() - clock
+            state.elapsed_s = time.time() - start_time
             stop_early = after_evaluation(run, losses)
             meter.exclude(time.time() - began)  # the time per step leaves evaluations out
             if stop_early:
@@ -151,7 +153,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
         loss, grad_norm = train_step(run, lr)
         state.step += 1
         state.tokens += run.cfg.tokens_per_step()
-        state.elapsed_s = time.time() - clock
+        state.elapsed_s = time.time() - start_time
         profiler.after_step(state.step)
         meter.step_done(state, loss, lr, grad_norm)
 
@@ -202,7 +204,7 @@ def after_evaluation(run: Run, losses: dict[str, float]) -> bool:
     sample = monitor.eval_sample(run.model, run.data.meta, t, run.proc)  # every process, under FSDP
     if run.proc.is_main:
         # The log goes first: a kill before the checkpoint leaves a log ahead of it, which a resume trims.
-        lr = get_lr(min(state.step, t.max_iters - 1), t)
+        lr = get_lr(min(state.step, t.max_iters - 1), t)  # the last pass makes no step: its rate is the last one's
         val_bpb = monitor.record_eval(run.log, state, losses, lr, run.data.meta, sample)
         if stop_early:
             lifecycle.early_stopped(run)
@@ -238,24 +240,27 @@ def save(run: Run, val_loss: float | None = None, best: bool = False) -> None:
 # ----------------------------------------------------------------------------- set-up
 
 def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
-    """The train and val splits, prepared on first use (prepare.py). A char model reads a new text with
-    its own characters (its token ids), and the tokenizer settings taken from the starting weights
-    count as chosen: a folder of another tokenizer is refused. model.vocab_size 0 is the data's."""
-    chars = start.meta["chars"] if start and start.meta and start.meta["tokenizer"] == "char" else None
-    chosen = cfg.explicit | ({"data.tokenizer", "data.bpe_encoding"} if start and start.meta else set())
+    """The train and val splits, prepared on first use (prepare.py). A model that starts from weights
+    reads the text with their tokenizer (a char model with its own characters), and the tokenizer
+    settings taken from them count as chosen: a folder of another tokenizer is refused.
+    model.vocab_size 0 is the data's."""
+    model_meta = start.meta if start else None
+    chosen = cfg.explicit | ({"data.tokenizer", "data.bpe_encoding"} if model_meta else set())
     if proc.is_main:  # if this fails, the other processes wait at the barrier until torchrun ends the job
-        folder, meta = prepare.ensure_prepared(cfg.data, chars, cfg.model.block_size + 1, chosen)
+        folder, meta = prepare.ensure_prepared(cfg.data, model_meta, cfg.model.block_size + 1, chosen)
     if proc.world_size > 1:
         dist.barrier()  # the others read what rank 0 prepared
     if not proc.is_main:
-        folder, meta = prepare.ensure_prepared(cfg.data, chars, explicit=chosen)
+        folder, meta = prepare.ensure_prepared(cfg.data, model_meta, explicit=chosen)
     if cfg.data.doc_mask and meta.get("eot_token") is None:
         raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
+        fix = ("the model reads no more tokens than its weights have rows: prepare the data with its tokenizer, or "
+               "start from other weights" if start else "use 0 to take it from the data")
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({meta['vocab_size']}); use 0 to take it from the data")
+                          f"({meta['vocab_size']}); {fix}")
     data = Data(folder, meta, *(load_tokens(folder, s, meta) for s in ("train", "val")),
                 eot_token=meta.get("eot_token") if cfg.data.doc_mask else None)
     check_split_lengths({"train": data.train, "val": data.val}, cfg.model.block_size, folder)
@@ -264,12 +269,12 @@ def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
     return data
 
 
-def build_model(cfg: Config, proc: Process, start: Weights | None) -> GPT:
-    """The GPT on this process's device, with random weights from training.seed, or the starting ones."""
+def build_model(cfg: Config, proc: Process, weights: dict) -> GPT:
+    """The GPT on this process's device, with random weights from training.seed, or `weights`."""
     torch.manual_seed(cfg.training.seed)
     model = GPT(cfg.model).to(proc.device)
-    if start:
-        model.load_state_dict(start.to_start_from(cfg.training.resume)[0])
+    if weights:
+        model.load_state_dict(weights)
     return model
 
 
@@ -298,20 +303,19 @@ def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict)
     return wrapped
 
 
-def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, model: GPT) -> Run:
+def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, model: GPT, adapters: dict) -> Run:
     """Everything the loop works with: the wrappers, the optimizer (after them: it takes LoRA's adapters,
     FSDP's shards), the loop state (on resume, the checkpoint's, with the optimizer's and the RNG's)."""
     t = cfg.training
     precision = pick_precision(t.precision, proc.device_type, proc.is_main)
-    wrapped = wrap(model, cfg, proc, precision, start.to_start_from(t.resume)[1] if start else {})
+    wrapped = wrap(model, cfg, proc, precision, adapters)
     optimizer = make_optimizer(model, t, proc.device_type)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=precision == "fp16")
-    state = restore(start, t, model, optimizer, scaler, proc.device)
-    log = monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resume else None)
-    run = Run(cfg, proc, model, wrapped, optimizer, scaler, data, state, log, precision,
-              base_reference(start, t.resume) if cfg.lora.rank else None, state.step if t.resume else None)
-    lifecycle.begin(run, start)
-    return run
+    state = lifecycle.restore(start, t, model, optimizer, scaler, proc.device)
+    return Run(cfg=cfg, proc=proc, model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler, data=data,
+               state=state, precision=precision, saved_step=state.step if t.resume else None,
+               log=monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resume else None),
+               lora_base=base_reference(start, t.resume) if cfg.lora.rank else None)
 
 
 @command

@@ -14,7 +14,8 @@ import prepare
 from benchmarks.common import (CORPUS, BenchOptions, configured, model_for, precisions, timed,
                                trainer_step_ms)
 from config import Config, DataConfig
-from data import BPETokenizer, DataError, split_safely
+from errors import DataError
+from tokenizer import BPETokenizer, split_safely
 from generate import generate
 from monitor import estimate_mfu
 from runtime import autocast, peak_flops, profile_table, profiler

@@ -38,7 +38,8 @@ def prepare_text(text_path, out, **settings) -> dict:
 
 @pytest.fixture
 def gpt2_tokenizer():
-    from data import BPETokenizer, DataError
+    from errors import DataError
+    from tokenizer import BPETokenizer
 
     try:
         return BPETokenizer("gpt2")

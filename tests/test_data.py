@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 import prepare
 from conftest import CORPUS, ROOT
 from config import DataConfig
@@ -19,7 +20,8 @@ TEXT = CORPUS.read_text(encoding="utf-8")
 
 def prep(tmp_path, name="out", input_path=CORPUS, force=False, chars=None, **settings):
     d = DataConfig(input=str(input_path), processed_dir=str(tmp_path / name), **settings)
-    return prepare.prepare(d, force=force, chars=chars, progress=False)
+    model_meta = {"tokenizer": "char", "chars": chars, "vocab_size": len(chars)} if chars is not None else None
+    return prepare.prepare(d, force=force, model_meta=model_meta, progress=False)
 
 
 def read_all(folder, meta):
@@ -32,7 +34,7 @@ def test_char_round_trip_and_vocabulary(tmp_path):
     meta = prep(tmp_path)
     assert meta["chars"] == "".join(sorted(set(TEXT)))
     assert meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
-    tok = data.tokenizer_from_meta(data.load_meta(tmp_path / "out"))
+    tok = tokenizer.tokenizer_from_meta(data.load_meta(tmp_path / "out"))
     tokens = read_all(tmp_path / "out", meta)
     assert tok.decode(tokens.tolist()) == TEXT
     assert tok.encode("To be") == [tok.chars.index(c) for c in "To be"]
@@ -57,7 +59,7 @@ def test_a_given_character_vocabulary_is_used_as_is(tmp_path):
 
 
 def test_char_unknown_character_is_named(tmp_path):
-    tok = data.CharTokenizer("abc ")
+    tok = tokenizer.CharTokenizer("abc ")
     with pytest.raises(DataError, match="'é'"):
         tok.encode("a café")
 
@@ -104,7 +106,7 @@ def test_folder_of_documents(tmp_path, gpt2_tokenizer):
     parts = gpt2_tokenizer.decode([t if t != eot else 0 for t in tokens.tolist()])
     assert "First document." in parts and "Second one." in parts and "ignored" not in parts
     char_meta = prep(tmp_path, "chars", input_path=str(docs))
-    assert data.CharTokenizer(char_meta["chars"]).decode(read_all(tmp_path / "chars", char_meta)) == \
+    assert tokenizer.CharTokenizer(char_meta["chars"]).decode(read_all(tmp_path / "chars", char_meta)) == \
         (docs / "a.txt").read_text() + (docs / "b.txt").read_text()
 
 
@@ -119,7 +121,7 @@ def test_uint32_for_a_vocabulary_beyond_uint16(tmp_path):
     assert meta["vocab_size"] == 70000 and meta["dtype"] == "uint32"
     tokens = read_all(tmp_path / "out", meta)
     assert tokens.dtype == np.uint32 and tokens.max() == 69999
-    assert data.CharTokenizer(meta["chars"]).decode(tokens.tolist()) == text * 2
+    assert tokenizer.CharTokenizer(meta["chars"]).decode(tokens.tolist()) == text * 2
 
 
 # ----------------------------------------------------------------------------- formats and batches
@@ -219,7 +221,7 @@ def test_meta_missing_corrupt_or_newer(tmp_path):
 
 def test_unknown_encoding_and_offline_encoding(monkeypatch):
     with pytest.raises(DataError, match="unknown bpe encoding 'gpt5'; valid: .*cl100k_base"):
-        data.load_tiktoken("gpt5")
+        tokenizer.load_tiktoken("gpt5")
     import tiktoken
 
     def offline(name):
@@ -227,7 +229,7 @@ def test_unknown_encoding_and_offline_encoding(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
-        data.load_tiktoken("cl100k_base")
+        tokenizer.load_tiktoken("cl100k_base")
 
 
 def test_refuses_to_mix_settings_unless_forced(tmp_path):

@@ -37,4 +37,4 @@ def test_a_user_mistake_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--config", "configs/cpu/smoke.toml", "--model.n_head", "5"],
                        cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr == "error: model.n_embd (64) must be divisible by model.n_head (5)\n"
+    assert r.stderr == "error: model.n_embd (64) must be divisible by model.n_head (5), or set model.head_dim\n"

@@ -306,21 +306,33 @@ def test_llama_saved_by_transformers_loads(tmp_path, tie):
         torch.testing.assert_close(logits_of(model_from(src), idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_llama_variants_model_py_lacks_are_refused(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "gqa")
-    with pytest.raises(CheckpointError, match=r"num_key_value_heads = 2 \(grouped-query attention\)"):
-        load_weights(tmp_path / "gqa")
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": 3}, r"num_key_value_heads = 3 \(it must divide num_attention_heads\)"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+     r"rope_type = 'yarn' \(we support default, linear and llama3\)"),
+    ({"hidden_act": "gelu"}, r"hidden_act = 'gelu' \(we support 'silu'\)"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, r"use_sliding_window = True \(sliding-window attention"),
+    ({"model_type": "mixtral"}, r"model_type 'mixtral' \(mixture of experts\) cannot be read; we read gpt2, llama"),
+    ({"model_type": "gemma2"}, r"model_type 'gemma2' \(Gemma's own layout\)"),
+])
+def test_variants_model_py_lacks_are_refused_by_name(tmp_path, change, message):
+    """A folder's config.json asks for what model.py does not compute: one error naming the setting."""
+    transformers_llama(tmp_path / "hf", tie=True)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(CheckpointError, match=message):
+        load_weights(tmp_path / "hf")
 
 
 def test_hf_export_names_the_switches_transformers_lacks(tmp_path, capsys):
-    ckpt = make_checkpoint(tmp_path / "ckpt.pt", **LLAMA, qk_norm=True, logit_softcap=30.0)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", **(LLAMA | {"mlp": "relu2"}), logit_softcap=30.0)
     assert export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --format hf: transformers' LlamaForCausalLM") and len(err.splitlines()) == 1
-    assert "model.qk_norm = true, model.logit_softcap = 30.0" in err and "--format native" in err
+    assert 'model.mlp = "relu2", model.logit_softcap = 30.0' in err and "--format native" in err
+    qk_norm = make_checkpoint(tmp_path / "qk.pt", **LLAMA, qk_norm=True, logit_softcap=30.0)
+    with pytest.raises(export.ExportError, match=r"Qwen3ForCausalLM .* no model.logit_softcap = 30.0"):
+        export.export(qk_norm, tmp_path / "hf3", "hf")  # qk_norm is Qwen3's, the soft-cap nobody's
     assert not (tmp_path / "hf").exists()
     gpt2_with_rope = make_checkpoint(tmp_path / "rope.pt", position="rope", mlp="relu2")
     with pytest.raises(export.ExportError, match=r'GPT2LMHeadModel .* no model.position = "rope", model.mlp = "relu2"'):

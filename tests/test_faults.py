@@ -262,8 +262,8 @@ def cases(w: Path) -> list[Case]:
         Case("llama-odd-head-size", "train", ["--model.arch", "llama", "--model.n_embd", "30", "--model.n_head", "2"],
              "model.n_head"),
         Case("llama-hf-export-of-a-switch", "export", ["--ckpt", str(d / "run"), "--out", str(d / "hf"), "--format", "hf"],
-             "model.qk_norm", lambda w, d: quiet_train(tiny(d / "run", w / "data", "--model.arch", "llama",
-                                                            "--model.qk_norm", "--max-iters", "1"))),
+             "model.logit_softcap", lambda w, d: quiet_train(tiny(d / "run", w / "data", "--model.arch", "llama",
+                                                                  "--model.logit_softcap", "30", "--max-iters", "1"))),
         Case("llama-resume-with-another-arch", "train", tiny(d / "run", data, "--model.arch", "llama", "--resume"),
              "model.arch", lambda w, d: copy(run, d / "run")),
         # sharded training

@@ -365,17 +365,6 @@ def test_adapters_of_a_run_started_from_a_hugging_face_folder_need_no_base(base,
     assert (logits(plain(load_weights(base)), IDX) - ours).abs().max() > 0.05
 
 
-def test_adapters_only_refuses_a_llama_model(tmp_path, char_data, capsys):
-    """PEFT's layer names here are GPT-2's: a Llama model's adapters go out merged instead."""
-    train.main(tiny(tmp_path / "base", char_data, "--model.arch", "llama", "--max-iters", "2"))
-    train.main(with_lora(tmp_path / "run", char_data, tmp_path / "base", "--max-iters", "2"))
-    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--adapters-only"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --adapters-only writes PEFT adapters for GPT-2's layer names, and this model is model.arch = "
-        "'llama'; export the merged model instead (without --adapters-only)\n")
-    assert export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
-
-
 def test_eval_scores_a_lora_run_as_transformers_scores_its_merged_export(lora_run, tmp_path, capsys):
     """eval.py reads a LoRA checkpoint (adapters on their base); transformers, on the Hugging Face export of
     the merged model, gives the same mean loss for a text within one window."""

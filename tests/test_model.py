@@ -387,7 +387,7 @@ def test_llama_layout():
 
 def test_rotary_scores_depend_on_distance_only():
     """What rope is for: q . k after rotation depends on how far apart two positions are, not where."""
-    rotary = model_module.RotaryEmbedding(8, 32, 10000.0)
+    rotary = model_module.RotaryEmbedding(ModelConfig(n_head=1, n_embd=8, block_size=32, position="rope"))
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(pq, pk):

@@ -225,7 +225,7 @@ def test_a_char_model_fine_tunes_on_a_text_with_fewer_characters(tmp_path, char_
     start = ["--training.init_from", str(tmp_path / "a" / "ckpt_last.pt"), "--training.max_iters", "4"]
     cfg = tiny(tmp_path / "b", tmp_path / "data_b", *start, "--data.input", str(text))
     assert train.main(cfg)["step"] == 4
-    assert f"preparing it from {text} with the model's characters" in capsys.readouterr().out
+    assert f"preparing it from {text} with the model's tokenizer" in capsys.readouterr().out
     meta = json.loads((tmp_path / "data_b" / "meta.json").read_text())
     assert meta["chars"] == model_chars and cfg.model.vocab_size == 65
     # The same text prepared on its own has its 11 characters: a folder the user named is not replaced.
@@ -242,7 +242,8 @@ def test_a_model_on_data_of_another_tokenizer_names_the_setting(tmp_path, char_d
     train.main(tiny(tmp_path / "a", char_data, "--training.max_iters", "2"))
     prepare_text(CORPUS, tmp_path / "bpe", tokenizer="bpe")
     with pytest.raises(CheckpointError, match=r"does not match this run: data.tokenizer: 'char' in the weights, "
-                                              r"'bpe' in the config$"):
+                                              r"'bpe' in the config; the model reads text with its own tokenizer: "
+                                              r"drop data.tokenizer, and train.py prepares the data with it$"):
         train.main(tiny(tmp_path / "b", tmp_path / "bpe", "--data.tokenizer", "bpe",
                         "--training.init_from", str(tmp_path / "a" / "ckpt_last.pt")))
 

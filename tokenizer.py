@@ -1,0 +1,258 @@
+"""Tokenizers: text to token ids and back. Three kinds, chosen by data.tokenizer and recorded in a
+tokenizer meta (a dict in meta.json, in checkpoints and in exports, so the tokenizer travels with the
+weights):
+
+    char   one token per character of the corpus          {"tokenizer": "char", "chars": ...}
+    bpe    a tiktoken byte-pair encoding (GPT-2's)         {"tokenizer": "bpe", "encoding": "gpt2", ...}
+    hf     a Hugging Face tokenizer.json, as models on     {"tokenizer": "hf", "files": {"tokenizer.json":
+           the hub ship it (read with `tokenizers`)          ..., ...}, "eot_token": ..., "stop_tokens": ...}
+
+    tokenizer = tokenizer_from_meta(meta)
+    ids = tokenizer.encode("ROMEO:"); text = tokenizer.decode(ids)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from errors import DataError
+
+# GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
+# r50k_base file means one cached file serves both names offline.
+ENCODING_FILES = {"gpt2": "r50k_base"}
+EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
+# A Hugging Face tokenizer's files, carried in its meta and written back into exports.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "generation_config.json")
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted characters of the corpus (or, to
+    fine-tune a char model on another text, the model's own characters in the model's order)."""
+
+    kind = "char"
+    eot_token = eot_text = None  # one text: documents are not marked
+    prefix: list[int] = []  # nothing before a text
+    stop_tokens: list[int] = []  # nothing ends a sample before its length
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        # Lookup table from code point to token id (-1: not in the vocabulary), so that
+        # encoding a large text is one numpy indexing operation instead of a Python loop.
+        codes = np.array([ord(c) for c in chars], dtype=np.int64)
+        self.table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int64)
+        self.table[codes] = np.arange(len(codes))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.full(len(codes), -1, dtype=np.int64)
+        known = codes < len(self.table)
+        ids[known] = self.table[codes[known]]
+        unknown = codes[ids < 0]
+        if len(unknown):
+            bad = [chr(c) for c in np.unique(unknown)]
+            shown = ", ".join(map(repr, bad[:20])) + (f" and {len(bad) - 20} more" if bad[20:] else "")
+            raise DataError(f"characters not in the vocabulary: {shown} ({len(unknown):,} "
+                            f"occurrence{'s' if len(unknown) > 1 else ''}); use text made of the training "
+                            "corpus's characters")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class BPETokenizer:
+    """A tiktoken byte-pair encoding, with its end-of-text token between documents."""
+
+    kind = "bpe"
+    eot_text = EOT_TEXT
+    prefix: list[int] = []
+    stop_tokens: list[int] = []
+
+    def __init__(self, name: str):
+        self.name = name
+        self.enc = load_tiktoken(name)
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        # Ordinary text only: a literal "<|endoftext|>" in a corpus is not a control token.
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken encodes a batch on several threads, outside the GIL.
+        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+
+def load_tiktoken(name: str):
+    import tiktoken
+
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown bpe encoding {name!r}; valid: {', '.join(tiktoken.list_encoding_names())}")
+    try:
+        return tiktoken.get_encoding(ENCODING_FILES.get(name, name))
+    except Exception as e:  # tiktoken raises requests' errors when offline
+        raise DataError(
+            f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): tiktoken downloads an encoding's "
+            "file once and caches it; offline, set TIKTOKEN_CACHE_DIR to a folder holding that cache (fill one "
+            f"where there is internet: TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
+            f"tiktoken.get_encoding('{ENCODING_FILES.get(name, name)}')\", then copy DIR)") from None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (its tokenizer.json, read with the `tokenizers` library that transformers
+    uses too), so token ids equal AutoTokenizer's for the same text, special tokens included. Documents
+    are separated by its end-of-sequence token (tokenizer_config.json's eos_token), and start with
+    what it puts before every text (`prefix`: Llama 3's <|begin_of_text|>, nothing for SmolLM2)."""
+
+    kind = "hf"
+
+    def __init__(self, meta: dict):
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_str(meta["files"]["tokenizer.json"])
+        self.vocab_size, self.eot_token, self.stop_tokens = meta["vocab_size"], meta["eot_token"], meta["stop_tokens"]
+        self.eot_text = None if self.eot_token is None else self.tok.id_to_token(self.eot_token)
+        with_special, plain = self.tok.encode("a").ids, self.tok.encode("a", add_special_tokens=False).ids
+        self.prefix = with_special[:with_special.index(plain[0])] if plain[0] in with_special else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids  # with the prefix, as AutoTokenizer(text).input_ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Pieces of documents: no prefix (SplitWriter puts one at each document's start)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def hf_tokenizer_meta(folder: str | Path) -> dict | None:
+    """The tokenizer of a Hugging Face folder (its tokenizer.json and the files beside it) as a meta; None
+    when the folder has no tokenizer.json. Stop tokens: the eos_token of tokenizer_config.json and the
+    eos_token_id of generation_config.json (sample.py ends a sample at one)."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        files = {name: (folder / name).read_text(encoding="utf-8") for name in HF_TOKENIZER_FILES
+                 if (folder / name).is_file()}
+        return hf_meta(files)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # json's and tokenizers' errors are ValueErrors
+        raise DataError(f"{folder}/tokenizer.json (or a file beside it) cannot be read ({e}); download the "
+                        "model's tokenizer files again") from None
+
+
+def hf_meta(files: dict[str, str]) -> dict:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(files["tokenizer.json"])
+    config = json.loads(files.get("tokenizer_config.json", "{}"))
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eot = tok.token_to_id(eos) if isinstance(eos, str) else None
+    generation = json.loads(files.get("generation_config.json", "{}")).get("eos_token_id")
+    stops = {eot, *(generation if isinstance(generation, list) else [generation])} - {None}
+    return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "eot_token": eot, "stop_tokens": sorted(stops),
+            "sha256": hashlib.sha256(files["tokenizer.json"].encode()).hexdigest(), "files": files}
+
+
+def start_token(tokenizer) -> int:
+    """The token a text starts after: the end-of-text token that separates documents (bpe, hf), or a
+    newline (char; token 0 for a vocabulary without one). An empty prompt starts here, and the
+    first token of a scored text is predicted from it."""
+    if tokenizer.kind != "char":
+        return tokenizer.eot_token if tokenizer.eot_token is not None else (tokenizer.prefix or [0])[0]
+    return tokenizer.chars.index("\n") if "\n" in tokenizer.chars else 0
+
+
+def tokenizer_from_meta(meta: dict):
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"])
+    if meta["tokenizer"] == "hf":
+        return HFTokenizer(meta)
+    return BPETokenizer(meta["encoding"])
+
+
+def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[str]:
+    """How two tokenizer metas differ (empty: the same ids mean the same text in both); a `b` without
+    "chars" accepts any characters. The one place that decides whether two sides share tokens."""
+    if a.get("tokenizer") != b.get("tokenizer"):
+        return [f"data.tokenizer: {a.get('tokenizer')!r} {a_name}, {b.get('tokenizer')!r} {b_name}"]
+    if a["tokenizer"] == "bpe" and a.get("encoding") != b.get("encoding"):
+        return [f"data.bpe_encoding: {a.get('encoding')!r} {a_name}, {b.get('encoding')!r} {b_name}"]
+    if a["tokenizer"] == "char" and b.get("chars") is not None and a.get("chars") != b["chars"]:
+        return [f"other characters ({len(a.get('chars') or '')} {a_name}, {len(b['chars'])} {b_name})"]
+    if a["tokenizer"] == "hf" and a.get("sha256") != b.get("sha256"):
+        return [f"another tokenizer.json {a_name} than {b_name}"]
+    return []
+
+
+def check_in_vocabulary(ids, vocab_size: int, what: str) -> None:
+    """Refuse token ids that the model cannot take: a BPE model trained on fewer tokens than its
+    encoding has (its vocabulary is the data's) meets a text with the others. `what` names the text;
+    `ids` a list or an array."""
+    top = int(np.max(ids)) if len(ids) else 0
+    if top >= vocab_size:
+        raise DataError(f"{what} has token {top}, outside this model's vocabulary of {vocab_size}; this model "
+                        "cannot read it: use another text")
+
+
+
+# ----------------------------------------------------------------------------- encoding long texts
+
+def split_safely(text: str, size: int = 1 << 16) -> list[str]:
+    """Cut text into pieces of about `size` characters where BPE cannot merge across.
+
+    A cut just after a single newline between two non-space characters ("x\ny") falls
+    on a pre-tokenizer boundary of tiktoken's encodings, so encoding the pieces
+    separately gives exactly the tokens of encoding the whole text. (After "\n\n" or
+    " \n" it would not: runs of whitespace merge into one token.)
+    """
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = safe_cut(text, start + size)
+        if cut < 0:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def safe_cut(text: str, pos: int) -> int:
+    """The first safe cut at or after pos (see split_safely), or -1 if there is none."""
+    nl = text.find("\n", max(pos - 1, 1))
+    while nl >= 0 and nl + 1 < len(text):
+        if not text[nl - 1].isspace() and not text[nl + 1].isspace():
+            return nl + 1
+        nl = text.find("\n", nl + 1)
+    return -1
+
+
+def encode_chunks(tokenizer, pieces: list[str]):
+    """The token ids of consecutive pieces of one text, as arrays (bpe and hf on several threads)."""
+    if tokenizer.kind != "char":
+        for ids in tokenizer.encode_batch(pieces):
+            yield np.array(ids, dtype=np.int64)
+    else:
+        for piece in pieces:
+            yield tokenizer.encode_array(piece)
+
+
