@@ -22,6 +22,7 @@ checkpoints load with torch.load(weights_only=True), exports are safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+import gguf_format
 import hf
 from config import Config, LoraConfig, ModelConfig, apply_implied, validate
 from data import meta_problems
@@ -267,10 +269,13 @@ class SafetensorsFolder:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weights:
-    """Weights from a checkpoint file, a run folder, a native export or a Hugging Face GPT-2 or Llama
-    folder, checked to fit their model config before anything is built from them."""
+    """Weights from a checkpoint file, a run folder, a native export, a Hugging Face folder or a GGUF
+    file, checked to fit their model config before anything is built from them."""
     path = find_weights(path)
-    weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
+    if path.suffix == ".gguf" and path.is_file():
+        weights = read_gguf(path, device)
+    else:
+        weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
     check_fits(weights.state_dict, weights.model, path)
     return weights
 
@@ -283,8 +288,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
                               "turned into text; export it again from its checkpoint, or, for weights from "
                               "elsewhere, fine-tune them on your data first (training.init_from), which adds ours")
-    model = GPT(src.model)
-    model.load_state_dict(src.state_dict)
+    model = GPT.from_state_dict(src.model, src.state_dict)
     if src.meta["vocab_size"] < src.model.vocab_size:
         # Weights from elsewhere can score more tokens than the tokenizer has (e.g. a Llama's vocabulary
         # fine-tuned on char data): ids it cannot spell are cut off the logits, like padding rows.
@@ -329,24 +333,39 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         source = config.get("source") or {}
         return Weights(cfg, tensors, meta, config.get("config"), None, folder, "native",
                        config.get("dtype", "fp32"), source.get("step"), source.get("val_loss"))
+    weights_of = from_hf_layout(config, weights.shapes, weights.get, meta, folder)
+    return dataclasses.replace(weights_of, dtype=DTYPE_NAMES.get(weights.dtype, "fp32"))
+
+
+def read_gguf(path: Path, device: str | torch.device) -> Weights:
+    """A GGUF file (llama.cpp's), read as a Hugging Face folder (gguf_format.read_gguf)."""
+    try:
+        config, shapes, get, meta = gguf_format.read_gguf(path, device)
+    except UserError as e:  # gguf_format's, or tokenizer.py's for its tokenizer
+        raise CheckpointError(e.problems) from None
+    return dataclasses.replace(from_hf_layout(config, shapes, get, meta, path), format="gguf")
+
+
+def from_hf_layout(config: dict, shapes: dict, get, meta: dict | None, where: Path) -> Weights:
+    """Weights in Hugging Face's names and config.json (get(name): one tensor, fp32) -> ours, through hf.py."""
     ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
     try:
-        settings = hf.read_config(config, weights.shapes, folder)  # refuses a model_type we do not read
-        cfg = model_config(ours.get("model") or settings, folder / "config.json")
-        wrong = hf.check_counts(weights.shapes, cfg)  # before converting: that pads and loops as it says
+        settings = hf.read_config(config, shapes, where)  # refuses a model_type we do not read
+        cfg = model_config(ours.get("model") or settings, where / "config.json" if where.is_dir() else where)
+        wrong = hf.check_counts(shapes, cfg)  # before converting: that pads and loops as it says
         if wrong:
-            raise not_fitting(folder, wrong)
-        state = hf.from_hf(weights.get, weights.shapes, cfg, config["model_type"], folder)
+            raise not_fitting(where, wrong)
+        state = hf.from_hf(get, shapes, cfg, config["model_type"], where)
     except hf.FormatError as e:
         raise CheckpointError(e.problems) from None
     if meta is None and config["model_type"] == "gpt2" and config.get("vocab_size") == hf.GPT2_META["vocab_size"]:
         meta = dict(hf.GPT2_META)  # a GPT-2 BPE model from elsewhere
     if meta is not None and meta["vocab_size"] > cfg.vocab_size:
-        raise CheckpointError(f"{folder}: its tokenizer has {meta['vocab_size']:,} tokens, more than the model's "
+        raise CheckpointError(f"{where}: its tokenizer has {meta['vocab_size']:,} tokens, more than the model's "
                               f"{cfg.vocab_size:,} embedding rows; the tokenizer belongs to another model")
     source = ours.get("source") or {}
-    return Weights(cfg, state, meta, ours.get("config"), None, folder, "hf", DTYPE_NAMES.get(weights.dtype, "fp32"),
-                   source.get("step"), source.get("val_loss"))
+    return Weights(cfg, state, meta, ours.get("config"), None, where, "hf", "fp32", source.get("step"),
+                   source.get("val_loss"))
 
 
 # ----------------------------------------------------------------------------- checks

@@ -129,7 +129,7 @@ def load_start(cfg: Config, proc: Process) -> Weights | None:
         raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
                               "set training.out_dir to the run to continue")
     found = find_weights(path)  # a run folder's checkpoint, or an export's folder
-    size = (found / "model.safetensors" if found.is_dir() else found).stat().st_size
+    size = sum(p.stat().st_size for p in ([found] if found.is_file() else found.glob("*.safetensors")))
     if proc.is_main and size > 100e6:
         print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
     start = load_weights(found, proc.device)

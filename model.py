@@ -261,6 +261,20 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A GPT whose parameters are the tensors of `state` themselves: built with shapes only (the meta
+        device: no random init, no memory), then given them, so that a loaded model is one copy of its
+        weights, not two. A tied lm_head is wte again; the rotary tables, computed, not stored, are made."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        if cfg.position == "rope":
+            model.rotary = RotaryEmbedding(cfg).to(model.transformer.wte.weight.device)
+        return model
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied wte/lm_head matrix counts once). non_embedding leaves out the
         tables that are only looked up, not multiplied: the learned position embeddings, and the
@@ -328,8 +342,9 @@ class GPT(nn.Module):
         return None if doc_ids is None else document_bool_mask(doc_ids)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        # Drop the padding rows, so loss and sampling only ever see real tokens.
-        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, padded V)
+        if logits.size(-1) != self.config.vocab_size:  # drop the padding rows: loss and sampling see real tokens
+            logits = logits[..., :self.config.vocab_size]  # (B, T, V)
         cap = self.config.logit_softcap
         if cap:  # smooth and monotonic, so the ranking of tokens is unchanged; no logit runs away
             logits = cap * torch.tanh(logits / cap)

@@ -272,10 +272,7 @@ def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
 def build_model(cfg: Config, proc: Process, weights: dict) -> GPT:
     """The GPT on this process's device, with random weights from training.seed, or `weights`."""
     torch.manual_seed(cfg.training.seed)
-    model = GPT(cfg.model).to(proc.device)
-    if weights:
-        model.load_state_dict(weights)
-    return model
+    return GPT.from_state_dict(cfg.model, weights).to(proc.device) if weights else GPT(cfg.model).to(proc.device)
 
 
 def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict) -> torch.nn.Module:

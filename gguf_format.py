@@ -1,0 +1,168 @@
+"""GGUF files, the format llama.cpp, Ollama and LM Studio run: read, tensor by tensor (dequantized),
+with the tokenizer and chat template from the file's metadata.
+
+A GGUF file names its tensors and settings as llama.cpp does. TENSORS and CONFIG below map those
+names to Hugging Face's, and hf.py maps Hugging Face's to ours, so a GGUF file reads as a Hugging Face
+folder would: checkpoint.load_weights takes either.
+
+    config, shapes, get, meta = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "cpu")
+
+Two layouts differ from Hugging Face's. For `llama` files, llama.cpp reorders the rows of each head of
+the q and k projections (its rotary pairs are neighbouring channels, 2i and 2i + 1, where Hugging Face
+and model.py pair channel i with i + hd/2): unpermute() puts them back. And Llama 3's scaled rotary
+frequencies are a tensor (rope_freqs.weight) instead of settings: rope_llama3() finds the settings
+that give it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+from tokenizer import hf_meta
+
+# GGUF's general.architecture -> the Hugging Face model_type it reads as (hf.ARCHITECTURES).
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# llama.cpp's tensor names -> Hugging Face's ({i}: the layer).
+TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+           "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+           "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj", "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+           "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+           "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+           "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+           "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm",
+           "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+           "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj", "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+           "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj"}
+# llama.cpp's settings ({arch}.key) -> config.json's.
+CONFIG = {"block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+          "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+          "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+          "attention.key_length": "head_dim", "attention.layer_norm_rms_epsilon": "rms_norm_eps"}
+
+
+class GGUFError(UserError):
+    """A GGUF file that cannot be read; the message names the file and why."""
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Hugging Face's name for a tensor of a GGUF file ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.
+    q_proj.weight"), or None for one we do not know."""
+    stem, _, kind = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    layer = parts[1] if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() else None
+    template = "blk.{i}." + ".".join(parts[2:]) if layer is not None else stem
+    theirs = TENSORS.get(template)
+    return None if theirs is None else theirs.format(i=layer) + "." + kind
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of a q or k projection (rows: heads x hd): within each head, row pairs
+    (2i, 2i + 1) go back to rows (i, i + hd/2)."""
+    hd = w.shape[0] // heads
+    return w.reshape(heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rope_llama3(freqs: np.ndarray, theta: float, head_dim: int, path: Path) -> dict:
+    """Llama 3's rotary settings from the per-pair divisors a GGUF file stores (rope_freqs.weight): the
+    stretch is the largest divisor; the other settings are Llama 3.1's and 3.2's (1, 4, 8192), checked
+    by computing the divisors again from them."""
+    from config import ModelConfig
+    from model import rope_scaled
+
+    settings = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = ModelConfig(head_dim=head_dim, rope_theta=theta, rope_scaling="llama3", rope_factor=settings["factor"])
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if not np.allclose((inv_freq / rope_scaled(inv_freq, cfg)).numpy(), freqs, rtol=1e-4):
+        raise GGUFError(f"{path}: its rope_freqs.weight is not Llama 3's rotary scaling with factor "
+                        f"{settings['factor']:g}, 1, 4 and 8192; it cannot be read")
+    return settings
+
+
+def read_gguf(path: Path, device: str | torch.device) -> tuple[dict, dict, Callable[[str], torch.Tensor], dict]:
+    """A GGUF file as a Hugging Face folder would read: (config.json's settings, {their tensor name:
+    shape}, get(their name) -> the tensor dequantized to fp32 on `device`, the tokenizer meta)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:  # not GGUF, or cut short
+        raise GGUFError(f"{path} cannot be read as a GGUF file ({type(e).__name__}: {e}); it is damaged or not "
+                        "GGUF: download it again") from None
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: general.architecture = {arch!r} cannot be read; we read "
+                        f"{', '.join(ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    unread = sorted({t.tensor_type.name for t in tensors.values()} - set(READ_TYPES))
+    if unread:
+        raise GGUFError(f"{path} holds tensors of type {', '.join(unread)}, which are not read; we read "
+                        f"{', '.join(READ_TYPES)}")
+    config = {"model_type": ARCHITECTURES[arch], "tie_word_embeddings": "output.weight" not in tensors,
+              **{theirs: meta[f"{arch}.{key}"] for key, theirs in CONFIG.items() if f"{arch}.{key}" in meta}}
+    config["vocab_size"] = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    rope = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 1e4))}
+    if meta.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+        rope |= {"rope_type": meta[f"{arch}.rope.scaling.type"], "factor": meta.get(f"{arch}.rope.scaling.factor")}
+    if "rope_freqs.weight" in tensors:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        rope |= rope_llama3(np.asarray(tensors["rope_freqs.weight"].data), rope["rope_theta"], head_dim, path)
+    config["rope_parameters"] = rope
+    names = {hf_name(k): k for k in tensors if k != "rope_freqs.weight"}
+    if None in names:
+        unknown = sorted(k for k in tensors if hf_name(k) is None and k != "rope_freqs.weight")
+        raise GGUFError(f"{path} has tensors a {arch} model does not ({', '.join(unknown[:3])}); it cannot be read")
+    shapes = {name: tuple(int(n) for n in reversed(tensors[k].shape)) for name, k in names.items()}  # ggml: (in, out)
+
+    def get(name: str) -> torch.Tensor:
+        from gguf import quants
+        t = tensors[names[name]]
+        w = torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape(shapes[name])
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute(w, config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"])
+        return w.to(device)
+
+    return config, shapes, get, tokenizer_meta(meta, path)
+
+
+def tokenizer_meta(meta: dict, path: Path) -> dict | None:
+    """The tokenizer a GGUF file describes (a byte-level BPE: its tokens and merges; llama.cpp's
+    "gpt2"), as a tokenizer.json, with its special tokens and chat template: the meta of tokenizer.py."""
+    if "tokenizer.ggml.tokens" not in meta:
+        return None
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise GGUFError(f"{path}: tokenizer.ggml.model = {meta.get('tokenizer.ggml.model')!r} is not read; we read "
+                        "byte-level BPE tokenizers ('gpt2')")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, kinds = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               continuing_subword_prefix="", end_of_word_suffix=""))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, kinds) if kind == 3])  # 3: a control token
+    if meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:  # e.g. Llama 3's
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
+    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in (
+        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id")) if f"tokenizer.ggml.{key}" in meta}
+    config = special | {"add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                        "tokenizer_class": "PreTrainedTokenizerFast"}
+    files = {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
+    if meta.get("tokenizer.chat_template"):
+        files["chat_template.jinja"] = meta["tokenizer.chat_template"]
+    return hf_meta(files)
+
