@@ -37,8 +37,8 @@ class Options(BenchOptions):
 
 
 # How each figure of a row is printed, in this order.
-FORMATS = (("ms_per_step", "{:.1f} ms/step"), ("seconds", "{:.2f} s"), ("tokens_per_s", "{:,.0f} tok/s"),
-           ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("val_start", "from val {:.4f}"),
+FORMATS = (("ms_per_step", "{:.1f} ms/step"), ("ms_per_token", "{:.1f} ms/token"), ("seconds", "{:.2f} s"),
+           ("tokens_per_s", "{:,.0f} tok/s"), ("mb_per_s", "{:.1f} MB/s"), ("mfu", "MFU {:.1%}"), ("val_start", "from val {:.4f}"),
            ("best_val_loss", "val {:.4f}"), ("ratio", "{:.2f}x"), ("trained_share", "{:.2%} trained"),
            ("peak_rss_mb", "peak RSS {:,.0f} MiB"), ("start_rss_mb", "{:,.0f} MiB before training"),
            ("cuda_peak_mb", "CUDA peak {:,.0f} MiB"), ("params_mb", "parameters {:,.2f} MiB"),

@@ -137,6 +137,9 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     device: str = doc("where to train", "auto", choices=("auto", "cpu", "cuda", "mps"))
+    threads: int = doc("CPU threads of this process; 0: the cores it may use (1 under torchrun, which sets "
+                       "OMP_NUM_THREADS=1). Lower it when other work keeps cores busy: threads that wait for a busy "
+                       "core stall every step", 0, within="[0, inf)")
     precision: str = doc("fp32, or autocast in fp16/bf16 (fp16 uses a GradScaler)", "fp32",
                          choices=("fp32", "fp16", "bf16"))
     batch_size: int = doc("sequences per micro-batch", 64, within="[1, inf)")
@@ -186,6 +189,12 @@ class TrainingConfig:
                                   within="[0, inf)")
     profile_end_step: int = doc("... up to this step (0 and 0: no profiling)", 0, within="[0, inf)")
     profile_dir: str = doc("folder for the profiler's trace; empty: <out_dir>/profile", "")
+
+    def warmup_steps(self) -> int:
+        return self.warmup_iters or round(self.warmup_frac * self.max_iters)  # steps, or a fraction of the run
+
+    def decay_steps(self) -> int:
+        return self.decay_iters or round(self.decay_frac * self.max_iters)  # wsd's decay, the same way
 
     def problems(self) -> list[str]:
         out = []

@@ -1,7 +1,8 @@
 """The project's error type, and how every command-line script reports it.
 
 A UserError is a mistake the user can fix (a setting, a file, the machine): a script prints each
-of its problems as one line `error: ...` and exits with status 2. Every other exception is a bug,
+of its problems as one line `error: ...` and exits with status 2. Ctrl-C exits with 130, and a reader
+of stdout that has gone (`| head`) with 141, as for any program a pipe stops. Every other exception is a bug,
 ours or in a learner's edit of model.py, and keeps its full traceback.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -37,32 +39,63 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs) or 0
-        except HelpRequested as e:
-            print(e)
-            return 0
-        except UserError as e:
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every process has it: say it once
-                for problem in e.problems:
-                    print(f"error: {problem}", file=sys.stderr)
-            if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's failure summary shows it, not a hint
-                text = "error: " + "; ".join(e.problems)
-                with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
-                    json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
-                                                                          "timestamp": str(int(time.time()))}}}, f)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-            print("error: out of memory: use smaller batches or a smaller model (train.py: a smaller "
-                  "training.batch_size, with a larger training.grad_accum_steps to keep the effective batch, or "
-                  "training.precision = bf16; eval.py: a smaller --batch-size)", file=sys.stderr)
-            return 2
+            status = reported(main, *args, **kwargs)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, not at exit: a reader that has gone is then found below
+            return status
+        except BrokenPipeError:
+            if not stdout_closed():
+                raise  # another pipe (a socket, a child process): a bug, with its traceback
+            to_devnull(sys.stdout.fileno())  # stdout's reader has gone (`| head`): end quietly, as a pipe's
+            return 141  # writer does, with the shell's status for SIGPIPE
 
     return run
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: polling it reports an error (POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here (Windows), or no stdout
+        return False
+
+
+def to_devnull(fd: int) -> None:
+    """Point a file descriptor at /dev/null, so that what is written to it from now on goes nowhere."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def reported(main: Callable[..., int | None], *args, **kwargs) -> int:
+    """main's exit status, with what went wrong said: a user error in one line per problem."""
+    try:
+        return main(*args, **kwargs) or 0
+    except HelpRequested as e:
+        print(e)
+        return 0
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process has it: say it once
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's failure summary shows it, not a hint
+            text = "error: " + "; ".join(e.problems)
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        print("error: out of memory: use smaller batches or a smaller model (train.py: a smaller "
+              "training.batch_size, with a larger training.grad_accum_steps to keep the effective batch, or "
+              "training.precision = bf16; eval.py: a smaller --batch-size)", file=sys.stderr)
+        return 2
 
 
 def out_of_memory(e: Exception) -> bool:

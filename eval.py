@@ -37,7 +37,7 @@ from tokenizer import check_in_vocabulary, encode_chunks, split_safely, start_to
 from errors import command
 from files import finite
 from model import GPT
-from runtime import pick_device
+from runtime import pick_device, use_threads
 
 
 @dataclass
@@ -48,6 +48,8 @@ class EvalOptions:
     batch_size: int = doc("windows per forward pass; 0: as many as fit in 16,384 tokens and 256 MB of logits",
                           0, within="[0, inf)")
     device: str = doc("auto: a GPU if there is one, else the CPU", "auto", choices=("auto", "cpu", "cuda", "mps"))
+    threads: int = doc("CPU threads; 0: the cores this process may use (lower it when other work keeps them busy)", 0,
+                       within="[0, inf)")
     json: bool = doc("print the result as one JSON object", False)
 
     def problems(self) -> list[str]:
@@ -137,7 +139,7 @@ def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: 
 def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, EvalOptions, sections=(), program="eval.py", about=__doc__)
     text, n_bytes = read_scored_text(opts.text)
-    device = pick_device(opts.device, "--device")
+    device, threads = pick_device(opts.device, "--device"), use_threads(opts.threads)
     model, src = load_model(opts.ckpt, device)
     block_size = model.config.block_size
     stride = opts.stride or max(1, block_size // 2)
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = tokenizer_from_meta(src.meta)
     ids = encode(text, opts.text, tokenizer, model.config.vocab_size)
     step = "" if src.step is None else f", step {src.step}"
-    print(f"scoring {opts.text} with {src.path} ({src.format}{step}, {tokenizer.kind} tokenizer) on {device}",
+    print(f"scoring {opts.text} with {src.path} ({src.format}{step}, {tokenizer.kind} tokenizer) on {device}"
+          + (f", threads {threads}" if device == "cpu" else ""),
           file=sys.stderr)
     windows = len(window_ends(len(ids), block_size, stride))
     progress = Progress(windows, "scoring", f"{windows:,} windows", quiet_below=50)

@@ -1,18 +1,20 @@
-"""Export a checkpoint as safetensors weights: a "native" folder, or a Hugging Face folder.
+"""Export a checkpoint: a "native" or a Hugging Face folder of safetensors weights, or a GGUF file.
 
     python export.py --ckpt checkpoints/small --out exports/small                 # native
     python export.py --ckpt checkpoints/small --out exports/small_hf --format hf  # transformers
     python export.py --ckpt checkpoints/small --out exports/small_fp16 --dtype fp16
     python export.py --ckpt checkpoints/lora --out exports/lora_adapters --adapters-only --base exports/small_hf
+    python export.py --ckpt checkpoints/smollm2_lora --out exports/smollm2.gguf --format gguf --dtype q8_0
 
 native: model.safetensors (our names; a tied lm_head.weight is left out: it is wte), config.json
     ({"format": "tinygpt-native", "model": ..., "config": the training config}), tokenizer_meta.json
 hf: what transformers reads with from_pretrained(folder): GPT2LMHeadModel for model.arch = "gpt2",
-    LlamaForCausalLM for "llama". model.safetensors (their names; GPT-2's Conv1D layout, i.e. Linear
-    weights transposed; Llama's q/k/v and gate/up matrices split apart), config.json (theirs; ours
+    LlamaForCausalLM for "llama" (Qwen2ForCausalLM, Qwen3ForCausalLM for models read from those).
+    model.safetensors (their names; GPT-2's Conv1D layout, i.e. Linear weights transposed; Llama's q/k/v and gate/up matrices split apart), config.json (theirs; ours
     under "tinygpt"), tokenizer_meta.json, and for GPT-2 BPE models its tokenizer files (vocab.json,
     merges.txt, tokenizer_config.json). A switch neither class has (qk_norm, a logit soft-cap, ...)
     is refused, by name.
+gguf: one file for llama.cpp and Ollama (gguf_format.py), Llama, Qwen2 and Qwen3 models.
 A LoRA run exports as the merged model (W + (alpha / r) B A, see lora.py), in either format. With
 --adapters-only, only its adapters are written, in Hugging Face PEFT's layout (adapter_config.json,
 adapter_model.safetensors), for PEFT to load onto the Hugging Face export of the base weights.
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+import gguf_format
 import hf
 from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weights
 from config import doc
@@ -139,19 +142,28 @@ def write_adapters(src: Weights, out: Path, dtype: str, base: Path) -> None:
 def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = "fp32",
            force: bool = False, adapters_only: bool = False, base: str = "") -> Path:
     """Export weights (a checkpoint, run folder or export) to `out`, or with `adapters_only` a LoRA run's
-    adapters for PEFT (`base`: the HF export of its base weights). The files are written to a staging
-    folder that is renamed into place: a kill never leaves a half-written export behind."""
+    adapters for PEFT (`base`: the HF export of its base weights)."""
+    return export_weights(load_weights(ckpt), out, fmt, dtype, force, adapters_only, base)
+
+
+def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: bool, adapters_only: bool,
+                   base: str) -> Path:
+    """export() of weights already read. The files are written to a staging folder that is renamed into
+    place: a kill never leaves a half-written export behind."""
     out = Path(out)
-    src = load_weights(ckpt)
     if adapters_only and src.lora is None:
         raise ExportError(f"--adapters-only: {src.path} is not a LoRA run, it has no adapters; export the "
                           "whole model without --adapters-only")
     base_folder = hf_base(src, base) if adapters_only else None
-    if fmt == "hf" and not adapters_only:
+    if fmt in ("hf", "gguf") and not adapters_only:
         try:
             hf.check_exportable(src.model)
         except hf.FormatError as e:
             raise ExportError(e.problems) from None
+    if fmt == "gguf":
+        return export_gguf(src, out, dtype, force)
+    if dtype == "q8_0":
+        raise ExportError("--dtype q8_0 is for --format gguf (llama.cpp's 8-bit blocks); use fp32, fp16 or bf16")
     parent = make_folder(out.parent, "--out's folder")
     with lock(parent / f".{out.name}.lock", f"--out {out}"):
         if out.exists() and (out.is_file() or any(out.iterdir())):
@@ -183,15 +195,38 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
     return out
 
 
+def export_gguf(src: Weights, out: Path, dtype: str, force: bool) -> Path:
+    """One GGUF file (llama.cpp, Ollama), written to a temporary name and renamed into place."""
+    if out.suffix != ".gguf":
+        raise ExportError(f"--format gguf writes one file: give --out a name ending in .gguf, e.g. {out}.gguf")
+    if hf.architecture_of(src.model).model_type not in gguf_format.ARCHITECTURES:
+        raise ExportError(f"--format gguf writes {', '.join(gguf_format.ARCHITECTURES)} models, and this one is "
+                          f"model.arch = {src.model.arch!r}; export with --format hf or native")
+    parent = make_folder(out.parent, "--out's folder")
+    with lock(parent / f".{out.name}.lock", f"--out {out}"):
+        if out.exists() and not force:
+            raise ExportError(f"{out} exists; choose another --out, or add --force to replace an earlier export")
+        if out.exists() and (out.is_dir() or not gguf_format.is_gguf_file(out)):
+            raise ExportError(f"{out} is not a GGUF file, so --force will not replace it; choose another --out")
+        tensors = hf.to_hf(src.state_dict, src.model)
+        config = hf.write_config(src.model, (src.meta or {}).get("eot_token"), "fp32")
+        with atomic_file(out) as f:
+            try:
+                gguf_format.write_gguf(Path(f.file.name), tensors, config, src.meta, dtype)
+            except gguf_format.GGUFError as e:
+                raise ExportError(e.problems) from None
+    return out
+
+
 # ----------------------------------------------------------------------------- command line
 
 @dataclass
 class ExportOptions:
     ckpt: str = doc("checkpoint file, run folder or export folder to export", "checkpoints/small")
     out: str = doc("folder to create (required)", "")
-    format: str = doc("native: for this code; hf: for transformers (GPT2LMHeadModel or LlamaForCausalLM)",
-                      "native", choices=("native", "hf"))
-    dtype: str = doc("fp16/bf16 halve the file", "fp32", choices=tuple(DTYPES))
+    format: str = doc("native: for this code; hf: for transformers (its GPT-2, Llama, Qwen2 or Qwen3 class); gguf: "
+                      "one file for llama.cpp and Ollama (--out NAME.gguf)", "native", choices=("native", "hf", "gguf"))
+    dtype: str = doc("fp16/bf16 halve the file; q8_0 (gguf only) quarters it", "fp32", choices=(*DTYPES, "q8_0"))
     force: bool = doc("replace an earlier export in --out", False)
     adapters_only: bool = doc("a LoRA run's adapters alone, for Hugging Face PEFT (--format does not apply)",
                               False)
@@ -204,16 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, ExportOptions, sections=(), program="export.py", about=__doc__)
     if not opts.out:
         raise ExportError("--out is required: the folder to write the export to, e.g. --out exports/small")
-    out = export(opts.ckpt, opts.out, opts.format, opts.dtype, opts.force, opts.adapters_only, opts.base)
+    src = load_weights(opts.ckpt)
+    out = export_weights(src, opts.out, opts.format, opts.dtype, opts.force, opts.adapters_only, opts.base)
+    taken = f"{src.path}" + ("" if src.step is None else f" at step {src.step}")  # a running training's latest
     if opts.adapters_only:
         size = (out / "adapter_model.safetensors").stat().st_size
         base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        print(f"exported LoRA adapters ({opts.dtype}, {size / 1e6:.2f} MB) to {out}\nnext: PeftModel."
-              f"from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r}) in peft")
+        print(f"exported the LoRA adapters of {taken} ({opts.dtype}, {size / 1e6:.2f} MB) to {out}\nnext: "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r}) in peft")
+        return 0
+    if opts.format == "gguf":
+        print(f"exported {taken} as gguf ({opts.dtype}, {out.stat().st_size / 1e6:.1f} MB) to {out}\nnext: "
+              f"llama-cli -m {out}, or an Ollama Modelfile saying FROM {out}; python sample.py --ckpt {out} "
+              "reads it too")
         return 0
     size = (out / "model.safetensors").stat().st_size
     hf_class = json.loads((out / "config.json").read_text()).get("architectures", [""])[0]
-    print(f"exported {opts.format} ({opts.dtype}, {size / 1e6:.1f} MB) to {out}\nnext: " +
+    print(f"exported {taken} as {opts.format} ({opts.dtype}, {size / 1e6:.1f} MB) to {out}\nnext: " +
           (f"{hf_class}.from_pretrained({str(out)!r}) in transformers" if opts.format == "hf" else
            f"python sample.py --ckpt {out}, or training.init_from = {str(out)!r} to fine-tune"))
     return 0

@@ -4,7 +4,8 @@ diverged), its summary and its exit status.
 train.py is the training itself; this is the bookkeeping that keeps a run safe to stop and to rerun.
 
 Exit status of train.py: 0 finished (or nothing left to do), 2 a mistake to fix (errors.command),
-130 Ctrl-C and 143 SIGTERM (both after saving the current step, when there is one), 1 a bug.
+130 Ctrl-C, 143 SIGTERM and 141 a closed stdout (`| head`), each after saving the current step when
+there is one, 1 a bug.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from attention import flex_cannot_train
-from checkpoint import (CheckpointError, LoopState, Weights, adopt_model_shape, best_checkpoint, find_weights,
+from checkpoint import (CheckpointError, LoopState, Weights, adopt_model_shape, find_weights,
                         load_weights)
 from config import Config, ConfigError, TrainingConfig
 from data import Data
@@ -32,7 +33,7 @@ from model import GPT
 from monitor import print_header, write_log
 from options import resume_command, to_toml
 from runtime import (Process, Stopped, available_memory, end_process, format_duration, load_optimizer_state,
-                     parallel_problems, set_rng_state, step_memory)
+                     message_stream, parallel_problems, set_rng_state, step_memory)
 
 
 class TrainError(UserError):
@@ -88,6 +89,12 @@ def check_run(cfg: Config, proc: Process) -> None:
                          "training.out_dir")
     if cfg.model.attention == "flex" and proc.device_type != "cuda" and (why := flex_cannot_train(proc.device)):
         raise ConfigError(why)
+    # The first thing a bare `python train.py` says on a laptop.
+    if proc.is_main and proc.device_type == "cpu" and not (cfg.preset or t.init_from or t.resume) and \
+            cfg.model == type(cfg.model)() and "training.max_iters" not in cfg.explicit:
+        print(f"notice: no --config, so the default model ({cfg.model.n_layer} layers, {cfg.model.n_embd} wide) for "
+              f"{t.max_iters:,} steps: sized for a GPU, hours on this CPU; for a run of minutes, stop this one "
+              "(Ctrl-C) and use --config configs/cpu/small.toml", flush=True)
 
 
 def check_memory(run: Run) -> None:
@@ -98,10 +105,14 @@ def check_memory(run: Run) -> None:
     need = step_memory(run.model, run.cfg, run.precision, run.proc.world_size)
     if available is not None and need > available:
         m, t = run.cfg.model, run.cfg.training
-        raise TrainError(f"this run needs at least {need / 2**30:.1f} GiB more for its first step and {run.proc.device} "
-                         f"has {available / 2**30:.1f} GiB available: lower model.block_size ({m.block_size}) or "
+        raise TrainError(f"this run needs at least {size(need)} more for its first step and {run.proc.device} has "
+                         f"{size(available)} available: lower model.block_size ({m.block_size}) or "
                          f"training.batch_size ({t.batch_size}, with a larger training.grad_accum_steps to keep the "
                          "batch), or set training.activation_checkpointing = true")
+
+
+def size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def begin(run: Run, start: Weights | None) -> None:
@@ -178,19 +189,20 @@ def early_stopped(run: Run) -> None:
 
 
 def stopped(run: Run, signum: int) -> Stopped:
-    """After Ctrl-C or SIGTERM, with the step saved: log it, print the command that continues the run,
+    """After Ctrl-C, SIGTERM or a closed stdout, with the step saved: log it, print the command that continues the run,
     and return the exception that ends it with exit status 128 + signal."""
     step = run.state.step
     if run.proc.is_main:
         run.log["run"].update(status="stopped", stop_reason=f"{signal.Signals(signum).name} at step {step}")
         write_log(run.out_dir, run.log)
         launcher = "python" if run.proc.world_size == 1 else "torchrun [your torchrun options]"
+        to = message_stream()
         if run.saved_step is None:  # a resume would find no checkpoint: the way on is the same command again
             print(f"stopped at step {step}: nothing was saved (it was the first step); start it again "
-                  f"with:\n  {launcher} train.py {shlex.join(run.cfg.argv)}")
+                  f"with:\n  {launcher} train.py {shlex.join(run.cfg.argv)}", file=to)
         else:
             print(f"stopped at step {step}: ckpt_last.pt holds step {run.saved_step}; continue "
-                  f"with:\n  {resume_command(run.cfg, launcher)}")
+                  f"with:\n  {resume_command(run.cfg, launcher)}", file=to)
     if run.proc.world_size > 1:
         torch.distributed.barrier()  # torchrun ends every process once one has ended: not before rank 0 wrote
     return Stopped(128 + signum)
@@ -230,13 +242,12 @@ def summarize(run: Run) -> dict:
         else:
             best_line = f"best val loss {best:.4f} at step {state.best_step}" + \
                 (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
-        best_file = best_checkpoint(out_dir) or out_dir / "ckpt_last.pt"
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
               f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
               f"  {best_line}\n"
               f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
               f"log: {out_dir}/train_log.json\n"
-              f"next:\n  python sample.py --ckpt {best_file}\n"
+              f"next:\n  python sample.py --ckpt {out_dir}\n"
               f"  python plot.py {out_dir}/train_log.json")
     return summary_of(run, run.log["run"]["status"])
 

@@ -10,6 +10,7 @@ take, and MFU (model FLOPs utilisation).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from generate import generate
 from lora import trainable
 from model import GPT
 from options import config_changes
-from runtime import Process, format_duration, gathered, is_sharded, peak_flops
+from runtime import Process, format_duration, gathered, is_sharded, peak_flops, usable_cores
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
 ESTIMATE_EVAL_ABOVE_S = 10  # a first evaluation expected to take longer says how long, before it ends
@@ -44,6 +45,7 @@ def print_header(cfg: Config, model: GPT, data: Data, proc: Process, precision: 
         print(f"{'resuming' if cfg.training.resume else 'initialised'} from {start.path} at step {state.step}")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters | data: {data.folder} "
           f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {proc.device}, {precision}"
+          + (f", threads {proc.threads}" if proc.device_type == "cpu" else "")
           + (f", {proc.world_size} processes ({cfg.training.parallel})" if proc.world_size > 1 else ""))
     if cfg.lora.rank:
         n, total = trainable(model)
@@ -52,6 +54,24 @@ def print_header(cfg: Config, model: GPT, data: Data, proc: Process, precision: 
     t = cfg.training
     print(f"effective batch: {t.batch_size} x {t.grad_accum_steps} accumulation = "
           f"{t.batch_size * t.grad_accum_steps} sequences = {cfg.tokens_per_step():,} tokens per step")
+    if notice := schedule_notice(t):
+        print(notice)
+
+
+def schedule_notice(t: TrainingConfig) -> str | None:
+    """A warmup or decay in steps that a shortened max_iters no longer leaves room for (a preset run with
+    --max-iters 30, say), said in one line: the run is still what was asked, but rarely what was meant."""
+    if t.warmup_iters >= t.max_iters:
+        peak = t.learning_rate * t.max_iters / t.warmup_iters
+        return (f"notice: training.warmup_iters = {t.warmup_iters} is not below max_iters = {t.max_iters}: the "
+                f"learning rate rises for the whole run, to {peak:.1e} of {t.learning_rate:.1e}; for a short run "
+                f"lower it (e.g. --training.warmup_iters {max(1, t.max_iters // 10)}), or set training.warmup_frac")
+    warmup, decay = t.warmup_steps(), t.decay_steps()
+    if t.lr_schedule == "wsd" and warmup + decay > t.max_iters:
+        return (f"notice: wsd's decay of {decay} steps does not fit after a warmup of {warmup} in max_iters = "
+                f"{t.max_iters}: it is cut to {max(0, t.max_iters - warmup)} steps; lower training.decay_iters "
+                "or set training.decay_frac")
+    return None
 
 
 # ----------------------------------------------------------------------------- the log file
@@ -185,7 +205,7 @@ class StepMeter:
             self.clipped += grad_norm > t.grad_clip
         step = state.step
         if step == self.first_step + 2 and t.log_interval > 2:  # before the first log line
-            announce_speed(t.max_iters, step, self.proc.device, (time.time() - self.interval_start) / 2)
+            announce_speed(t.max_iters, step, self.proc, (time.time() - self.interval_start) / 2)
         if step % t.log_interval:
             return
         if self.proc.device_type == "cuda":
@@ -207,11 +227,17 @@ class StepMeter:
                                   "clipped": clipped})
 
 
-def announce_speed(max_iters: int, step: int, device: str, seconds_per_step: float) -> None:
-    """After the first steps: how long the whole run will take, and a hint when that is hours on a CPU."""
+def announce_speed(max_iters: int, step: int, proc: Process, seconds_per_step: float) -> None:
+    """After the first steps: how long the whole run will take, with a hint when that is hours on a CPU,
+    and one when other work keeps the cores busy (the load average counts this run's threads too)."""
     left = (max_iters - step) * seconds_per_step
-    hint = ("; on a CPU this preset takes hours: it is sized for a GPU (--device cuda), or try "
-            "configs/cpu/small.toml" if device == "cpu" and left > 3600 else "")
+    hint = ("; on a CPU these settings take hours: they are sized for a GPU (--device cuda), or try "
+            "configs/cpu/small.toml" if proc.device_type == "cpu" and left > 3600 else "")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, usable_cores()
+    # The load average counts the whole machine: it says nothing about a share of it (a container, taskset).
+    if proc.device_type == "cpu" and proc.threads > 1 and cores == os.cpu_count() and load > cores + 0.5:
+        hint += (f"; this machine is busy (load {load:.1f} on {cores} cores): if other work keeps running, "
+                 f"fewer threads may be much faster (--training.threads {max(1, proc.threads // 2)})")
     print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
           f"{max_iters - step} steps left, evaluations not included{hint}", flush=True)
 

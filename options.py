@@ -16,8 +16,10 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import shlex
 import sys
+from pathlib import Path
 
 from config import SECTIONS, Config, ConfigError, apply_implied, fields_of, interval_words, validate
 from errors import HelpRequested
@@ -283,6 +285,9 @@ def help_text(program: str, about: str = "", options=None, sections: tuple[str, 
     parts = [usage, intro(about)] if about else [usage]
     if options:
         parts.append("options:\n" + "\n".join(describe(fields_of(options), lambda k: "--" + k.replace("_", "-"))))
+    if "training" in sections:
+        parts.append("Presets (--config FILE), each a TOML file whose comments say more:\n" + "\n".join(
+            f"  {path:<44} {summary}" for path, summary in presets().items()))
     if sections:
         parts.append("Settings come from the defaults below, then the TOML preset given by --config,\n"
                      "then the command line (--section.key VALUE or --section.key=VALUE; a boolean\n"
@@ -290,6 +295,17 @@ def help_text(program: str, about: str = "", options=None, sections: tuple[str, 
                      + ", ".join(f"{k} (= --{v})" for k, v in SHORT_FLAGS.items() if v.split(".")[0] in sections)
                      + ".\n\n" + reference(sections))
     return "\n\n".join(parts)
+
+
+def presets() -> dict[str, str]:
+    """{path: what it is}, for every preset under configs/: its first comment line, up to a colon or a
+    parenthesis."""
+    root = Path(__file__).parent
+    found = {}
+    for path in sorted((root / "configs").glob("*/*.toml")):
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0].lstrip("# ")
+        found[str(path.relative_to(root))] = re.split(r":| \(", first, maxsplit=1)[0]
+    return found
 
 
 def intro(about: str) -> str:

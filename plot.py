@@ -10,7 +10,8 @@ A run folder may be given instead of its train_log.json. The figure is written t
 Top panel: loss (faint per-step train loss, train/val loss at each evaluation, the best
 checkpoint as a star, an early stop as a dotted vertical line, each resume as a dashed one);
 below it, when the log has them: validation bits per byte, and the gradient norm before clipping
-(the clipping threshold dashed); bottom: learning rate.
+(the clipping threshold dashed); bottom: learning rate. One color per run; the legend, right of
+the panels, names each run (with its best val loss) and each kind of line once.
 The log may belong to a run that is still going: it is rewritten atomically. --watch redraws
 the PNG whenever the log changes (checked every --every seconds) until Ctrl-C, which ends it
 with exit status 0; the PNG is replaced whole each time, so an image viewer can keep it open.
@@ -108,8 +109,35 @@ def x_at_step(log: dict, step: int, x: str) -> float:
     return step * log["run"].get("tokens_per_step", 0)  # a step that was not evaluated
 
 
+# The legend has one entry per run (its color) and one per kind of curve (its style), beside the panels:
+# with several runs, an entry per run and curve would cover the data.
+STYLES = {"train loss, each step": dict(alpha=0.25, linewidth=0.8),
+          "train loss, evaluations": dict(linestyle="--", marker="o", markersize=3),
+          "val loss": dict(marker="s", markersize=3),
+          "best checkpoint": dict(marker="*", markersize=14, markeredgecolor="black", linestyle="none"),
+          "early stop": dict(linestyle=":", linewidth=1.5),
+          "resumed": dict(linestyle="--", linewidth=0.8, alpha=0.6),
+          "clipping threshold": dict(linestyle="--", linewidth=1)}
+STYLES = {kind: {**style, "gid": kind} for kind, style in STYLES.items()}  # each line drawn knows its kind
+
+
+def curve(ax, xs: list[float], ys: list[float], color, label: str, **style) -> None:
+    """One line; a single point (a run with one evaluation so far) is drawn as a marker, or it would not show."""
+    if len(xs) == 1:
+        style = {**style, "marker": style.get("marker") or "o", "markersize": max(6, style.get("markersize", 0))}
+    ax.plot(xs, ys, color=color, label=label, **style)
+
+
+def run_label(name: str, log: dict) -> str:
+    """The run's legend entry: its name, how it ended when it did not simply finish, its best val loss."""
+    status, best = log["run"].get("status", ""), log.get("best")
+    return name + (f" ({status})" if status and status != "finished" else "") + \
+        (f", best {best['val_loss']:.3f} @ step {best['step']}" if best else "")
+
+
 def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, ax_grad=None) -> None:
-    """Draw one run on the panels (bits per byte and gradient norm when those axes are given), in one color."""
+    """Draw one run on the panels (bits per byte and gradient norm when those axes are given), in one color.
+    Each line's label (not shown: the legend is by run and by style) says which run and curve it is."""
     evals, train = dedupe_by_step(log["evals"]), dedupe_by_step(log["train"])
     status = log["run"].get("status", "")
 
@@ -117,45 +145,51 @@ def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, a
         return [record[x] for record in records]
 
     if train:  # drawn faintly: noisy, and absent until the first log_interval
-        ax_loss.plot(xs(train), [r["loss"] for r in train], color=color, alpha=0.25,
-                     linewidth=0.8, label=f"{name} train (per step)")
-    ax_loss.plot(xs(evals), [r["train_loss"] for r in evals], color=color, linestyle="--",
-                 marker="o", markersize=3, label=f"{name} train")
-    # Flag runs that did not simply finish, e.g. "(running)" or "(diverged)".
-    suffix = f" ({status})" if status and status != "finished" else ""
-    ax_loss.plot(xs(evals), [r["val_loss"] for r in evals], color=color, marker="s",
-                 markersize=3, label=f"{name} val{suffix}")
+        curve(ax_loss, xs(train), [r["loss"] for r in train], color, f"{name} train (per step)",
+              **STYLES["train loss, each step"])
+    curve(ax_loss, xs(evals), [r["train_loss"] for r in evals], color, f"{name} train",
+          **STYLES["train loss, evaluations"])
+    curve(ax_loss, xs(evals), [r["val_loss"] for r in evals], color, f"{name} val", **STYLES["val loss"])
 
     best = log.get("best")
     if best:
         ax_loss.plot([x_at_step(log, best["step"], x)], [best["val_loss"]], color=color,
-                     marker="*", markersize=14, markeredgecolor="black", linestyle="none",
-                     label=f"{name} best {best['val_loss']:.3f} @ step {best['step']}")
-    for i, resume in enumerate(log.get("resumes", [])):  # where a run was continued with --resume
+                     label=f"{name} best {best['val_loss']:.3f} @ step {best['step']}", **STYLES["best checkpoint"])
+    for resume in log.get("resumes", []):  # where a run was continued with --resume
         for ax in (ax_loss, ax_lr):
-            ax.axvline(x_at_step(log, resume["step"], x), color=color, linestyle="--", linewidth=0.8, alpha=0.6,
-                       label=f"{name} resumed @ step {resume['step']}" if ax is ax_loss and i == 0 else None)
+            ax.axvline(x_at_step(log, resume["step"], x), color=color, label=f"{name} resumed @ step {resume['step']}",
+                       **STYLES["resumed"])
     stop = log["run"].get("early_stop_step")
     if status == "early_stopped" and stop is not None:
         for ax in (ax_loss, ax_lr):
-            ax.axvline(x_at_step(log, stop, x), color=color, linestyle=":", linewidth=1.5,
-                       label=f"{name} early stop @ step {stop}" if ax is ax_loss else None)
+            ax.axvline(x_at_step(log, stop, x), color=color, label=f"{name} early stop @ step {stop}",
+                       **STYLES["early stop"])
 
     # The lr is in both kinds of record; merged, the curve starts at the step-0 eval.
     lr_points = dedupe_by_step(log["evals"] + log["train"])
-    ax_lr.plot(xs(lr_points), [r["lr"] for r in lr_points], color=color, label=name)
+    curve(ax_lr, xs(lr_points), [r["lr"] for r in lr_points], color, name)
 
     # Logs written before these fields existed have none, and draw nothing here.
     bpb = [r for r in evals if r.get("val_bpb") is not None]
     if ax_bpb is not None and bpb:
-        ax_bpb.plot(xs(bpb), [r["val_bpb"] for r in bpb], color=color, marker="s", markersize=3,
-                    label=f"{name} val")
+        curve(ax_bpb, xs(bpb), [r["val_bpb"] for r in bpb], color, f"{name} val", **STYLES["val loss"])
     grad = [r for r in train if r.get("grad_norm") is not None]
     if ax_grad is not None and grad:
-        ax_grad.plot(xs(grad), [r["grad_norm"] for r in grad], color=color, linewidth=1, label=name)
+        curve(ax_grad, xs(grad), [r["grad_norm"] for r in grad], color, name, linewidth=1)
         clip = log.get("config", {}).get("training", {}).get("grad_clip")
         if clip:
-            ax_grad.axhline(clip, color=color, linestyle="--", linewidth=1, label=f"{name} clip at {clip:g}")
+            ax_grad.axhline(clip, color=color, label=f"{name} clip at {clip:g}", **STYLES["clipping threshold"])
+
+
+def legend(fig, logs: dict[str, dict], colors: list[str]) -> None:
+    """One entry per run, then one per kind of curve the figure shows, to the right of the panels."""
+    from matplotlib.lines import Line2D
+
+    drawn = {line.get_gid() for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata())}
+    runs = [Line2D([], [], color=colors[i % len(colors)], linewidth=3, label=run_label(name, log))
+            for i, (name, log) in enumerate(logs.items())]
+    kinds = [Line2D([], [], color="dimgray", label=kind, **style) for kind, style in STYLES.items() if kind in drawn]
+    fig.legend(handles=runs + kinds, loc="outside right upper", fontsize="small")
 
 
 def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
@@ -184,12 +218,11 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
 
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title or "training curves")
-    ax_loss.legend(fontsize="small")
+    legend(fig, logs, colors)
     if ax_bpb is not None:
         ax_bpb.set_ylabel("val bits/byte")
     if ax_grad is not None:
         ax_grad.set_ylabel("grad norm")
-        ax_grad.legend(fontsize="x-small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step" if x == "step" else "tokens seen")
     if x == "tokens":

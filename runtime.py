@@ -14,8 +14,9 @@ import contextlib
 import signal
 import gc
 import os
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from config import ConfigError, TrainingConfig
+from errors import to_devnull
 from files import make_folder
 
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice (torchrun's OMP_NUM_THREADS=1 included)
 # Dense bf16 peak FLOP/s by GPU name, for MFU (model FLOPs utilization). The first name found in the
 # device's name wins, so a longer name comes before its prefix ("L40S" before "L4").
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -48,6 +51,27 @@ def pick_device(name: str, setting: str = "training.device") -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{setting} = mps, but MPS is not available here; use cpu (or auto)")
     return name
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))  # 1.5 CPUs: 1 thread, never one too many
+    return cores
+
+
+def use_threads(threads: int) -> int:
+    """Set torch's CPU threads: `threads`, or for 0 torch's own choice (its physical cores) capped by the
+    cores this process may use, shared among the processes torchrun started on this machine. More
+    threads than free cores is the costly mistake: each step waits for the slowest thread."""
+    if threads == 0:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = max(1, min(TORCH_THREADS, usable_cores() // here))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_precision(precision: str, device_type: str, say: bool = True) -> str:
@@ -89,6 +113,7 @@ class Process:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    threads: int = 1  # torch's CPU threads in this process
 
     @property
     def is_main(self) -> bool:
@@ -99,12 +124,13 @@ class Process:
         return torch.device(self.device).type  # "cuda:1" -> "cuda"
 
 
-def start_process(device: str) -> Process:
-    """Under torchrun (RANK is set), join the process group: one process per GPU, or gloo on CPU.
-    On CUDA, fp32 matmuls may use TF32 (10 bits of mantissa instead of 23: much faster, and training
-    does not notice)."""
+def start_process(device: str, threads: int = 0) -> Process:
+    """Set the CPU threads (use_threads), and under torchrun (RANK is set) join the process group: one
+    process per GPU, or gloo on CPU. On CUDA, fp32 matmuls may use TF32 (10 bits of mantissa instead
+    of 23: much faster, and training does not notice)."""
+    threads = use_threads(threads)
     if "RANK" not in os.environ:
-        return tf32(Process(device=device))
+        return tf32(Process(device=device, threads=threads))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])  # the GPU's index on this machine
@@ -115,7 +141,7 @@ def start_process(device: str) -> Process:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return tf32(Process(rank, world, device))
+    return tf32(Process(rank, world, device, threads))
 
 
 def tf32(proc: Process) -> Process:
@@ -382,32 +408,81 @@ class Stopped(Exception):
 
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
-    finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once."""
+    finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once.
+    A reader of stdout that goes away (`train.py | head`) stops it the same way, as SIGPIPE (exit 141)."""
 
     def __init__(self, proc: Process):
-        self.proc, self.received, self.previous = proc, 0, {}
+        self.proc, self.received, self.previous, self.stdout = proc, 0, {}, None
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
+        self.stdout = sys.stdout
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout = WatchedStdout(sys.stdout, lambda: self.handle(signal.SIGPIPE, None))
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        sys.stdout = self.stdout
 
     def handle(self, signum: int, frame) -> None:
-        self.received = signum
-        signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
+        self.received = self.received or signum  # the first one is what stopped the run
+        if signum in self.previous:
+            signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
         if self.proc.is_main:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
-                  "(again to stop at once, without saving)", flush=True)
+                  + ("(stdout was closed)" if signum == signal.SIGPIPE else "(again to stop at once, without saving)"),
+                  file=message_stream(), flush=True)
 
     def requested(self) -> int:
         """The signal to stop for, agreed by every process (they must stop at the same step), or 0."""
         if self.proc.world_size == 1:
             return self.received
         return int(all_reduce(torch.tensor(self.received, device=self.proc.device), self.proc, "max").item())
+
+
+class WatchedStdout:
+    """sys.stdout during the loop: written line by line (so that `| tee` shows each line as it comes,
+    and a closed pipe is noticed at once); when the reader has gone, `closed` is called once and the
+    rest of the output goes to /dev/null instead of raising BrokenPipeError."""
+
+    def __init__(self, stream, closed: Callable[[], None]):
+        self.stream, self.closed, self.gone = stream, closed, False
+
+    def write(self, text: str) -> int:
+        try:
+            n = self.stream.write(text)
+            if "\n" in text:
+                self.stream.flush()
+            return n
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            fd = self.stream.fileno()
+            if os.path.sameopenfile(fd, sys.stderr.fileno()):  # `2>&1 | head`: stderr has gone too
+                to_devnull(sys.stderr.fileno())
+            to_devnull(fd)  # what is still buffered goes nowhere
+            self.closed()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def message_stream():
+    """Where the run's messages go: stdout, or stderr once stdout's reader has gone (`| head`)."""
+    return sys.stderr if getattr(sys.stdout, "gone", False) else sys.stdout
 
 
 def format_duration(seconds: float) -> str:

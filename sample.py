@@ -27,7 +27,7 @@ from tokenizer import BPETokenizer, CharTokenizer, HFTokenizer, check_in_vocabul
 from errors import command
 from generate import check_sampling_args, generate_stream
 from model import GPT
-from runtime import pick_device
+from runtime import pick_device, use_threads
 
 Tokenizer = CharTokenizer | BPETokenizer | HFTokenizer
 
@@ -133,6 +133,8 @@ class SampleOptions:
     top_p: float = doc("sample among the most likely tokens whose probabilities add up to p; 1: all", 1.0)
     seed: int = doc("the same seed gives the same text", 1337)
     device: str = doc("auto: a GPU if there is one, else the CPU", "auto", choices=("auto", "cpu", "cuda", "mps"))
+    threads: int = doc("CPU threads; 0: the cores this process may use (lower it when other work keeps them busy)", 0,
+                       within="[0, inf)")
     stream: bool = doc("print tokens as they are sampled", False)
 
     def problems(self) -> list[str]:
@@ -147,11 +149,12 @@ class SampleOptions:
 def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, SampleOptions, sections=(), program="sample.py", about=__doc__)
     prompt = read_start(opts.start)
-    device = pick_device(opts.device, "--device")
+    device, threads = pick_device(opts.device, "--device"), use_threads(opts.threads)
     model, tokenizer, info = load_for_sampling(opts.ckpt, device)
     ids = encode_prompt(prompt, tokenizer, model.config.block_size, model.config.vocab_size)
     step = "" if info["step"] is None else f", step {info['step']}"
-    print(f"sampling from {info['path']} ({info['format']}{step}, {tokenizer.kind} tokenizer) on {device}",
+    print(f"sampling from {info['path']} ({info['format']}{step}, {tokenizer.kind} tokenizer) on {device}"
+          + (f", threads {threads}" if device == "cpu" else ""),
           file=sys.stderr)
     generator = torch.Generator(device).manual_seed(opts.seed)
     for i in range(1, opts.num_samples + 1):

@@ -45,7 +45,7 @@ from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce
 
 def main(cfg: Config) -> dict:
     """Train as `cfg` says; returns the run's summary (printed at the end too)."""
-    proc = start_process(pick_device(cfg.training.device))
+    proc = start_process(pick_device(cfg.training.device), cfg.training.threads)
     with lifecycle.held(cfg, proc):  # this run alone writes into its out_dir
         lifecycle.check_run(cfg, proc)
         start = lifecycle.load_start(cfg, proc)  # resume: the run's ckpt_last.pt; init_from: those weights
@@ -106,12 +106,12 @@ def get_lr(step: int, training: TrainingConfig) -> float:
     to min_lr over the rest of the run; wsd (warmup-stable-decay) holds the peak and decays linearly
     over the last part only, so a run can be continued from before its decay."""
     t = training
-    warmup = t.warmup_iters or round(t.warmup_frac * t.max_iters)  # steps, or a fraction of the run
+    warmup = t.warmup_steps()
     if step < warmup:
         return t.learning_rate * (step + 1) / warmup
     decay_start = warmup  # cosine and linear decay from the end of the warmup
     if t.lr_schedule == "wsd":
-        decay_start = max(warmup, t.max_iters - (t.decay_iters or round(t.decay_frac * t.max_iters)))
+        decay_start = max(warmup, t.max_iters - t.decay_steps())
     if t.lr_schedule == "constant" or step < decay_start or t.max_iters <= decay_start:
         return t.learning_rate
     progress = min(1.0, (step - decay_start) / (t.max_iters - decay_start))
@@ -139,7 +139,9 @@ def train_loop(run: Run, signals: StopSignals) -> None:
         # A resumed run's step was evaluated before it was saved: last_eval_step says so.
         if (state.step % t.eval_interval == 0 or last_step) and state.last_eval_step != state.step:
             began = time.time()
-            losses = evaluate(run, estimate=state.step == first_step)
+            losses = evaluate(run, signals, estimate=state.step == first_step)
+            if losses is None:  # a stop during the evaluation: the top of the loop saves this step and stops
+                continue
             state.elapsed_s = time.time() - start_time
             stop_early = after_evaluation(run, losses)
             meter.exclude(time.time() - began)  # the time per step leaves evaluations out
@@ -159,9 +161,10 @@ def train_loop(run: Run, signals: StopSignals) -> None:
 
 
 @torch.no_grad()
-def evaluate(run: Run, estimate: bool = False) -> dict[str, float]:
+def evaluate(run: Run, signals: StopSignals | None = None, estimate: bool = False) -> dict[str, float] | None:
     """Mean loss over eval_batches batches of each split: the same batches every time, shared among
-    the processes. `estimate`: say how long the evaluation will take, from its first batch."""
+    the processes; None when Ctrl-C or SIGTERM came first (an evaluation can take minutes on a CPU).
+    `estimate`: say how long the evaluation will take, from its first batch."""
     cfg, proc, n = run.cfg, run.proc, run.cfg.training.eval_batches
     if proc.is_main:
         print(f"eval step {run.state.step}: ", end="", flush=True)  # the rest once it is done
@@ -172,6 +175,9 @@ def evaluate(run: Run, estimate: bool = False) -> dict[str, float]:
         # Every process runs as many batches (under FSDP each forward gathers weights from all of them):
         # when they do not divide evenly, the ones past eval_batches run but do not count.
         for k in range(proc.rank, math.ceil(n / proc.world_size) * proc.world_size, proc.world_size):
+            if signals and signals.requested():
+                run.wrapped.train()
+                return None
             x, y = get_batch(tokens, cfg.model.block_size, cfg.training.batch_size,
                              ("eval", split, cfg.training.seed, k), proc.device)
             with autocast(proc.device_type, run.precision):

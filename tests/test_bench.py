@@ -43,7 +43,7 @@ def test_profile_prints_the_top_operators(capsys):
 
 def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train,nope"]) == 2
-    assert "error: --what nope is not one of: train, sample, prepare, profile, speedrun, ablation, lora, memory, gpu" in \
+    assert "error: --what nope is not one of: train, sample, prepare, profile, speedrun, ablation, lora, peft, memory, gpu" in \
         capsys.readouterr().err
     assert bench.main(["--what", "train", "--stpes", "3"]) == 2
     assert capsys.readouterr().err == "error: command line: unknown option --stpes (did you mean --steps?); see --help\n"

@@ -1,5 +1,6 @@
 """config.py: precedence, conversion by declared type, validation, --help, presets."""
 
+import re
 import subprocess
 import sys
 
@@ -144,10 +145,18 @@ def test_every_script_parses_with_the_same_machinery_and_shows_defaults(capsys):
     for script in (train.cli, prepare.main, sample.main, export.main, plot.main, bench.main, eval_py.main):
         assert script(["--help"]) == 0
         out = capsys.readouterr().out
-        options = [line for line in out.splitlines() if line.startswith("  ") and line[2] != " "]
+        # It opens with the usage, one line on what the script does, and at least two example commands.
+        usage, what, examples = out.split("\n\n")[:3]
+        assert usage.startswith("usage: python ") and len(what.splitlines()) == 1, script.__module__
+        assert sum(line.strip().startswith(("python ", "torchrun ")) for line in examples.splitlines()) >= 2
+        options = [line for line in out.splitlines() if re.match(r"  (--|[A-Z]+ )", line)]  # positionals: LOGS ...
         descriptions = [line for line in out.splitlines() if line.startswith("      ")]
         assert options and len(descriptions) == len(options), script.__module__
         assert all("; default " in line for line in descriptions), script.__module__
+    assert train.cli(["--help"]) == 0  # and train.py's lists every preset, with what it is for
+    listed = re.findall(r"^  (configs/\S+\.toml) +(\S.*)$", capsys.readouterr().out, re.M)
+    assert [path for path, _ in listed] == sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/*.toml"))
+    assert all(5 < len(what) <= 60 for _, what in listed), listed
     assert sample.main(["--num-sample", "2"]) == 2
     assert "unknown option --num-sample (did you mean --num-samples?)" in capsys.readouterr().err
     assert export.main(["--ckpt", "x"]) == 2

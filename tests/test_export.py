@@ -186,7 +186,10 @@ def test_output_folder_rules(trained, tmp_path, capsys):
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert "--force will not delete it" in capsys.readouterr().err
     out = str(tmp_path / "ex")
+    capsys.readouterr()
     assert export.main(["--ckpt", str(trained), "--out", out]) == 0
+    step = load_weights(trained).step  # what a running training saved last: said, not guessed
+    assert capsys.readouterr().out.startswith(f"exported {trained} at step {step} as native (fp32, ")
     assert export.main(["--ckpt", str(trained), "--out", out, "--dtype", "bf16"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert export.main(["--ckpt", str(trained), "--out", out, "--dtype", "bf16", "--force"]) == 0

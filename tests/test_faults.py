@@ -257,6 +257,18 @@ def cases(w: Path) -> list[Case]:
              lambda w, d: lora_run(w, d, delete_base=False)),
         Case("lora-adapters-only-of-a-full-run", "export", ["--ckpt", str(run), "--out", str(d / "a"), "--adapters-only"],
              "--adapters-only"),
+        # Hugging Face folders and GGUF files from elsewhere
+        Case("hf-missing-shard", "sample", ["--ckpt", str(d / "shards")], "model-00002-of-00002.safetensors",
+             lambda w, d: shard_with_one_missing(w / "hf", d / "shards")),
+        Case("hf-tokenizer-larger-than-the-model", "sample", ["--ckpt", str(d / "hf")], "tokenizer",
+             lambda w, d: with_tokenizer_json(copy(w / "hf", d / "hf"), 100)),
+        Case("hf-model-type-we-do-not-read", "sample", ["--ckpt", str(d / "hf")], "mixtral",
+             lambda w, d: edit_json(copy(w / "hf", d / "hf") / "config.json",
+                                    lambda c: c.update(model_type="mixtral", tinygpt=None))),
+        Case("gguf-not-gguf", "sample", ["--ckpt", str(d / "model.gguf")], "model.gguf",
+             lambda w, d: write(d / "model.gguf", b"not a GGUF file at all")),
+        Case("prepare-hf-tokenizer-without-path", "prepare", ["--data.input", str(text), "--tokenizer", "hf",
+                                                              "--data.processed_dir", str(d / "o")], "data.tokenizer_path"),
         # the Llama-style switches
         Case("llama-rope-theta", "train", ["--model.arch", "llama", "--model.rope_theta", "0"], "model.rope_theta"),
         Case("llama-odd-head-size", "train", ["--model.arch", "llama", "--model.n_embd", "30", "--model.n_head", "2"],
@@ -325,6 +337,23 @@ def drop_tensor(path: Path, name: str) -> None:
     tensors = load_file(path)
     del tensors[name]
     save_file(tensors, path)
+
+
+def shard_with_one_missing(folder: Path, dest: Path) -> None:
+    """A Hugging Face folder whose model.safetensors.index.json names two shards, the second not there."""
+    copy(folder, dest)
+    names = list(load_file(dest / "model.safetensors"))
+    (dest / "model.safetensors").rename(dest / "model-00001-of-00002.safetensors")
+    write(dest / "model.safetensors.index.json", json.dumps({"weight_map": {
+        name: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, name in enumerate(names)}}))
+
+
+def with_tokenizer_json(folder: Path, tokens: int) -> None:
+    """A tokenizer.json of `tokens` tokens in place of our tokenizer_meta.json."""
+    from tokenizers import Tokenizer, models
+
+    (folder / "tokenizer_meta.json").unlink()
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(tokens)}, unk_token="t0")).save(str(folder / "tokenizer.json"))
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

@@ -72,7 +72,8 @@ def write_log(folder: Path, log: dict) -> Path:
 
 
 def legend_labels(fig) -> list[str]:
-    return [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    (legend,) = fig.legends
+    return [text.get_text() for text in legend.get_texts()]
 
 
 def test_single_log_writes_png(tmp_path, capsys):
@@ -99,7 +100,7 @@ def test_overlay_labels_each_run_in_its_own_color(tmp_path):
     labels = legend_labels(fig)
     assert any(label.startswith("run_a") for label in labels)
     assert any(label.startswith("run_b") for label in labels)
-    assert "run_b val (running)" in labels  # unfinished runs are flagged
+    assert any(label.startswith("run_b (running), best ") for label in labels)  # unfinished runs are flagged
     val_colors = {line.get_color() for line in fig.axes[0].get_lines()
                   if line.get_label().startswith(("run_a val", "run_b val"))}
     assert len(val_colors) == 2
@@ -180,8 +181,9 @@ def test_best_and_early_stop_are_marked(tmp_path):
     fig = plot.plot_logs({"run": log}, tmp_path / "early.png")
     check_png(tmp_path / "early.png")
     labels = legend_labels(fig)
-    assert f"run best {log['best']['val_loss']:.3f} @ step {log['best']['step']}" in labels
-    assert "run early stop @ step 150" in labels
+    assert f"run (early_stopped), best {log['best']['val_loss']:.3f} @ step {log['best']['step']}" in labels
+    assert "best checkpoint" in labels and "early stop" in labels
+    assert any(line.get_label() == "run early stop @ step 150" for line in fig.axes[0].get_lines())
 
 
 def test_diverged_log_with_nan_loss_still_plots(tmp_path):
@@ -346,3 +348,31 @@ def test_watch_waits_for_the_log_redraws_on_change_and_stops_on_ctrl_c(tmp_path)
 def test_watch_does_not_go_with_show(tmp_path, capsys):
     assert plot.main([str(write_log(tmp_path / "run", make_log())), "--watch", "--show"]) == 2
     assert "--watch redraws the PNG for an image viewer to show; it does not go with --show" in capsys.readouterr().err
+
+
+def test_several_runs_keep_a_short_legend_beside_the_panels(tmp_path):
+    """Three runs, each with train, val, best and resume lines: one legend entry per run and per kind of
+    line (not per run and line: that was 15), placed right of the panels, over none of them."""
+    logs = {}
+    for name in ("a", "b", "c"):
+        log = make_log(max_step=100)
+        log["resumes"] = [{"step": 50}]
+        logs[name] = log
+    fig = plot.plot_logs(logs, tmp_path / "three.png")
+    check_png(tmp_path / "three.png")
+    labels = legend_labels(fig)
+    assert labels[:3] == [plot.run_label(name, log) for name, log in logs.items()]
+    assert labels[3:] == ["train loss, each step", "train loss, evaluations", "val loss", "best checkpoint", "resumed"]
+    fig.canvas.draw()
+    box = fig.legends[0].get_window_extent()
+    assert all(box.x0 >= ax.get_window_extent().x1 for ax in fig.axes)
+
+
+def test_a_run_with_one_evaluation_is_drawn_as_markers(tmp_path):
+    log = make_log(status="running", max_step=0)
+    log["best"] = None
+    fig = plot.plot_logs({"run": log}, None)
+    val = next(line for line in fig.axes[0].get_lines() if line.get_label() == "run val")
+    lr = next(line for line in fig.axes[-1].get_lines() if line.get_label() == "run")
+    assert len(val.get_xdata()) == len(lr.get_xdata()) == 1
+    assert val.get_marker() != "None" and val.get_markersize() >= 6 and lr.get_marker() == "o"

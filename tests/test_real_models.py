@@ -7,7 +7,6 @@ read by AutoTokenizer). tests/test_smollm2.py runs the same checks on the real S
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -34,6 +33,8 @@ SHAPES = {
                                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen3": ("Qwen3Config", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                                   head_dim=16, tie_word_embeddings=True)),
+    "qwen3-128": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=128, tie_word_embeddings=True)),  # Qwen3's own
     "llama3.2": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                                      tie_word_embeddings=True, rope_parameters={
                                          "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -167,6 +168,66 @@ def test_lora_adapters_load_in_peft_onto_the_original_folder(tmp_path, char_data
     with torch.no_grad():  # the model scores 96 ids, the 65 characters are all a char model can spell (load_model)
         logits = peft(tokens).logits[0, :-1, :65]
     assert abs(torch.nn.functional.cross_entropy(logits, tokens[0, 1:]).item() - loss) < 1e-4
+
+
+# ----------------------------------------------------------------------------- fitting the machine
+
+def tiny_run(folder, data, out, *extra):
+    return load_config(["--training.init_from", str(folder), "--data.processed_dir", data, "--max-iters", "2",
+                        "--training.batch_size", "2", "--training.eval_batches", "1", "--device", "cpu",
+                        "--training.out_dir", str(out), *extra])
+
+
+def test_the_context_comes_from_the_settings_bounded_by_the_folders(tmp_path, char_data):
+    """A folder's max_position_embeddings (64 here; 8,192 for SmolLM2) is a bound, not the context a run
+    trains with: the default (256) is cut to it, a shorter choice kept, a longer one refused."""
+    saved_by_transformers(tmp_path / "hf", "smollm2")
+    cfg = tiny_run(tmp_path / "hf", char_data, tmp_path / "a")
+    train.main(cfg)
+    assert cfg.model.block_size == CONTEXT
+    cfg = tiny_run(tmp_path / "hf", char_data, tmp_path / "b", "--model.block_size", "16")
+    train.main(cfg)
+    assert cfg.model.block_size == 16
+    with pytest.raises(CheckpointError, match="model.block_size = 128 is longer than the 64 tokens the weights "
+                                              r"learned .*; use at most 64"):
+        train.main(tiny_run(tmp_path / "hf", char_data, tmp_path / "c", "--model.block_size", "128"))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_starts(tmp_path, char_data, monkeypatch):
+    import lifecycle
+
+    saved_by_transformers(tmp_path / "hf", "smollm2")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt_last.pt").write_text("a run that --training.overwrite would replace")
+    monkeypatch.setattr(lifecycle, "available_memory", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(lifecycle.TrainError, match=r"this run needs at least \d+ MiB more for its first step and cpu "
+                                                   r"has 1 MiB available: lower model.block_size \(64\) or "
+                                                   r"training.batch_size \(64, .*activation_checkpointing = true"):
+        train.main(tiny_run(tmp_path / "hf", char_data, tmp_path / "run", "--training.batch_size", "64",
+                            "--training.overwrite"))
+    assert (tmp_path / "run" / "ckpt_last.pt").read_text().startswith("a run")  # refused before anything is replaced
+
+
+def test_the_memory_estimate_is_a_lower_bound_of_a_step(tmp_path):
+    """What runtime.step_memory counts is allocated by a real step (forward, backward, optimizer), and it
+    is not a small part of it: measured with torch.profiler's record of every allocation."""
+    from benchmarks.memory import peak_allocated_mb
+    from config import Config
+    from muon import make_optimizer
+    from runtime import profiler, step_memory
+
+    cfg = Config()
+    cfg.model.__dict__.update(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512, dropout=0.0)
+    cfg.training.batch_size = 8
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(model, cfg.training, "cpu")
+    x = ids(512, 65)
+    with profiler("cpu", memory=True) as prof:
+        _, loss = model(x[:, :-1].repeat(4, 1), x[:, 1:].repeat(4, 1))
+        loss.backward()
+        optimizer.step()
+    measured = peak_allocated_mb(prof, "cpu") * 2**20
+    assert 0.3 * measured < step_memory(model, cfg, "fp32", 1) < measured
 
 
 # ----------------------------------------------------------------------------- reading folders as they come

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import monitor
 import lifecycle
 import runtime
 import train
-from conftest import ROOT
+from conftest import ROOT, output_lines, wait_for_line
 from options import load_config
 from test_train import read_log, tiny, weights
 
@@ -153,6 +154,93 @@ def test_sigterm_while_preparing_is_one_line_and_exit_143(tmp_path, char_data, m
     assert err == "\nSIGTERM: stopped outside the training loop; no step was saved by it\n"
     assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "ckpt_last.pt").exists()
 
+
+def test_a_warmup_longer_than_a_shortened_run_is_named(tmp_path, char_data, capsys):
+    """A preset's warmup_iters kept by --max-iters 20: the rate never reaches its peak, and the header says
+    so with the rate it does reach (get_lr's own at the last step)."""
+    cfg = tiny(tmp_path, char_data, "--training.warmup_iters", "50", "--training.learning_rate", "1e-3")
+    train.main(cfg)
+    reached = train.get_lr(cfg.training.max_iters - 1, cfg.training)
+    assert f"{reached:.1e}" == "4.0e-04"
+    assert "notice: training.warmup_iters = 50 is not below max_iters = 20: the learning rate rises for the whole " \
+           "run, to 4.0e-04 of 1.0e-03; for a short run lower it (e.g. --training.warmup_iters 2)" in \
+           capsys.readouterr().out
+    train.main(tiny(tmp_path / "fits", char_data))
+    assert "notice" not in capsys.readouterr().out
+
+
+def test_a_bare_run_on_a_cpu_says_so_first_and_ctrl_c_during_an_evaluation_stops_within_seconds(tmp_path):
+    """`python train.py` alone trains the GPU-sized defaults: its first line says so, before any slow work.
+    Its first evaluation takes minutes on a CPU; Ctrl-C ends it within a batch, not after it."""
+    argv = [sys.executable, "train.py", "--device", "cpu", "--training.out_dir", str(tmp_path / "run"),
+            "--data.processed_dir", str(tmp_path / "data")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = output_lines(proc)
+        first = wait_for_line(lines, "")[0]
+        assert first.startswith("notice: no --config, so the default model (6 layers, 384 wide) for 5,000 steps"), \
+            first
+        wait_for_line(lines, "effective batch")
+        time.sleep(3)  # inside the first evaluation: 400 batches of 64 x 256 tokens
+        os.kill(proc.pid, signal.SIGINT)
+        asked = time.monotonic()
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - asked < 20
+    finally:
+        proc.kill()
+    out = "".join(iter(lines.get, None))
+    assert "stopped at step 0: nothing was saved (it was the first step); start it again with:" in out, out
+
+
+def test_a_closed_stdout_stops_the_run_like_ctrl_c_and_sample_py_ends_quietly(tmp_path, char_data):
+    """`train.py | head`: once the reader has gone, the run saves the step it is at and exits 141 (SIGPIPE's
+    status), saying how to continue on stderr, never with a BrokenPipeError traceback. sample.py too."""
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # what `head` reads, until it has enough
+            if line.startswith("step 5/"):
+                break
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 141
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "SIGPIPE: stopping after this step and saving it (stdout was closed)" in err
+    step = int(re.search(r"stopped at step (\d+): ckpt_last.pt holds step \1; continue with:", err).group(1))
+    assert 5 <= step < 100000 and checkpoint.load_weights(tmp_path / "ckpt_last.pt").step == step
+    assert json.loads((tmp_path / "train_log.json").read_text())["run"]["stop_reason"] == f"SIGPIPE at step {step}"
+    quiet = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as usual
+    for samples, read in (("1000", 1), ("1", 0)):  # closed while it writes; closed before its last flush
+        sample = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(tmp_path), "--num-samples", samples,
+                                   "--max-new-tokens", "50"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=quiet)
+        for _ in range(read):
+            sample.stdout.readline()
+        sample.stdout.close()
+        assert sample.wait(timeout=60) == 141
+        err = sample.stderr.read()
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_closed_pipe_that_took_stderr_too_still_saves(tmp_path, char_data):
+    """`train.py 2>&1 | head`: the messages about stopping have nowhere to go, the checkpoint still does."""
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 5/"):
+                break
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 141
+    finally:
+        proc.kill()
+    stop = json.loads((tmp_path / "train_log.json").read_text())["run"]["stop_reason"]
+    step = int(re.fullmatch(r"SIGPIPE at step (\d+)", stop).group(1))
+    assert step >= 5 and checkpoint.load_weights(tmp_path / "ckpt_last.pt").step == step
+
+
 def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path, char_data, monkeypatch, capsys):
     """Nothing is saved before step 1, so the way on is the same command, not --resume (which would find
     no checkpoint)."""
@@ -256,9 +344,29 @@ def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
     out = capsys.readouterr().out
     assert "first steps: " in out and " s/step, so about " in out and "for the 18 steps left" in out
     assert "eval step 0: train " in out  # printed in two parts: "eval step 0: " before evaluating
-    monitor.announce_speed(5000, 0, "cpu", 4.0)  # a CPU run of a preset sized for a GPU
+    monitor.announce_speed(5000, 0, runtime.Process(threads=1), 4.0)  # a CPU run of a preset sized for a GPU
     hint = capsys.readouterr().out
     assert "about 5h33m for the 5000 steps left" in hint and "sized for a GPU (--device cuda)" in hint
+
+
+def test_threads_are_set_named_in_the_header_and_a_busy_machine_is_told(tmp_path, char_data, capsys, monkeypatch):
+    """0 takes torch's own count capped by the cores this process may use, shared among torchrun's
+    processes on the machine; the header names it; a load above the cores suggests fewer threads."""
+    cores = runtime.usable_cores()
+    assert runtime.use_threads(0) == torch.get_num_threads() == min(runtime.TORCH_THREADS, cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes than cores: one thread each
+    assert runtime.use_threads(0) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    train.main(tiny(tmp_path, char_data, "--training.threads", "1"))
+    assert "| device: cpu, fp32, threads 1" in capsys.readouterr().out
+    assert torch.get_num_threads() == 1
+    runtime.use_threads(0)
+    monkeypatch.setattr(monitor.os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    monitor.announce_speed(100, 0, runtime.Process(threads=2), 0.1)
+    said = capsys.readouterr().out
+    assert f"this machine is busy (load {cores + 1:.1f} on {cores} cores)" in said and "--training.threads 1" in said
+    monitor.announce_speed(100, 0, runtime.Process(threads=1), 0.1)  # one thread: nothing fewer to suggest
+    assert "busy" not in capsys.readouterr().out
 
 
 def test_a_long_first_evaluation_says_how_long_before_it_ends(tmp_path, char_data, capsys, monkeypatch):

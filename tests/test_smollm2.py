@@ -110,3 +110,24 @@ def test_lora_on_the_real_model_loads_in_peft(smollm2, tmp_path, capsys):
     seq = torch.tensor([[tok.eot_token, *tok.encode("ROMEO: I will go.")]])  # a text starts after end-of-sequence
     with torch.no_grad():
         assert abs(peft(seq, labels=seq).loss.item() - loss) < 1e-4
+
+
+def test_a_gguf_export_reads_in_transformers_as_the_original(smollm2, smollm2_reference, tmp_path):
+    """Back to llama.cpp's format (fp32): transformers' GGUF reader reads our file with the logits, the greedy
+    text and the token ids it reads the original with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    theirs, tokenizer = smollm2_reference
+    out = export.export(smollm2, tmp_path / "smollm2.gguf", "gguf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    eos = theirs.generation_config.eos_token_id
+    again.generation_config.eos_token_id = theirs.generation_config.eos_token_id = None  # 30 tokens each
+    try:
+        assert torch.equal(again.generate(ids, max_new_tokens=30, do_sample=False),
+                           theirs.generate(ids, max_new_tokens=30, do_sample=False))
+    finally:
+        theirs.generation_config.eos_token_id = eos
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)(TEXT).input_ids == tokenizer(TEXT).input_ids
