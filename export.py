@@ -155,6 +155,8 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
         raise ExportError(f"--adapters-only: {src.path} is not a LoRA run, it has no adapters; export the "
                           "whole model without --adapters-only")
     base_folder = hf_base(src, base) if adapters_only else None
+    if dtype in ("fp16", "q8_0"):  # q8_0 keeps its scales and small tensors in fp16
+        check_fp16_range(src, dtype)
     if fmt in ("hf", "gguf") and not adapters_only:
         try:
             hf.check_exportable(src.model)
@@ -193,6 +195,16 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
             os.replace(staging, out)
         sync_folder(parent)  # the rename survives a power cut
     return out
+
+
+def check_fp16_range(src: Weights, dtype: str) -> None:
+    """fp16 holds magnitudes up to 65,504: a weight beyond that would be written as inf, without a word."""
+    limit = torch.finfo(torch.float16).max
+    tensors = {t.data_ptr(): t for t in src.state_dict.values() if t.is_floating_point()}  # a tied one once
+    over = sum(int((t.abs() > limit).sum()) for t in tensors.values())
+    if over:
+        raise ExportError(f"{over:,} weights of {src.path} are beyond fp16's range (+-65,504) and would be written "
+                          f"as inf by --dtype {dtype}; export with --dtype bf16 or fp32, which hold them")
 
 
 def export_gguf(src: Weights, out: Path, dtype: str, force: bool) -> Path:

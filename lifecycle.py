@@ -87,6 +87,12 @@ def check_run(cfg: Config, proc: Process) -> None:
         raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
                          "it with --resume, replace it with --training.overwrite, or choose another "
                          "training.out_dir")
+    start = Path(t.init_from).resolve() if t.init_from else None
+    if start and not t.resume and (start == out_dir.resolve() or (
+            start.parent == out_dir.resolve() and start.name.startswith("ckpt_"))):  # written over by this run
+        raise TrainError(f"training.init_from = {t.init_from!r} is a checkpoint in training.out_dir, which this run "
+                         "writes its own over (and --training.overwrite removes); copy it to another folder and "
+                         "start from there, or choose another training.out_dir")
     if cfg.model.attention == "flex" and proc.device_type != "cuda" and (why := flex_cannot_train(proc.device)):
         raise ConfigError(why)
     # The first thing a bare `python train.py` says on a laptop.

@@ -215,6 +215,7 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
     wanted = wanted_tokenizer(d, model_meta)
     out = output_dir(d, wanted)
     docs = list_documents(d.input)
+    check_owned(out, Path(d.input))
     total_bytes = sum(p.stat().st_size for p in docs)
 
     # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
@@ -268,6 +269,23 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
     return meta | {"out": str(out)}
 
 
+SPLIT_FILES = ("train.bin", "val.bin", "train.txt", "val.txt")
+
+
+def check_owned(out: Path, source: Path) -> None:
+    """Preparing replaces the splits in `out`: refuse when they could be the user's own files (the input
+    itself, files beside it, or files that no meta.json of ours vouches for)."""
+    where, text = out.resolve(), source.resolve()
+    if where == text or where in text.parents or text in where.parents:
+        raise DataError(f"data.processed_dir = {str(out)!r} and data.input = {str(source)!r} overlap: preparing "
+                        "would write among your text; set data.processed_dir to a folder outside the input")
+    theirs = [name for name in SPLIT_FILES if (out / name).exists()]
+    if theirs and not (out / "meta.json").exists():
+        raise DataError(f"{out} holds {', '.join(theirs)} but no meta.json, so prepare.py did not write them and "
+                        "will not replace them; set data.processed_dir to another folder (or delete them if an "
+                        "interrupted prepare.py left them)")
+
+
 def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_chars: int, min_tokens: int,
                  progress: Progress) -> tuple[dict[str, int], dict[str, int]]:
     """The first (1 - val_fraction) of the characters are train, the rest val. The splits are written
@@ -298,7 +316,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
         (out / "meta.json").unlink(missing_ok=True)  # no meta: the folder is not complete
         for split, w in writers.items():
             os.replace(w.tmp, out / f"{split}{suffix}")
-        for stale in ("train.bin", "val.bin", "train.txt", "val.txt"):
+        for stale in SPLIT_FILES:  # the other format's, from an earlier prepare (check_owned)
             if not stale.endswith(suffix):
                 (out / stale).unlink(missing_ok=True)
         sync_folder(out)  # the renames are on the disk before meta.json, written next, says the folder is whole

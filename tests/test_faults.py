@@ -98,6 +98,17 @@ def cases(w: Path) -> list[Case]:
              "data.processed_dir", lambda w, d: write(d / "f", "mine")),
         Case("prepare-out-not-writable", "prepare", ["--data.input", str(text), "--data.processed_dir", NOT_A_FOLDER],
              "data.processed_dir"),
+        # Never over the user's own files: the input's folder, the input file, splits no meta.json vouches for.
+        Case("prepare-into-the-input-folder", "prepare", ["--data.input", str(d / "corpus"), "--data.processed_dir",
+                                                          str(d / "corpus"), "--data.format", "txt"],
+             "data.processed_dir", lambda w, d: [write(d / "corpus" / f"{s}.txt", f"my own {s} text\n" * 50)
+                                                 for s in ("train", "val")]),
+        Case("prepare-over-the-input-file", "prepare", ["--data.input", str(d / "my" / "train.txt"),
+                                                        "--data.processed_dir", str(d / "my"), "--data.format", "txt"],
+             "data.processed_dir", lambda w, d: write(d / "my" / "train.txt", "my own text\n" * 100)),
+        Case("prepare-over-files-it-did-not-write", "prepare", ["--data.input", str(text), "--data.processed_dir",
+                                                                str(d / "mine")], "train.txt",
+             lambda w, d: write(d / "mine" / "train.txt", "my notes")),
         Case("prepare-val-fraction-range", "prepare", ["--data.val_fraction", "1.5"], "data.val_fraction"),
         Case("prepare-val-fraction-nan", "prepare", ["--data.val_fraction", "nan"], "data.val_fraction"),
         Case("prepare-bad-tokenizer", "prepare", ["--tokenizer", "words"], "data.tokenizer"),
@@ -119,6 +130,9 @@ def cases(w: Path) -> list[Case]:
                                                   "--force"], "data.processed_dir",
              held_lock(lambda w, d: files.make_folder(d / "busy", "x") / ".lock")),
         # train.py
+        Case("train-overwrite-of-its-own-start", "train",
+             tiny(d / "run", data, "--training.init_from", str(d / "run" / "ckpt_best.pt"), "--training.overwrite",
+                  "--lora.rank", "2"), "training.init_from", lambda w, d: copy(run, d / "run")),
         Case("train-unknown-key", "train", ["--training.max_iter", "3"], "training.max_iter"),
         Case("train-wrong-type-in-preset", "train", ["--config", str(d / "p.toml")], "training.batch_size",
              lambda w, d: write(d / "p.toml", '[training]\nbatch_size = "64"\n')),
@@ -208,6 +222,8 @@ def cases(w: Path) -> list[Case]:
              lambda w, d: (copy(hf, d / "x"), edit_json(d / "x" / "config.json",
                                                          lambda c: (c.pop("tinygpt"), c.update(activation_function="relu"))))),
         # export.py
+        Case("export-fp16-overflow", "export", ["--ckpt", str(d / "big.pt"), "--out", str(d / "o"), "--dtype", "fp16"],
+             "--dtype bf16", lambda w, d: with_huge_weight(run / "ckpt_last.pt", d / "big.pt")),
         Case("export-no-out", "export", ["--ckpt", str(run)], "--out"),
         Case("export-force-on-a-user-folder", "export", ["--ckpt", str(run), "--out", str(d / "notes"), "--force"],
              "notes", lambda w, d: write(d / "notes" / "keep.txt", "mine")),
@@ -322,6 +338,14 @@ def change_weights(path: Path) -> None:
     name = next(iter(ckpt["model"]))
     ckpt["model"][name] = ckpt["model"][name] + 1e-3
     torch.save(ckpt, path)
+
+
+def with_huge_weight(src: Path, dest: Path) -> None:
+    """A copy of a checkpoint with one weight beyond fp16's range, as a diverging run can leave."""
+    ckpt = torch.load(src, weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name].view(-1)[0] = 1e6
+    torch.save(ckpt, dest)
 
 
 def resave(src: Path, dest: Path, **changes) -> None:
