@@ -120,22 +120,31 @@ def lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold the lock file `path` while writing what it guards; refuse when another process holds it.
 
     The lock is the operating system's (flock): it is released when the process ends, however it
-    ends, so a lock file left behind by a killed process is never mistaken for a live one."""
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise FileError(f"{what} is in use by another process (PID {holder}); wait for it to finish, or "
-                        "choose another folder") from None
+    ends, so a lock file left behind by a killed process is never mistaken for a live one. The file is
+    removed on the way out, while still locked; so a process that opened it just before must check,
+    once it holds the lock, that the file is still the one at `path`, and otherwise lock the new one."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FileError(f"{what} is in use by another process (PID {holder}); wait for it to finish, or "
+                            "choose another folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        f.close()  # its holder removed it as we opened it
     try:
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         f.close()  # releases the lock
 
 

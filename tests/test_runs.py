@@ -337,6 +337,12 @@ def test_locks_are_released_however_the_process_ends(tmp_path):
     holder.wait()
     with files.lock(tmp_path / ".lock", "x"):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()  # removed by its holder on the way out
+
+
+def test_no_lock_file_is_left_beside_a_run_or_its_data(tmp_path, char_data):
+    train.main(tiny(tmp_path, char_data, "--max-iters", "2"))
+    assert not (tmp_path / ".lock").exists() and not os.path.exists(os.path.join(char_data, ".lock"))
 
 
 def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
