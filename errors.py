@@ -2,8 +2,8 @@
 
 A UserError is a mistake the user can fix (a setting, a file, the machine): a script prints each
 of its problems as one line `error: ...` and exits with status 2. Ctrl-C exits with 130, and a reader
-of stdout that has gone (`| head`) with 141, as for any program a pipe stops. Every other exception is a bug,
-ours or in a learner's edit of model.py, and keeps its full traceback.
+of stdout that has gone (`| head`) with 141, as for any program a pipe stops. Every other exception is
+a bug, ours or in a learner's edit of model.py, and keeps its full traceback.
 """
 
 from __future__ import annotations
