@@ -193,19 +193,26 @@ def test_a_bare_run_on_a_cpu_says_so_first_and_ctrl_c_during_an_evaluation_stops
     assert "stopped at step 0: nothing was saved (it was the first step); start it again with:" in out, out
 
 
-def test_a_closed_stdout_stops_the_run_like_ctrl_c_and_sample_py_ends_quietly(tmp_path, char_data):
-    """`train.py | head`: once the reader has gone, the run saves the step it is at and exits 141 (SIGPIPE's
-    status), saying how to continue on stderr, never with a BrokenPipeError traceback. sample.py too."""
+def train_into_head(tmp_path, char_data, stderr) -> subprocess.Popen:
+    """A long training whose stdout is read, as `head` would, up to the log line of step 5, then closed."""
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        for line in proc.stdout:  # what `head` reads, until it has enough
+        for line in proc.stdout:
             if line.startswith("step 5/"):
                 break
         proc.stdout.close()
-        assert proc.wait(timeout=60) == 141
+        proc.wait(timeout=60)
     finally:
         proc.kill()
+    return proc
+
+
+def test_a_closed_stdout_stops_the_run_like_ctrl_c_and_sample_py_ends_quietly(tmp_path, char_data):
+    """`train.py | head`: once the reader has gone, the run saves the step it is at and exits 141 (SIGPIPE's
+    status), saying how to continue on stderr, never with a BrokenPipeError traceback. sample.py too."""
+    proc = train_into_head(tmp_path, char_data, stderr=subprocess.PIPE)
+    assert proc.returncode == 141
     err = proc.stderr.read()
     assert "Traceback" not in err and "SIGPIPE: stopping after this step and saving it (stdout was closed)" in err
     step = int(re.search(r"stopped at step (\d+): ckpt_last.pt holds step \1; continue with:", err).group(1))
@@ -226,16 +233,7 @@ def test_a_closed_stdout_stops_the_run_like_ctrl_c_and_sample_py_ends_quietly(tm
 
 def test_a_closed_pipe_that_took_stderr_too_still_saves(tmp_path, char_data):
     """`train.py 2>&1 | head`: the messages about stopping have nowhere to go, the checkpoint still does."""
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 5/"):
-                break
-        proc.stdout.close()
-        assert proc.wait(timeout=60) == 141
-    finally:
-        proc.kill()
+    assert train_into_head(tmp_path, char_data, stderr=subprocess.STDOUT).returncode == 141
     stop = json.loads((tmp_path / "train_log.json").read_text())["run"]["stop_reason"]
     step = int(re.fullmatch(r"SIGPIPE at step (\d+)", stop).group(1))
     assert step >= 5 and checkpoint.load_weights(tmp_path / "ckpt_last.pt").step == step
