@@ -15,6 +15,9 @@ line and exits with status 2.
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import UserError, command
+
 import os
 import platform
 import sys
@@ -24,7 +27,6 @@ import torch
 
 from benchmarks import BENCHMARKS
 from benchmarks.common import BenchOptions
-from errors import UserError, command
 from files import write_json
 from options import parse
 from runtime import pick_device

@@ -61,6 +61,10 @@ class CheckpointError(UserError):
     """Weights that cannot be used; the message names the file and what to do."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read at all: a resume tries the next newest one."""
+
+
 @dataclass
 class Adapters:
     """A LoRA checkpoint's adapters, with the base weights under them (Weights.lora)."""
@@ -105,6 +109,7 @@ class LoopState:
     elapsed_s: float = 0.0              # wall time so far, across resumes
     last_eval_step: int | None = None   # a resumed step was evaluated before it was saved: not again
     start_val_loss: float | None = None  # the val loss at the run's first evaluation
+    run_id: str = ""                    # the same in every checkpoint of a run: pruning deletes only its own
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -124,10 +129,10 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror}); check its permissions") from None
     except Exception as e:  # truncated, corrupt, or not a torch file at all
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
                               "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+        raise DamagedCheckpoint(f"{path} is not a checkpoint written by train.py")
     if ckpt.get("meta") is not None and meta_problems(ckpt["meta"]):
         raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(meta_problems(ckpt['meta']))})")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
@@ -139,6 +144,44 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
         state = merged(lora, cfg, device)
     return Weights(cfg, state, ckpt.get("meta"), ckpt["config"], ckpt, path, "checkpoint", "fp32",
                    ckpt.get("step"), ckpt.get("val_loss"), lora)
+
+
+# A numbered checkpoint, ckpt_000500.pt, is a ckpt_last.pt kept (training.save_interval, keep_last).
+NUMBERED = re.compile(r"ckpt_(\d{6,})\.pt")
+
+
+def numbered_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"ckpt_{step:06d}.pt"
+
+
+def run_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoints of the run in `folder`, newest first: ckpt_last.pt, then the numbered ones (with
+    the readable JSON that train.py writes beside them) and ckpt_best.pt, by step (what a resume tries)."""
+    folder = Path(folder)
+    found = [p for p in folder.glob("ckpt_*.pt") if p.name == "ckpt_best.pt" or NUMBERED.fullmatch(p.name)
+             and p.with_suffix(".json").is_file()]
+    last = [folder / "ckpt_last.pt"] if (folder / "ckpt_last.pt").is_file() else []
+    return last + sorted(found, key=lambda p: stored(p, "step", -1), reverse=True)
+
+
+def stored(path: Path, key: str, default=None):
+    """A value from a checkpoint's readable JSON (ckpt_last.json beside ckpt_last.pt), without loading it."""
+    try:
+        value = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get(key, default)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if type(value) is type(default) or default is None else default
+
+
+def prune_numbered(folder: Path, keep: int, step: int, run_id: str) -> list[Path]:
+    """Delete this run's numbered checkpoints beyond the newest `keep` up to `step`; returns them. Only
+    files whose JSON names this run go: never another run's, nor any file train.py did not write."""
+    steps = {p: int(m.group(1)) for p in folder.glob("ckpt_*.pt") if (m := NUMBERED.fullmatch(p.name))}
+    own = sorted((p for p, s in steps.items() if s <= step and stored(p, "run_id") == run_id), key=steps.get)
+    for old in own[:-keep]:
+        old.unlink()
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return own[:-keep]
 
 
 # ----------------------------------------------------------------------------- LoRA checkpoints
@@ -277,6 +320,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weight
     else:
         weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)
     check_fits(weights.state_dict, weights.model, path)
+    check_finite(weights.state_dict, path)
     return weights
 
 
@@ -375,6 +419,18 @@ def not_fitting(where: Path, wrong: list[str]) -> CheckpointError:
                            "it is damaged: export or train it again")
 
 
+def check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse NaN or inf weights when they are read: a model built on them computes NaN, and a run
+    started from them would seem to diverge at once, for no fault of its learning rate."""
+    bad = {k: int((~torch.isfinite(t)).sum()) for k, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(f"{where} holds weights that are not finite numbers ({sum(bad.values()):,} NaN or inf "
+                              f"values in {len(bad)} tensors, the first {first}): they come from a run that "
+                              "diverged or a damaged file; use other weights, e.g. an earlier checkpoint")
+
+
 def check_fits(state: dict, cfg: ModelConfig, where: Path, lora: LoraConfig | None = None) -> None:
     """Refuse weights that would not load into GPT(cfg) (with `lora`'s adapters), naming what differs.
     The cheap counts come first, so a config that describes an enormous model fails before anything
@@ -406,7 +462,7 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
     A resumed run also goes on with the same LoRA adapters, or with none.
     """
     stored = [("model", k, getattr(weights.model, k)) for k in SHAPE_KEYS]
-    if cfg.training.resume:
+    if cfg.training.resuming:
         lora = weights.lora.config if weights.lora else LoraConfig(rank=0)
         keys = ("rank", "alpha", "targets") if lora.rank else ("rank",)
         stored += [("lora", k, getattr(lora, k)) for k in keys]
@@ -417,7 +473,7 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
     for section, k, theirs in stored:
         ours = getattr(getattr(cfg, section), k)
         chosen = f"{section}.{k}" in cfg.explicit or (k == "vocab_size" and ours != 0)
-        if k == "block_size" and weights.model.position == "rope" and not cfg.training.resume:
+        if k == "block_size" and weights.model.position == "rope" and not cfg.training.resuming:
             # Rotary positions have no table: a new run trains with the context its settings give (the
             # default, bounded by the weights'), not a folder's maximum (8,192 for SmolLM2) that would
             # not fit in memory; it may be shorter than the weights', never longer than they learned.

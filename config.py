@@ -177,10 +177,18 @@ class TrainingConfig:
     early_stopping_min_delta: float = doc("smallest val-loss decrease that counts as improvement", 0.0,
                                           within="[0, inf)")
     save_best: bool = doc("write ckpt_best.pt whenever val loss improves", True)
+    save_interval: int = doc("also keep a numbered checkpoint, ckpt_000500.pt, every this many steps; 0: only last "
+                             "and best", 0, within="[0, inf)")
+    keep_last: int = doc("numbered checkpoints to keep: a new one deletes the oldest beyond these (never last or "
+                         "best)", 3, within="[0, inf)")
     out_dir: str = doc("folder for checkpoints, train_log.json and config.toml", "checkpoints")
-    resume: bool = doc("continue the run in out_dir from its ckpt_last.pt", False)
+    resume: str = doc("auto: continue the run in out_dir from its newest checkpoint if it holds one, else start "
+                      "afresh; true: continue it (--resume); false: start afresh", "auto",
+                      choices=("auto", "true", "false"))
     overwrite: bool = doc("start afresh in an out_dir that holds a run, replacing it (else that is refused)",
                           False)
+    tensorboard: bool = doc("also write the log as TensorBoard events to <out_dir>/tensorboard (pip install "
+                            "tensorboard)", False)
     init_from: str = doc("start from these weights (checkpoint, run folder or export); empty: random", "")
     sample_tokens: int = doc("at each evaluation, sample this many tokens from sample_prompt, printed and "
                              "logged; 0: no samples", 0, within="[0, inf)")
@@ -189,6 +197,14 @@ class TrainingConfig:
                                   within="[0, inf)")
     profile_end_step: int = doc("... up to this step (0 and 0: no profiling)", 0, within="[0, inf)")
     profile_dir: str = doc("folder for the profiler's trace; empty: <out_dir>/profile", "")
+
+    # Not a setting: lifecycle.check_run sets it when out_dir holds a run for resume = auto to continue.
+    run_found = False
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues the one in out_dir: resume = true, or auto with a run found there."""
+        return self.resume == "true" or self.resume == "auto" and self.run_found
 
     def warmup_steps(self) -> int:
         return self.warmup_iters or round(self.warmup_frac * self.max_iters)  # steps, or a fraction of the run
@@ -201,9 +217,9 @@ class TrainingConfig:
         if self.min_lr > self.learning_rate:
             out.append(f"training.min_lr ({self.min_lr}) must not exceed training.learning_rate "
                        f"({self.learning_rate})")
-        if self.resume and self.overwrite:
-            out.append("training.resume and training.overwrite contradict each other: --resume continues the "
-                       "run in out_dir, --training.overwrite replaces it; drop one of them")
+        if self.save_interval and not self.keep_last:
+            out.append(f"training.keep_last = 0 would delete every numbered checkpoint that training.save_interval "
+                       f"= {self.save_interval} writes: keep at least 1, or set save_interval = 0")
         start, end = self.profile_start_step, self.profile_end_step
         if (start or end) and end <= start:
             out.append(f"training.profile_end_step ({end}) must be greater than training.profile_start_step "
@@ -259,12 +275,17 @@ class Config:
         return self.training.batch_size * self.training.grad_accum_steps * self.model.block_size
 
     def problems(self) -> list[str]:
-        """Rules that involve more than one section."""
-        if self.lora.rank > 0 and not self.training.init_from and not self.training.resume:
+        """Rules that involve more than one section, or that depend on what was chosen."""
+        t, out = self.training, []
+        if t.overwrite and (t.resume == "true" or "training.resume" in self.explicit and t.resume == "auto"):
+            # Left at its default, auto gives way to overwrite: replacing the run is what was asked.
+            out.append(f"training.resume = {t.resume} and training.overwrite contradict each other: resume "
+                       "continues the run in out_dir, overwrite replaces it; drop one of them")
+        if self.lora.rank > 0 and not t.init_from and t.resume != "true":
             # Only the adapters train: on random base weights the model would stay mostly random.
-            return [f"lora.rank = {self.lora.rank} needs pretrained weights to adapt: set training.init_from "
-                    "to a checkpoint, run folder or export, or lora.rank = 0 to train every weight"]
-        return []
+            out.append(f"lora.rank = {self.lora.rank} needs pretrained weights to adapt: set training.init_from "
+                       "to a checkpoint, run folder or export, or lora.rank = 0 to train every weight")
+        return out
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}

@@ -35,6 +35,10 @@ META_VERSION = 1
 # r50k_base file means one cached file serves both names offline.
 READ_BYTES = 1 << 22  # text files are read 4 MB at a time
 
+# The settings that a named data folder (data.processed_dir) gives itself, from its meta.json, unless
+# they are chosen (prepare.ensure_prepared).
+FOLDER_SETTINGS = ("input", "tokenizer", "bpe_encoding", "format", "val_fraction")
+
 
 # ----------------------------------------------------------------------------- text files
 

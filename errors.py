@@ -1,7 +1,8 @@
 """The project's error type, and how every command-line script reports it.
 
 A UserError is a mistake the user can fix (a setting, a file, the machine): a script prints each
-of its problems as one line `error: ...` and exits with status 2. Ctrl-C exits with 130, and a reader
+of its problems as one line `error: ...` and exits with status 2. Ctrl-C exits with 130, SIGTERM with 143
+(each after the script's temporary files are removed, as for an error), and a reader
 of stdout that has gone (`| head`) with 141, as for any program a pipe stops. Every other exception is
 a bug, ours or in a learner's edit of model.py, and keeps its full traceback.
 """
@@ -12,7 +13,9 @@ import functools
 import json
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,11 +36,34 @@ class HelpRequested(Exception):
     """--help was given; the exception's text is the help to print."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (what `kill`, `timeout` and job schedulers send), raised where the script is, so that its
+    temporary files go as they do for an error; like Ctrl-C, not an Exception that code may catch."""
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
+def interrupted_while_starting(kind: type, value: BaseException, tb) -> None:
+    """sys.excepthook: a Ctrl-C before a script's entry point runs (while torch loads, say) ends in one
+    line, like one after; any other uncaught exception is printed as usual, with its traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+sys.excepthook = interrupted_while_starting
+
+
 def command(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a script's entry point: returns its exit status instead of raising for user errors."""
 
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
+        main_thread = threading.current_thread() is threading.main_thread()  # signals reach that one only
+        previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
         try:
             status = reported(main, *args, **kwargs)
             if sys.stdout is not None:
@@ -48,6 +74,9 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
                 raise  # another pipe (a socket, a child process): a bug, with its traceback
             to_devnull(sys.stdout.fileno())  # stdout's reader has gone (`| head`): end quietly, as a pipe's
             return 141  # writer does, with the shell's status for SIGPIPE
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return run
 
@@ -89,6 +118,9 @@ def reported(main: Callable[..., int | None], *args, **kwargs) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as e:
         if not out_of_memory(e):
             raise

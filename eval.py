@@ -18,6 +18,9 @@ bytes out and make the result incomparable. The result goes to stdout, progress 
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import DataError, command
+
 import json
 import math
 import sys
@@ -32,9 +35,7 @@ from checkpoint import load_model
 from config import ConfigError, doc
 from options import parse
 from data import Progress, bits_per_byte, read_text
-from errors import DataError
 from tokenizer import check_in_vocabulary, encode_chunks, split_safely, start_token, tokenizer_from_meta
-from errors import command
 from files import finite
 from model import GPT
 from runtime import pick_device, use_threads
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, "text": opts.text,
               "characters": len(text), **result}
     if opts.json:
-        print(json.dumps(finite(result), indent=2, allow_nan=False))  # valid JSON: a NaN loss (broken weights) is null
+        print(json.dumps(finite(result), indent=2, allow_nan=False))  # valid JSON: a loss that is not finite is null
     else:
         print(f"{result['tokens']:,} tokens, {len(text):,} characters, {n_bytes:,} bytes; context {block_size}, "
               f"stride {stride}: {result['windows']:,} windows\n"

@@ -24,6 +24,9 @@ reads either kind back in our names, for sample.py, training.init_from and expor
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import UserError, command
+
 import dataclasses
 import json
 import os
@@ -42,7 +45,6 @@ from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weigh
 from config import doc
 from tokenizer import load_tiktoken
 from options import parse
-from errors import UserError, command
 from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
 

@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,8 +117,9 @@ def make_folder(folder: str | Path, setting: str) -> Path:
 
 
 @contextlib.contextmanager
-def lock(path: str | Path, what: str) -> Iterator[None]:
-    """Hold the lock file `path` while writing what it guards; refuse when another process holds it.
+def lock(path: str | Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold the lock file `path` while writing what it guards; refuse when another process holds it, or
+    with `wait`, say so and wait for it to finish.
 
     The lock is the operating system's (flock): it is released when the process ends, however it
     ends, so a lock file left behind by a killed process is never mistaken for a live one. The file is
@@ -130,9 +132,13 @@ def lock(path: str | Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            f.close()
-            raise FileError(f"{what} is in use by another process (PID {holder}); wait for it to finish, or "
-                            "choose another folder") from None
+            if not wait:
+                f.close()
+                raise FileError(f"{what} is in use by another process (PID {holder}); wait for it to finish, or "
+                                "choose another folder") from None
+            print(f"{what} is in use by another process (PID {holder}): waiting for it to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break

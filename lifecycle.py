@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from attention import flex_cannot_train
-from checkpoint import (CheckpointError, LoopState, Weights, adopt_model_shape, find_weights,
-                        load_weights)
+from checkpoint import (CheckpointError, DamagedCheckpoint, LoopState, Weights, adopt_model_shape, find_weights,
+                        load_weights, run_checkpoints)
 from config import Config, ConfigError, TrainingConfig
-from data import Data
+from data import FOLDER_SETTINGS, Data
 from errors import UserError
 from files import atomic_write_text, lock, make_folder
 from model import GPT
-from monitor import print_header, write_log
+from monitor import Board, print_header, tensorboard_writer, write_log
 from options import resume_command, to_toml
 from runtime import (Process, Stopped, available_memory, end_process, format_duration, load_optimizer_state,
                      message_stream, parallel_problems, set_rng_state, step_memory)
@@ -54,6 +54,7 @@ class Run:
     log: dict                     # train_log.json (monitor.py)
     precision: str                # the one used: fp32, bf16 or fp16
     lora_base: dict | None = None  # a LoRA run's base weights, {"path", "digest"}, saved in its checkpoints
+    board: Board | None = None    # training.tensorboard's event writer (rank 0)
     saved_step: int | None = None  # the step ckpt_last.pt holds, once there is one
 
     @property
@@ -78,25 +79,30 @@ def held(cfg: Config, proc: Process) -> Iterator[None]:
 
 
 def check_run(cfg: Config, proc: Process) -> None:
-    """Refuse a run that cannot work on these processes, or that would replace a finished one."""
+    """Decide what training.resume = auto means here; refuse a run that cannot work on these
+    processes, or that would replace a finished one."""
     problems = parallel_problems(cfg.training, proc)
     if problems:
         raise ConfigError(problems)
     out_dir, t = Path(cfg.training.out_dir), cfg.training
-    if not t.resume and not t.overwrite and (out_dir / "ckpt_last.pt").exists():
-        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its ckpt_last.pt); continue "
+    held = run_checkpoints(out_dir)
+    t.run_found = bool(held) and not t.overwrite  # resume = auto: the same command continues the run, or starts it
+    if not t.resuming and not t.overwrite and held:
+        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its {held[0].name}); continue "
                          "it with --resume, replace it with --training.overwrite, or choose another "
                          "training.out_dir")
     start = Path(t.init_from).resolve() if t.init_from else None
-    if start and not t.resume and (start == out_dir.resolve() or (
+    if start and not t.resuming and (start == out_dir.resolve() or (
             start.parent == out_dir.resolve() and start.name.startswith("ckpt_"))):  # written over by this run
         raise TrainError(f"training.init_from = {t.init_from!r} is a checkpoint in training.out_dir, which this run "
                          "writes its own over (and --training.overwrite removes); copy it to another folder and "
                          "start from there, or choose another training.out_dir")
+    if t.tensorboard:
+        tensorboard_writer()  # a missing package is said now, not at the first log line
     if cfg.model.attention == "flex" and proc.device_type != "cuda" and (why := flex_cannot_train(proc.device)):
         raise ConfigError(why)
     # The first thing a bare `python train.py` says on a laptop.
-    if proc.is_main and proc.device_type == "cpu" and not (cfg.preset or t.init_from or t.resume) and \
+    if proc.is_main and proc.device_type == "cpu" and not (cfg.preset or t.init_from or t.resuming) and \
             cfg.model == type(cfg.model)() and "training.max_iters" not in cfg.explicit:
         print(f"notice: no --config, so the default model ({cfg.model.n_layer} layers, {cfg.model.n_embd} wide) for "
               f"{t.max_iters:,} steps: sized for a GPU, hours on this CPU; for a run of minutes, stop this one "
@@ -123,35 +129,35 @@ def size(n: int) -> str:
 
 def begin(run: Run, start: Weights | None) -> None:
     """Rank 0: remove the run that --training.overwrite replaces (now that this one has started),
-    write config.toml, and say what this run is."""
+    write config.toml, open the TensorBoard events, and say what this run is."""
     if not run.proc.is_main:
         return
-    if run.cfg.training.overwrite:
-        for old in ("ckpt_last.pt", "ckpt_last.json", "ckpt_best.pt", "ckpt_best.json", "train_log.json"):
-            (run.out_dir / old).unlink(missing_ok=True)
+    if run.cfg.training.overwrite:  # what train.py wrote there, and nothing else
+        for old in [*run_checkpoints(run.out_dir), *run.out_dir.glob("tensorboard/events.out.tfevents.*"),
+                    run.out_dir / "train_log.json"]:
+            old.unlink(missing_ok=True)
+            if old.suffix == ".pt":
+                old.with_suffix(".json").unlink(missing_ok=True)
     atomic_write_text(run.out_dir / "config.toml", to_toml(run.cfg))
+    if run.cfg.training.tensorboard:
+        run.board = Board(run.out_dir, run.state.step if run.cfg.training.resuming else None)
     print_header(run.cfg, run.model, run.data, run.proc, run.precision, start, run.state, run.lora_base)
 
 
 # ----------------------------------------------------------------------------- where a run starts
 
 def load_start(cfg: Config, proc: Process) -> Weights | None:
-    """The weights a run starts from: its own ckpt_last.pt (training.resume), training.init_from's, or
-    None (random weights). Their model shape and tokenizer settings go into cfg (adopt_model_shape)."""
+    """The weights a run starts from: its own newest checkpoint (training.resume), training.init_from's,
+    or None (random weights). Their model shape and tokenizer settings go into cfg (adopt_model_shape)."""
     training = cfg.training
-    path = Path(training.out_dir) / "ckpt_last.pt" if training.resume else training.init_from
-    if not path:
+    if training.resuming:
+        start = newest_checkpoint(Path(training.out_dir), proc)
+    elif training.init_from:
+        start = load_weights(announce_size(find_weights(training.init_from), proc), proc.device)
+    else:
         return None
-    if training.resume and not path.is_file():
-        raise CheckpointError(f"training.resume: {path} does not exist; train without --resume first, or "
-                              "set training.out_dir to the run to continue")
-    found = find_weights(path)  # a run folder's checkpoint, or an export's folder
-    size = sum(p.stat().st_size for p in ([found] if found.is_file() else found.glob("*.safetensors")))
-    if proc.is_main and size > 100e6:
-        print(f"loading {found} ({size / 1e9:.1f} GB)...", flush=True)
-    start = load_weights(found, proc.device)
-    if training.resume and training.init_from:
-        # --resume continues from the run's own checkpoint. The init_from it started from (a preset's,
+    if training.resuming and training.init_from:
+        # A resume continues from the run's own checkpoint. The init_from it started from (a preset's,
         # say) may stay in the settings; another one is a contradiction, not something to choose for you.
         began = ((start.config or {}).get("training") or {}).get("init_from", "")
         if training.init_from != began:
@@ -161,15 +167,71 @@ def load_start(cfg: Config, proc: Process) -> Weights | None:
     problems = adopt_model_shape(cfg, start)
     if problems:
         raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
+    if training.resume == "auto" and training.resuming and (changed := changed_settings(cfg, start.config)):
+        raise TrainError(f"training.out_dir = {training.out_dir!r} holds a run with other settings ("
+                         + "; ".join(changed) + "): run its command again to continue it, add --resume to "
+                         "continue it with these settings, --training.overwrite to replace it, or choose another "
+                         "training.out_dir")
     return start
+
+
+def newest_checkpoint(out_dir: Path, proc: Process) -> Weights:
+    """The newest checkpoint of the run in out_dir that loads: a damaged one is skipped, said in one line."""
+    candidates = run_checkpoints(out_dir)
+    if not candidates:
+        raise CheckpointError(f"training.resume: {out_dir} holds no checkpoint (ckpt_last.pt); train without "
+                              "--resume first, or set training.out_dir to the run to continue")
+    for i, path in enumerate(candidates):
+        try:
+            return load_weights(announce_size(path, proc), proc.device)
+        except DamagedCheckpoint as e:
+            if i + 1 == len(candidates):
+                raise
+            if proc.is_main:
+                print(f"warning: {str(e).split(';')[0]}; skipping it, trying {candidates[i + 1].name}",
+                      file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def announce_size(path: Path, proc: Process) -> Path:
+    size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.glob("*.safetensors")))
+    if proc.is_main and size > 100e6:
+        print(f"loading {path} ({size / 1e9:.1f} GB)...", flush=True)
+    return path
+
+
+# Settings that may differ when a rerun continues a run: what it runs on, how often it reports and saves,
+# when it ends. The others must be the run's (a rerun with another learning rate is likely a mistake).
+MAY_CHANGE = {f"training.{k}" for k in (
+    "max_iters", "eval_interval", "eval_batches", "log_interval", "device", "threads", "compile", "parallel",
+    "activation_checkpointing", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
+    "save_best", "save_interval", "keep_last", "out_dir", "resume", "overwrite", "init_from", "sample_tokens",
+    "sample_prompt", "profile_start_step", "profile_end_step", "profile_dir", "tensorboard")} | {"model.attention"}
+PATHS = {"data.input", "data.processed_dir", "data.tokenizer_path"}  # compared as the files they name
+
+
+def changed_settings(cfg: Config, stored: dict | None) -> list[str]:
+    """The settings of cfg that differ from a checkpoint's stored config, outside MAY_CHANGE, as
+    "name = theirs there, ours here"; a setting the checkpoint does not store (an older version) counts as equal."""
+    ours, out = cfg.to_dict(), []
+    for section, values in (stored or {}).items():
+        for key, theirs in (values.items() if isinstance(values, dict) else ()):
+            name, here = f"{section}.{key}", ours.get(section, {}).get(key, theirs)
+            if section == "data" and key in FOLDER_SETTINGS and cfg.data.processed_dir and name not in cfg.explicit:
+                continue  # taken from the folder's meta.json later (prepare.ensure_prepared), checked there
+            if name in PATHS and here and isinstance(theirs, str) and theirs:  # the same file, named either way
+                here, theirs = str(Path(here).resolve()), str(Path(theirs).resolve())
+            if name not in MAY_CHANGE and here != theirs:
+                out.append(f"{name} = {theirs!r} there, {here!r} here")
+    return out
 
 
 def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: str) -> LoopState:
     """The loop state to start from: a new one, or on resume the checkpoint's, with the optimizer's,
     the scaler's and the RNG's states put back (the weights are in the model already)."""
-    if not (start and training.resume):
-        return LoopState()
+    if not (start and training.resuming):
+        return LoopState(run_id=os.urandom(6).hex())
     ckpt = start.training
     missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
     if missing:
@@ -179,8 +241,8 @@ def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Mod
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
     # Checkpoints written before last_eval_step existed were all written right after an evaluation.
-    saved = {"last_eval_step": ckpt["step"]} | {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)
-                                                if f.name in ckpt}
+    saved = {"last_eval_step": ckpt["step"], "run_id": os.urandom(6).hex()} | \
+        {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState) if f.name in ckpt}
     return LoopState(**saved)
 
 
@@ -251,11 +313,17 @@ def summarize(run: Run) -> dict:
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
               f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
               f"  {best_line}\n"
-              f"  checkpoints: {', '.join(str(p) for p in sorted(out_dir.glob('ckpt_*.pt')))}; "
-              f"log: {out_dir}/train_log.json\n"
+              f"  {checkpoint_list(out_dir)}; log: {out_dir}/train_log.json\n"
               f"next:\n  python sample.py --ckpt {out_dir}\n"
               f"  python plot.py {out_dir}/train_log.json")
     return summary_of(run, run.log["run"]["status"])
+
+
+def checkpoint_list(out_dir: Path) -> str:
+    """The run's checkpoints and the disk they take, for its summary."""
+    paths = sorted(run_checkpoints(out_dir))
+    total = sum(p.stat().st_size for p in paths)
+    return f"checkpoints in {out_dir}: {', '.join(p.name for p in paths)} ({total / 1e6:.1f} MB in all)"
 
 
 def summary_of(run: Run, status: str) -> dict:

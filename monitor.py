@@ -3,7 +3,7 @@ each evaluation with a sample, the log file train_log.json (plot.py draws it), h
 take, and MFU (model FLOPs utilisation).
 
     log = start_log(cfg, out_dir, model, proc, precision, resumed=None)
-    meter = StepMeter(cfg, proc, model, log, first_step=0)
+    meter = StepMeter(cfg, proc, model, log, board=None, first_step=0)
     meter.step_done(state, loss, lr, grad_norm)   # every log_interval steps: one line, one record
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from data import Data, split_bits_per_byte
 from errors import DataError
 from tokenizer import start_token, tokenizer_from_meta
 from files import write_json
-from generate import generate
+from generate import generate_stream
 from lora import trainable
 from model import GPT
 from options import config_changes
@@ -42,7 +44,7 @@ def print_header(cfg: Config, model: GPT, data: Data, proc: Process, precision: 
     print(f"settings: {cfg.preset or 'defaults'}" + (" + command line" if cfg.overrides else "")
           + f"; all of them in {out_dir / 'config.toml'}\n" + config_changes(cfg))
     if start:
-        print(f"{'resuming' if cfg.training.resume else 'initialised'} from {start.path} at step {state.step}")
+        print(f"{'resuming' if cfg.training.resuming else 'initialised'} from {start.path} at step {state.step}")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters | data: {data.folder} "
           f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {proc.device}, {precision}"
           + (f", threads {proc.threads}" if proc.device_type == "cpu" else "")
@@ -100,6 +102,36 @@ def start_log(cfg: Config, out_dir: Path, model: GPT, proc: Process, precision: 
     return log
 
 
+class Board:
+    """train_log.json's records also as TensorBoard events in <out_dir>/tensorboard (training.tensorboard):
+    the same values at the same steps. train_log.json stays the record that plot.py and resume read."""
+    SCALARS = {"train": ("loss", "lr", "grad_norm", "clipped", "tokens_per_s", "mfu"),
+               "evals": ("train_loss", "val_loss", "val_bpb", "lr")}
+
+    def __init__(self, out_dir: Path, resumed_step: int | None):
+        # A resumed run's events past its checkpoint (a kill came after them) are dropped, as in the log.
+        self.writer = tensorboard_writer()(str(out_dir / "tensorboard"),
+                                           purge_step=None if resumed_step is None else resumed_step + 1)
+
+    def add(self, kind: str, record: dict) -> None:
+        for key in self.SCALARS[kind]:
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"{kind}/{key}", record[key], record["step"])
+        if record.get("sample") is not None:
+            self.writer.add_text("sample", record["sample"], record["step"])
+        self.writer.flush()  # a run may be killed at any moment
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class, which needs the optional tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("training.tensorboard = true needs the tensorboard package: pip install tensorboard, or "
+                          "set training.tensorboard = false (train_log.json and plot.py need nothing more)") from None
+    return SummaryWriter
+
+
 def read_log(path: Path) -> dict | None:
     """A train_log.json's records, or None when it is missing or damaged."""
     try:
@@ -126,15 +158,23 @@ def eval_estimate(seconds: float) -> None:
         print(f"(about {format_duration(seconds)}) ", end="", flush=True)
 
 
-def record_eval(log: dict, state: LoopState, losses: dict[str, float], lr: float, meta: dict,
+def record_eval(log: dict, board: Board | None, state: LoopState, losses: dict[str, float], lr: float, meta: dict,
                 sample: str | None) -> float | None:
     """Add an evaluation to the log; returns the val loss in bits per byte (None: unknown for the data)."""
     val_bpb = split_bits_per_byte(meta, "val", losses["val"])
-    log["evals"].append({"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                         "val_bpb": val_bpb, "lr": lr, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 2),
-                         **({"sample": sample} if sample is not None else {})})
+    record(log, board, "evals", {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"],
+                                 "val_bpb": val_bpb, "lr": lr, "tokens": state.tokens,
+                                 "elapsed_s": round(state.elapsed_s, 2),
+                                 **({"sample": sample} if sample is not None else {})})
     log["best"] = {"step": state.best_step, "val_loss": state.best_val_loss}
     return val_bpb
+
+
+def record(log: dict, board: Board | None, kind: str, values: dict) -> None:
+    """One record of the log ("train" or "evals"), and its TensorBoard events."""
+    log[kind].append(values)
+    if board:
+        board.add(kind, values)
 
 
 def report_eval(losses: dict[str, float], val_bpb: float | None, improved: bool, saved_best: bool,
@@ -159,21 +199,27 @@ def sample_prompt_ids(training: TrainingConfig, meta: dict) -> list[int]:
 
 
 @torch.no_grad()
-def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process) -> str | None:
+def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process,
+                stopping: Callable[[], bool] = lambda: False) -> str | None:
     """training.sample_tokens tokens after training.sample_prompt (None when 0), from the same seed at
     every evaluation, so that two samples differ only by the weights. Its generator is its own: the
     training RNG (dropout) does not move, so a run trains the same with or without samples. Rank 0
-    samples, or under FSDP every process (each forward gathers weights from all of them)."""
+    samples, or under FSDP every process (each forward gathers weights from all of them, so none may
+    stop alone); `stopping()` (Ctrl-C, SIGTERM) cuts the sample short on rank 0."""
     if training.sample_tokens == 0 or not (proc.is_main or is_sharded(model)):
         return None
     ids = sample_prompt_ids(training, meta)
     generator = torch.Generator(proc.device).manual_seed(training.seed)
+    new = []
     model.eval()
     with gathered(model):
-        out = generate(model, torch.tensor([ids], device=proc.device), training.sample_tokens,  # (1, T + new)
-                       SAMPLE_TEMPERATURE, generator=generator)
+        for token in generate_stream(model, torch.tensor([ids], device=proc.device), training.sample_tokens,
+                                     SAMPLE_TEMPERATURE, generator=generator):  # (1, 1) each
+            new.append(token.item())
+            if not is_sharded(model) and stopping():
+                break
     model.train()
-    return training.sample_prompt + tokenizer_from_meta(meta).decode(out[0, len(ids):].tolist())
+    return training.sample_prompt + tokenizer_from_meta(meta).decode(new)
 
 
 # ----------------------------------------------------------------------------- each step
@@ -185,12 +231,14 @@ class StepMeter:
     will take. Gradient norms stay on the device until a line needs them: reading one would make the
     CPU wait for a GPU at every step. Rank 0 measures and prints; the others do nothing."""
 
-    def __init__(self, cfg: Config, proc: Process, model: GPT, log: dict, first_step: int):
-        self.cfg, self.proc, self.model, self.log, self.first_step = cfg, proc, model, log, first_step
+    def __init__(self, cfg: Config, proc: Process, model: GPT, log: dict, board: Board | None, first_step: int):
+        self.cfg, self.proc, self.model, self.log, self.board, self.first_step = cfg, proc, model, log, board, first_step
         self.peak = peak_flops(proc.device)
         self.interval_start = time.time()  # of the current log interval, evaluations left out
         self.clipped = torch.zeros((), device=proc.device)  # steps clipped since the last line
         self.steps = 0
+        # On a terminal, one line that each step rewrites, between the log lines; never in a file.
+        self.progress = proc.is_main and sys.stdout.isatty()
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` (an evaluation) out of the time per step."""
@@ -205,26 +253,44 @@ class StepMeter:
             self.clipped += grad_norm > t.grad_clip
         step = state.step
         if step == self.first_step + 2 and t.log_interval > 2:  # before the first log line
+            self.clear()
             announce_speed(t.max_iters, step, self.proc, (time.time() - self.interval_start) / 2)
         if step % t.log_interval:
+            self.show_progress(step, loss)
             return
+        self.clear()
         if self.proc.device_type == "cuda":
             torch.cuda.synchronize()
         # A resumed run's first interval may be short: it starts where the checkpoint was.
         dt_ms = (time.time() - self.interval_start) * 1000 / min(t.log_interval, step - self.first_step)
         self.interval_start = time.time()
         tok_s = self.cfg.tokens_per_step() * 1000 / dt_ms
-        mfu = f" | mfu {100 * estimate_mfu(self.model, tok_s, self.peak * self.proc.world_size):.1f}%" \
-            if self.peak else ""
+        mfu = estimate_mfu(self.model, tok_s, self.peak * self.proc.world_size) if self.peak else None
         eta = format_duration((t.max_iters - step) * dt_ms / 1000)  # at this interval's speed
         norm, clipped = grad_norm.item(), self.clipped.item() / self.steps
         self.clipped.zero_()
         self.steps = 0
         print(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} (clipped "
-              f"{clipped:.0%}) | {dt_ms:.1f} ms/step | {tok_s:,.0f} tok/s{mfu} | eta {eta}")
-        self.log["train"].append({"step": step, "loss": loss, "lr": lr, "ms_per_step": round(dt_ms, 2),
-                                  "tokens_per_s": round(tok_s), "tokens": state.tokens, "grad_norm": norm,
-                                  "clipped": clipped})
+              f"{clipped:.0%}) | {dt_ms:.1f} ms/step | {tok_s:,.0f} tok/s"
+              + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | eta {eta}")
+        record(self.log, self.board, "train", {
+            "step": step, "loss": loss, "lr": lr, "ms_per_step": round(dt_ms, 2), "tokens_per_s": round(tok_s),
+            "tokens": state.tokens, "grad_norm": norm, "clipped": clipped,
+            **({"mfu": round(mfu, 4)} if mfu is not None else {})})
+
+
+    def show_progress(self, step: int, loss: float) -> None:
+        if self.progress:
+            seconds = (time.time() - self.interval_start) / self.steps  # per step, in this interval so far
+            left = format_duration((self.cfg.training.max_iters - step) * seconds)
+            sys.stdout.write(f"\r  step {step}/{self.cfg.training.max_iters} | loss {loss:.4f} | "
+                             f"{self.cfg.tokens_per_step() / seconds:,.0f} tok/s | eta {left}\033[K")
+            sys.stdout.flush()
+
+    def clear(self) -> None:
+        """Erase the progress line, before anything else is printed."""
+        if self.progress:
+            sys.stdout.write("\r\033[K")
 
 
 def announce_speed(max_iters: int, step: int, proc: Process, seconds_per_step: float) -> None:

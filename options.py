@@ -108,7 +108,7 @@ def scan(argv: list[str], options, sections: tuple[str, ...], program: str, prob
         if not has_eq:
             # A boolean flag alone means true (before a script's positional arguments, only a
             # following true/false is its value); any other flag takes the next argument.
-            boolean = f is not None and f.type is bool
+            boolean = f is not None and takes_bool(f)
             if boolean and (i == len(argv) or argv[i].startswith("--") or
                             positional and argv[i].lower() not in ("true", "false")):
                 value = "true"
@@ -179,9 +179,16 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
             cfg.explicit.add(name)
 
 
+def takes_bool(f: dataclasses.Field) -> bool:
+    """A boolean, or a choice that includes true and false (training.resume: auto, true, false)."""
+    return f.type is bool or f.type is str and {"true", "false"} <= set(f.metadata["choices"] or ())
+
+
 def convert(name: str, f: dataclasses.Field, value, from_text: bool):
     """Value for field `f`, converted by its declared type; raises ConfigError naming the setting."""
     typ = f.type
+    if typ is str and takes_bool(f) and (isinstance(value, bool) or from_text):
+        return str(value).lower()  # TOML's true, or the command line's True, is the choice "true"
     if from_text:
         if typ is bool:
             if value.lower() not in ("true", "false"):
@@ -321,11 +328,13 @@ def intro(about: str) -> str:
 
 
 def resume_command(cfg: Config, launcher: str = "python") -> str:
-    """train.py's command line as cfg was parsed from it, with --resume (and without what contradicts it)."""
+    """train.py's command line as cfg was parsed from it, without --training.overwrite: run again, it
+    continues the run (training.resume = auto), or with --resume where a preset or the command line
+    chose another training.resume."""
     args, drop = [], ("--resume", "--training.resume", "--training.overwrite")
     for i, arg in enumerate(cfg.argv):
         flag = arg.split("=")[0]
         if flag in drop or (i and cfg.argv[i - 1] in drop and not arg.startswith("--")):
             continue
         args.append(arg)
-    return f"{launcher} train.py {shlex.join(args + ['--resume'])}"
+    return f"{launcher} train.py {shlex.join(args + (['--resume'] if 'training.resume' in cfg.explicit else []))}"

@@ -19,6 +19,9 @@ with exit status 0; the PNG is replaced whole each time, so an image viewer can 
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import UserError, command
+
 import json
 import os
 import sys
@@ -32,7 +35,6 @@ from matplotlib.ticker import EngFormatter
 
 from config import doc
 from options import parse
-from errors import UserError, command
 from files import atomic_file
 
 LOG_NAME = "train_log.json"

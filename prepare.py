@@ -16,6 +16,9 @@ input streams in chunks, so memory stays bounded for any size. train.py prepares
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import DataError, command
+
 import hashlib
 import os
 import sys
@@ -27,9 +30,8 @@ import numpy as np
 
 from config import DataConfig, doc
 from options import parse
-from data import (META_VERSION, Progress, default_processed_dir, load_meta, longer_split, resolve_bin_dir,
+from data import (FOLDER_SETTINGS, META_VERSION, Progress, default_processed_dir, load_meta, longer_split, resolve_bin_dir,
                   text_chunks, token_dtype)
-from errors import DataError, command
 from files import FileError, lock, make_folder, sync_folder, write_json
 from tokenizer import (encode_chunks, hf_tokenizer_meta, safe_cut, split_safely, tokenizer_differences,
                        tokenizer_from_meta)
@@ -180,6 +182,7 @@ def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: i
     if d.processed_dir:
         made = {"input": meta.get("source", {}).get("path"), "tokenizer": meta["tokenizer"],
                 "bpe_encoding": meta.get("encoding"), "format": meta["format"], "val_fraction": meta.get("val_fraction")}
+        assert tuple(made) == FOLDER_SETTINGS
         for key, value in made.items():
             if value is not None and f"data.{key}" not in (explicit or set()):
                 setattr(d, key, value)
@@ -246,17 +249,16 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         **{k: getattr(tok, k) if k in ("chars", "eot_token") else wanted[k] for k in own[wanted["tokenizer"]]},
         "val_fraction": d.val_fraction, "source": source,
     }
-    if (out / "meta.json").exists() and not force:
-        try:
-            diffs = differences(load_meta(out), d, meta, source)
-        except DataError:
-            diffs = ["meta.json is corrupt"]
-        if diffs:
-            raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
-                            "set data.processed_dir to another folder, or pass --force to replace it")
+    if not force and (diffs := prepared_differently(out, d, meta, source)):
+        raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
+                        "set data.processed_dir to another folder, or pass --force to replace it")
 
-    # Pass 2, in a folder locked against a second prepare.py: encode, check, then publish.
-    with lock(make_folder(out, "data.processed_dir") / ".lock", f"data.processed_dir = {str(out)!r}"):
+    # Pass 2, in a folder locked against a second prepare.py (which waits): encode, check, then publish.
+    with lock(make_folder(out, "data.processed_dir") / ".lock", f"data.processed_dir = {str(out)!r}", wait=True):
+        if not force and prepared_differently(out, d, meta, source) == []:  # by the process this one waited for
+            print(f"{out} was prepared by the other process in the meantime, from the same text: using it",
+                  file=sys.stderr, flush=True)
+            return load_meta(out) | {"out": str(out)}
         try:
             # "bytes": each split's UTF-8 text bytes (end-of-text tokens not counted), for bits per byte.
             meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
@@ -267,6 +269,16 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
                             "data.processed_dir") from None
         write_json(out / "meta.json", meta)
     return meta | {"out": str(out)}
+
+
+def prepared_differently(out: Path, d: DataConfig, meta: dict, source: dict) -> list[str] | None:
+    """How the data in `out` differs from what is being prepared ([]: it is that data), or None: no data there."""
+    if not (out / "meta.json").exists():
+        return None
+    try:
+        return differences(load_meta(out), d, meta, source)
+    except DataError:
+        return ["meta.json is corrupt"]
 
 
 SPLIT_FILES = ("train.bin", "val.bin", "train.txt", "val.txt")

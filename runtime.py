@@ -407,8 +407,9 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: it
-    finishes the current step, saves ckpt_last.pt and exits. A second one of the same kind stops at once.
+    """Ctrl-C (SIGINT) and SIGTERM (what `timeout` and job schedulers send) ask the loop to stop: at the
+    next micro-batch, evaluation batch or sampled token it saves the last whole step in ckpt_last.pt and
+    exits. A second one of the same kind stops at once.
     A reader of stdout that goes away (`train.py | head`) stops it the same way, as SIGPIPE (exit 141)."""
 
     def __init__(self, proc: Process):
@@ -432,7 +433,7 @@ class StopSignals:
         if signum in self.previous:
             signal.signal(signum, self.previous[signum])  # the next one acts at once, as usual
         if self.proc.is_main:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving it "
+            print(f"\n{signal.Signals(signum).name}: stopping, with the last whole step saved "
                   + ("(stdout was closed)" if signum == signal.SIGPIPE else "(again to stop at once, without saving)"),
                   file=message_stream(), flush=True)
 

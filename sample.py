@@ -11,6 +11,9 @@ notices go to stderr, so `python sample.py > out.txt` keeps only the text.
 
 from __future__ import annotations
 
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import DataError, command
+
 import codecs
 import sys
 from dataclasses import dataclass
@@ -22,9 +25,7 @@ import checkpoint
 from config import ConfigError, doc
 from options import parse
 from data import read_text
-from errors import DataError
 from tokenizer import BPETokenizer, CharTokenizer, HFTokenizer, check_in_vocabulary, start_token, tokenizer_from_meta
-from errors import command
 from generate import check_sampling_args, generate_stream
 from model import GPT
 from runtime import pick_device, use_threads

@@ -2,7 +2,7 @@
 
     python train.py --config configs/cpu/small.toml                  # a few minutes on a CPU
     python train.py --config configs/base/base.toml --device cuda    # the classic GPU run
-    python train.py --config configs/cpu/small.toml --resume         # continue from ckpt_last.pt
+    python train.py --config configs/cpu/small.toml                  # again: continues it (or says it is done)
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml
     torchrun --nproc_per_node=4 train.py --config configs/base/base.toml --training.parallel fsdp   # sharded
     python train.py --help                                           # every setting, with its doc
@@ -15,6 +15,9 @@ after_evaluation() keeps the best checkpoint and decides early stopping. What su
 """
 
 from __future__ import annotations
+
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import command
 
 import contextlib
 import dataclasses
@@ -30,17 +33,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lifecycle
 import monitor
 import prepare
-from checkpoint import CHECKPOINT_VERSION, Weights, base_reference, save_checkpoint, weights_to_save
+from checkpoint import (CHECKPOINT_VERSION, Weights, base_reference, numbered_path, prune_numbered, save_checkpoint,
+                        weights_to_save)
 from config import Config, ConfigError, TrainingConfig
 from data import Data, check_split_lengths, get_batch, load_tokens
-from errors import command
 from lifecycle import Run
 from lora import add_adapters, load_adapters
 from model import GPT
 from muon import make_optimizer
 from options import parse
 from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce, autocast, checkpoint_activations,
-                     full_state, pick_device, pick_precision, rng_state, shard, start_process, whole)
+                     full_state, pick_device, pick_precision, rng_state, set_rng_state, shard, start_process, whole)
 
 
 def main(cfg: Config) -> dict:
@@ -48,8 +51,8 @@ def main(cfg: Config) -> dict:
     proc = start_process(pick_device(cfg.training.device), cfg.training.threads)
     with lifecycle.held(cfg, proc):  # this run alone writes into its out_dir
         lifecycle.check_run(cfg, proc)
-        start = lifecycle.load_start(cfg, proc)  # resume: the run's ckpt_last.pt; init_from: those weights
-        weights, adapters = start.to_start_from(cfg.training.resume) if start else ({}, {})
+        start = lifecycle.load_start(cfg, proc)  # resume: the run's newest checkpoint; init_from: those weights
+        weights, adapters = start.to_start_from(cfg.training.resuming) if start else ({}, {})
         data = build_data(cfg, proc, start)      # the token splits, prepared on first use
         model = build_model(cfg, proc, weights)  # the GPT with its starting weights
         run = build_run(cfg, proc, start, data, model, adapters)  # its wrappers, optimizer and loop state
@@ -64,15 +67,19 @@ def main(cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- one step
 
-def train_step(run: Run, lr: float) -> tuple[float, torch.Tensor]:
+def train_step(run: Run, lr: float, signals: StopSignals) -> tuple[float, torch.Tensor] | None:
     """One optimizer step: the gradients of grad_accum_steps micro-batches, summed, clipped, applied.
-    Returns the step's mean loss and the gradient norm before clipping (left on the device)."""
+    Returns the step's mean loss and the gradient norm before clipping (left on the device), or None
+    when Ctrl-C or SIGTERM came between two micro-batches: the step is dropped, nothing applied."""
     cfg, proc, t = run.cfg, run.proc, run.cfg.training
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices have a peak rate of their own
     accum = t.grad_accum_steps // proc.world_size  # this process's share of the micro-batches
     loss_sum = torch.zeros((), device=proc.device)
     for micro in range(accum):
+        if signals.requested():  # a step of many micro-batches can take minutes on a CPU
+            run.optimizer.zero_grad(set_to_none=True)
+            return None
         # The step's batch is a pure function of (seed, step); each micro-batch is a slice of it, so
         # N processes see exactly the samples of one process with N times the accumulation.
         x, y = get_batch(run.data.train, cfg.model.block_size, t.batch_size, ("train", t.seed, run.state.step),
@@ -127,7 +134,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
     passes max_iters + 1 times: the last pass makes no update, it evaluates and saves."""
     t, state = run.cfg.training, run.state
     first_step, start_time = state.step, time.time() - state.elapsed_s  # elapsed_s carries on across resumes
-    meter = monitor.StepMeter(run.cfg, run.proc, run.model, run.log, first_step)
+    meter = monitor.StepMeter(run.cfg, run.proc, run.model, run.log, run.board, first_step)
     profiler = ProfileWindow(t.profile_start_step, t.profile_end_step, t.profile_dir or run.out_dir / "profile",
                              run.proc.device, run.proc.is_main)
     while True:
@@ -138,21 +145,28 @@ def train_loop(run: Run, signals: StopSignals) -> None:
 
         # A resumed run's step was evaluated before it was saved: last_eval_step says so.
         if (state.step % t.eval_interval == 0 or last_step) and state.last_eval_step != state.step:
+            meter.clear()  # the progress line, on a terminal
             began = time.time()
             losses = evaluate(run, signals, estimate=state.step == first_step)
             if losses is None:  # a stop during the evaluation: the top of the loop saves this step and stops
                 continue
             state.elapsed_s = time.time() - start_time
-            stop_early = after_evaluation(run, losses)
+            stop_early = after_evaluation(run, losses, signals)
             meter.exclude(time.time() - began)  # the time per step leaves evaluations out
             if stop_early:
                 break
+        if t.save_interval and state.step % t.save_interval == 0:
+            save(run)  # a numbered checkpoint (nothing to do when the evaluation saved this step)
         if last_step:
             break
 
         profiler.before_step(state.step)
         lr = get_lr(state.step, t)
-        loss, grad_norm = train_step(run, lr)
+        rng = rng_state(run.proc.device)  # dropout's: a dropped step is put back as it was, for an exact resume
+        if (done := train_step(run, lr, signals)) is None:  # stopped: the top of the loop saves the step before
+            set_rng_state(rng, run.proc.device)
+            continue
+        loss, grad_norm = done
         state.step += 1
         state.tokens += run.cfg.tokens_per_step()
         state.elapsed_s = time.time() - start_time
@@ -193,9 +207,9 @@ def evaluate(run: Run, signals: StopSignals | None = None, estimate: bool = Fals
     return out
 
 
-def after_evaluation(run: Run, losses: dict[str, float]) -> bool:
-    """What follows an evaluation: the best val loss and early stopping, the log (with a sample),
-    ckpt_last.pt and ckpt_best.pt, and the report. True when early stopping ends the run."""
+def after_evaluation(run: Run, losses: dict[str, float], signals: StopSignals) -> bool:
+    """What follows an evaluation: the best val loss and early stopping, the log (with a sample, cut
+    short by a stop), ckpt_last.pt and ckpt_best.pt, and the report. True when early stopping ends the run."""
     t, state = run.cfg.training, run.state
     if not all(map(math.isfinite, losses.values())):
         raise lifecycle.diverged(run, f"the val loss became {losses['val']} (train {losses['train']})")
@@ -207,11 +221,11 @@ def after_evaluation(run: Run, losses: dict[str, float]) -> bool:
     stop_early = t.early_stopping and state.bad_evals >= t.early_stopping_patience
     state.last_eval_step = state.step
     state.start_val_loss = losses["val"] if state.start_val_loss is None else state.start_val_loss
-    sample = monitor.eval_sample(run.model, run.data.meta, t, run.proc)  # every process, under FSDP
+    sample = monitor.eval_sample(run.model, run.data.meta, t, run.proc, lambda: bool(signals.received))
     if run.proc.is_main:
         # The log goes first: a kill before the checkpoint leaves a log ahead of it, which a resume trims.
         lr = get_lr(min(state.step, t.max_iters - 1), t)  # the last pass makes no step: its rate is the last one's
-        val_bpb = monitor.record_eval(run.log, state, losses, lr, run.data.meta, sample)
+        val_bpb = monitor.record_eval(run.log, run.board, state, losses, lr, run.data.meta, sample)
         if stop_early:
             lifecycle.early_stopped(run)
         monitor.write_log(run.out_dir, run.log)
@@ -223,11 +237,13 @@ def after_evaluation(run: Run, losses: dict[str, float]) -> bool:
 
 
 def save(run: Run, val_loss: float | None = None, best: bool = False) -> None:
-    """ckpt_last.pt at this step (and ckpt_best.pt when `best`), each with what resuming needs. Every
-    process calls it: under FSDP each holds a part of the weights, and all take part in gathering them;
-    rank 0 writes. A fresh run's step 0 is not saved (its weights are the seed's or init_from's, so a run
-    that fails at its start leaves no checkpoint), nor a step twice, nor weights that are not finite."""
-    if run.state.step == 0 or run.state.step == run.saved_step:
+    """ckpt_last.pt at this step (and ckpt_best.pt when `best`, a numbered ckpt_000500.pt every
+    save_interval steps), each with what resuming needs. Every process calls it: under FSDP each holds
+    a part of the weights, and all take part in gathering them; rank 0 writes. A fresh run's step 0 is
+    not saved (its weights are the seed's or init_from's, so a run that fails at its start leaves no
+    checkpoint), nor a step twice, nor weights that are not finite."""
+    t, step = run.cfg.training, run.state.step
+    if step == 0 or step == run.saved_step:
         return
     if not all_finite(run.model, run.proc):  # the last update came after the last loss was checked
         raise lifecycle.diverged(run, "the weights became non-finite numbers")
@@ -240,7 +256,10 @@ def save(run: Run, val_loss: float | None = None, best: bool = False) -> None:
         save_checkpoint(run.out_dir / "ckpt_last.pt", ckpt)
         if best:
             save_checkpoint(run.out_dir / "ckpt_best.pt", ckpt)
-    run.saved_step = run.state.step
+        if t.save_interval and step % t.save_interval == 0:  # kept, until keep_last newer ones are
+            save_checkpoint(numbered_path(run.out_dir, step), ckpt)
+            prune_numbered(run.out_dir, t.keep_last, step, run.state.run_id)
+    run.saved_step = step
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -316,9 +335,9 @@ def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, mod
     scaler = torch.amp.GradScaler(proc.device_type, enabled=precision == "fp16")
     state = lifecycle.restore(start, t, model, optimizer, scaler, proc.device)
     return Run(cfg=cfg, proc=proc, model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler, data=data,
-               state=state, precision=precision, saved_step=state.step if t.resume else None,
-               log=monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resume else None),
-               lora_base=base_reference(start, t.resume) if cfg.lora.rank else None)
+               state=state, precision=precision, saved_step=state.step if t.resuming else None,
+               log=monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resuming else None),
+               lora_base=base_reference(start, t.resuming) if cfg.lora.rank else None)
 
 
 @command

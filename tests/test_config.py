@@ -37,9 +37,10 @@ def test_precedence_cli_over_preset_over_defaults(tmp_path):
 def test_short_flags(tmp_path):
     cfg = load_config(["--tokenizer", "bpe", "--max-iters", "9", "--device", "cpu", "--resume"])
     assert (cfg.data.tokenizer, cfg.training.max_iters, cfg.training.device) == ("bpe", 9, "cpu")
-    assert cfg.training.resume is True  # a boolean alone means true
-    assert load_config(["--resume", "--max-iters", "3"]).training.resume is True
-    assert load_config(["--resume", "false"]).training.resume is False
+    assert cfg.training.resume == "true"  # a boolean alone means true (resume: auto, true or false)
+    assert load_config(["--resume", "--max-iters", "3"]).training.resume == "true"
+    assert load_config(["--resume", "false"]).training.resume == "false"
+    assert load_config(["--resume", "auto"]).training.resume == "auto" == load_config([]).training.resume
     assert load_config(["--model.bias", "--max-iters", "3"]).model.bias is True
 
 
@@ -51,7 +52,8 @@ def test_values_convert_by_declared_type(tmp_path):
     assert cfg.training.learning_rate == 1.0 and isinstance(cfg.training.learning_rate, float)
     preset = write(tmp_path, "[training]\nlearning_rate = 1\nresume = false\n")
     cfg = load_config(["--config", preset])
-    assert cfg.training.learning_rate == 1.0 and cfg.training.resume is False
+    assert cfg.training.learning_rate == 1.0 and cfg.training.resume == "false"  # TOML's false is the choice
+    assert load_config(["--config", write(tmp_path, '[training]\nresume = "auto"\n')]).training.resume == "auto"
 
 
 def test_unknown_keys_suggest_the_nearest(tmp_path):

@@ -1,6 +1,7 @@
 """prepare.py and data.py: tokenizers, both formats, batches, and every bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -317,3 +318,50 @@ def test_ensure_prepared_never_uses_a_split_the_config_does_not_describe(tmp_pat
     assert data.load_meta(folder)["val_fraction"] == 0.2  # untouched
     text.unlink()  # no input any more: the prepared folder is used as it is
     assert prepare.ensure_prepared(DataConfig(input=str(text), val_fraction=0.2))[0] == folder
+
+
+def test_a_second_preparation_of_a_folder_in_use_waits_and_uses_what_the_first_made(tmp_path):
+    """Two trainings that prepare the same default data at once: the second waits (saying so) instead of
+    failing, and finds the data the first prepared from the same text, which it leaves as it is."""
+    import files
+
+    text = tmp_path / "my.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    first, out = tmp_path / "first", tmp_path / "out"
+    prepare.prepare(DataConfig(input=str(text), processed_dir=str(first)), progress=False)
+    with files.lock(files.make_folder(out, "x") / ".lock", "the first preparation"):
+        second = subprocess.Popen([sys.executable, "prepare.py", "--data.input", str(text), "--data.processed_dir",
+                                   str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = second.stderr.readline()
+        assert line == f"data.processed_dir = {str(out)!r} is in use by another process (PID {os.getpid()}): " \
+                       "waiting for it to finish\n"
+        for name in ("train.bin", "val.bin", "meta.json"):  # what the first one writes, as it ends
+            (out / name).write_bytes((first / name).read_bytes())
+        made = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+    assert stderr == f"{out} was prepared by the other process in the meantime, from the same text: using it\n"
+    assert stdout.startswith(f"prepared {out}: train ")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == made  # nothing written again
+
+
+def test_sigterm_during_preparation_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (a scheduler, `timeout`) while prepare.py encodes: exit 143 with one line, its temporary
+    split files removed, the folder left as it was (no data, since none was there)."""
+    import signal
+
+    big = tmp_path / "big.txt"
+    big.write_text(CORPUS.read_text(encoding="utf-8") * 40, encoding="utf-8")  # 45 MB: encoding takes seconds
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--data.input", str(big), "--data.processed_dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("prepare: encoding: "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stderr = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 143, stderr
+    assert stderr.endswith("\nterminated (SIGTERM)\n") and "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tmp split, no lock, no meta.json

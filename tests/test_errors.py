@@ -2,8 +2,13 @@
 a bug, including a learner's edit to model.py, keeps its full traceback."""
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -38,3 +43,18 @@ def test_a_user_mistake_is_one_line(tmp_path):
                        cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr == "error: model.n_embd (64) must be divisible by model.n_head (5), or set model.head_dim\n"
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "export.py", "prepare.py", "bench.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(script):
+    """Ctrl-C in the seconds a script spends importing torch, before its entry point runs: one line,
+    no traceback, and the status of a process stopped by SIGINT (the shell's 130)."""
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: errors.py came first
+        assert time.monotonic() < deadline and proc.poll() is None, "torch never started loading"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == -signal.SIGINT and stderr == "\ninterrupted\n"

@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -126,9 +128,7 @@ def cases(w: Path) -> list[Case]:
         Case("prepare-config-not-utf8", "prepare", ["--config", str(d / "p.toml")], "p.toml",
              lambda w, d: write(d / "p.toml", b"[data]\ninput = \"\xff\xfe\"\n")),
         Case("prepare-config-missing", "prepare", ["--config", str(d / "nope.toml")], "nope.toml"),
-        Case("prepare-folder-in-use", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "busy"),
-                                                  "--force"], "data.processed_dir",
-             held_lock(lambda w, d: files.make_folder(d / "busy", "x") / ".lock")),
+        # A second prepare.py into a folder in use waits for the first: tests/test_data.py.
         # train.py
         Case("train-overwrite-of-its-own-start", "train",
              tiny(d / "run", data, "--training.init_from", str(d / "run" / "ckpt_best.pt"), "--training.overwrite",
@@ -139,7 +139,16 @@ def cases(w: Path) -> list[Case]:
         Case("train-heads-do-not-divide", "train", ["--model.n_embd", "64", "--model.n_head", "5"], "model.n_head"),
         Case("train-out-dir-is-a-file", "train", tiny(d / "f", data), "training.out_dir", lambda w, d: write(d / "f", "x")),
         Case("train-out-dir-not-writable", "train", tiny(NOT_A_FOLDER, data), "training.out_dir"),
-        Case("train-run-exists", "train", tiny(d / "run", data), "training.out_dir", lambda w, d: copy(run, d / "run")),
+        Case("train-run-exists", "train", tiny(d / "run", data, "--training.resume", "false"), "training.out_dir",
+             lambda w, d: copy(run, d / "run")),
+        Case("train-rerun-with-other-settings", "train", tiny(d / "run", data, "--training.learning_rate", "0.5"),
+             "training.learning_rate", lambda w, d: copy(run, d / "run")),
+        Case("train-keep-last-zero", "train", tiny(d / "o", data, "--training.save_interval", "5",
+                                                   "--training.keep_last", "0"), "training.keep_last"),
+        Case("train-auto-resume-and-overwrite", "train", tiny(d / "r", data, "--training.resume", "auto",
+                                                              "--training.overwrite"), "training.overwrite"),
+        Case("train-tensorboard-missing", "train", tiny(d / "o", data, "--training.tensorboard"), "training.tensorboard",
+             lambda w, d: mock.patch.dict(sys.modules, {"torch.utils.tensorboard": None})),
         Case("train-resume-without-checkpoint", "train", tiny(d / "empty", data, "--resume"), "ckpt_last.pt"),
         Case("train-resume-with-another-init-from", "train", tiny(d / "r", data, "--resume", "--training.init_from",
                                                                   str(run)), "training.init_from",
@@ -154,6 +163,17 @@ def cases(w: Path) -> list[Case]:
              "t.pt", lambda w, d: torch.save({"weights": torch.zeros(2)}, d / "t.pt")),
         Case("train-init-from-damaged-meta", "train", tiny(d / "o", data, "--training.init_from", str(d / "m.pt")),
              "m.pt", lambda w, d: resave(run / "ckpt_last.pt", d / "m.pt", meta={"tokenizer": "words"})),
+        Case("train-init-from-nan-weights", "train", tiny(d / "o", data, "--training.init_from", str(d / "nan.pt")),
+             "nan.pt", lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
+        Case("train-resume-nan-weights", "train", tiny(d / "r", data, "--resume"), "ckpt_last.pt",
+             lambda w, d: (copy(run, d / "r"), resave(run / "ckpt_last.pt", d / "r" / "ckpt_last.pt",
+                                                      model=non_finite(run / "ckpt_last.pt")))),
+        Case("sample-nan-weights", "sample", ["--ckpt", str(d / "nan.pt")], "nan.pt",
+             lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
+        Case("eval-nan-weights", "eval", ["--ckpt", str(d / "nan.pt"), "--text", str(text)], "nan.pt",
+             lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
+        Case("export-nan-weights", "export", ["--ckpt", str(d / "nan.pt"), "--out", str(d / "ex")], "nan.pt",
+             lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
         Case("train-resume-without-optimizer", "train", tiny(d / "r", data, "--resume"), "ckpt_last.pt",
              lambda w, d: resave(run / "ckpt_last.pt", d / "r" / "ckpt_last.pt", optimizer=None)),
         Case("train-meta-wrong-types", "train", tiny(d / "o", d / "data"), "meta.json",
@@ -355,6 +375,14 @@ def resave(src: Path, dest: Path, **changes) -> None:
         ckpt.pop(k) if v is None else ckpt.__setitem__(k, v)
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dest)
+
+
+def non_finite(path: Path) -> dict:
+    """A checkpoint's weights with a NaN and an inf in them (as a run that diverged would leave them)."""
+    model = torch.load(path, weights_only=True)["model"]
+    weight = next(k for k in model if k.endswith("attn.c_attn.weight") or k.endswith("c_attn.weight"))
+    model[weight][0, 0], model[weight][0, 1] = float("nan"), float("inf")
+    return model
 
 
 def drop_tensor(path: Path, name: str) -> None:

@@ -316,7 +316,7 @@ def test_init_from_an_exported_folder(tmp_path, char_data, fmt):
     # --resume continues out_dir's own run: where there is none, it says so.
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "d"),
                        "--device", "cpu", "--resume"])
-    with pytest.raises(CheckpointError, match="ckpt_last.pt does not exist; train without --resume first"):
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint \(ckpt_last.pt\); train without --resume first"):
         train.main(cfg)
 
 
