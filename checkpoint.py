@@ -35,9 +35,10 @@ from safetensors import SafetensorError, safe_open
 
 import gguf_format
 import hf
+from checks import checkpoint_problems
 from config import Config, LoraConfig, ModelConfig, apply_implied, validate
 from data import meta_problems
-from errors import UserError
+from errors import UserError, out_of_memory
 from files import atomic_file, write_json
 from lora import add_adapters, is_adapter, merge
 from model import GPT
@@ -129,12 +130,17 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror}); check its permissions") from None
     except Exception as e:  # truncated, corrupt, or not a torch file at all
+        if out_of_memory(e):
+            raise
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
                               "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise DamagedCheckpoint(f"{path} is not a checkpoint written by train.py")
     if ckpt.get("meta") is not None and meta_problems(ckpt["meta"]):
         raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(meta_problems(ckpt['meta']))})")
+    if problems := checkpoint_problems(ckpt):
+        raise DamagedCheckpoint(f"{path} is damaged or was edited: {'; '.join(problems)}; use another checkpoint "
+                                "(a resume tries the run's older ones by itself)")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this code; update it")
     cfg = model_config(ckpt["config"].get("model"), path)

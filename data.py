@@ -155,6 +155,8 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
             out.append("bytes is there without tokens")
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
         out.append("vocab_size is not the number of chars")
+    if not out and meta["tokenizer"] == "char" and len(set(meta["chars"])) != len(meta["chars"]):
+        out.append("chars repeats a character (two ids for one character)")
     if not out and meta["tokenizer"] == "hf" and not isinstance(meta["files"].get("tokenizer.json"), str):
         out.append("files has no tokenizer.json")
     return out
@@ -195,7 +197,14 @@ def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> n
             raise DataError(f"{path} is damaged ({path.stat().st_size} bytes: not whole {meta['dtype']} tokens); "
                             f"prepare the data again: python prepare.py --data.processed_dir {folder} --force")
         # memmap: the file is paged in on demand, never read whole into memory.
-        return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        # One pass over the file (about a second per GB): ids that meta.json's vocabulary does not have
+        # mean that they do not belong together, said now rather than as a model error in some batch.
+        if (top := int(tokens.max())) >= meta["vocab_size"]:
+            raise DataError(f"{path} holds token id {top}, beyond meta.json's vocab_size of {meta['vocab_size']}: "
+                            f"they do not belong together (a damaged file, or not {meta['dtype']} tokens); prepare "
+                            f"the data again: python prepare.py --data.processed_dir {folder} --force")
+        return tokens
     if not (folder / f"{split}.txt").exists():
         raise DataError(f"{folder / f'{split}.txt'} is missing; prepare the data again with --force")
     text, _ = read_text(folder / f"{split}.txt")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from attention import flex_cannot_train
+from checks import optimizer_problems
 from checkpoint import (CheckpointError, DamagedCheckpoint, LoopState, Weights, adopt_model_shape, find_weights,
                         load_weights, run_checkpoints)
 from config import Config, ConfigError, TrainingConfig
@@ -32,7 +33,7 @@ from files import atomic_write_text, lock, make_folder
 from model import GPT
 from monitor import Board, print_header, tensorboard_writer, write_log
 from options import resume_command, to_toml
-from runtime import (Process, Stopped, available_memory, end_process, format_duration, load_optimizer_state,
+from runtime import (Process, Stopped, all_reduce, available_memory, end_process, format_duration, load_optimizer_state,
                      message_stream, parallel_problems, set_rng_state, step_memory)
 
 
@@ -85,10 +86,13 @@ def check_run(cfg: Config, proc: Process) -> None:
     if problems:
         raise ConfigError(problems)
     out_dir, t = Path(cfg.training.out_dir), cfg.training
-    held = run_checkpoints(out_dir)
-    t.run_found = bool(held) and not t.overwrite  # resume = auto: the same command continues the run, or starts it
-    if not t.resuming and not t.overwrite and held:
-        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its {held[0].name}); continue "
+    # Whether out_dir holds a run, as rank 0 sees it (every process must decide alike).
+    held = run_checkpoints(out_dir) if proc.is_main else []
+    found = bool(all_reduce(torch.tensor(len(held), device=proc.device), proc, "max").item())
+    t.run_found = found and not t.overwrite  # resume = auto: the same command continues the run, or starts it
+    if not t.resuming and not t.overwrite and found:
+        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its "
+                         f"{held[0].name if held else 'checkpoints'}); continue "
                          "it with --resume, replace it with --training.overwrite, or choose another "
                          "training.out_dir")
     start = Path(t.init_from).resolve() if t.init_from else None
@@ -166,7 +170,9 @@ def load_start(cfg: Config, proc: Process) -> Weights | None:
                               "checkpoint; drop training.init_from, or train a new run into another out_dir")
     problems = adopt_model_shape(cfg, start)
     if problems:
-        raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems))
+        another = ("; to train another model in this out_dir, add --training.overwrite, or choose another "
+                   "training.out_dir" if training.resume == "auto" and training.resuming else "")
+        raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems) + another)
     if training.resume == "auto" and training.resuming and (changed := changed_settings(cfg, start.config)):
         raise TrainError(f"training.out_dir = {training.out_dir!r} holds a run with other settings ("
                          + "; ".join(changed) + "): run its command again to continue it, add --resume to "
@@ -237,6 +243,9 @@ def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Mod
     if missing:
         raise CheckpointError(f"{start.path} cannot be resumed: it has no {', '.join(missing)}; start a new run "
                               "from its weights with training.init_from instead")
+    if problems := optimizer_problems(ckpt["optimizer"], optimizer):
+        raise CheckpointError(f"{start.path} cannot be resumed: its {problems[0]}; start a new run from its weights "
+                              "with training.init_from instead")
     load_optimizer_state(model, optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
@@ -288,10 +297,21 @@ def diverged(run: Run, what: str) -> TrainError:
     return TrainError(f"{what} at step {step}: training diverged; {safe} (or bf16 instead of fp16)")
 
 
+def finished(run: Run) -> bool:
+    """Whether the run being resumed has ended: at max_iters, or stopped early (early stopping)."""
+    t, state = run.cfg.training, run.state
+    return state.step >= t.max_iters or (t.early_stopping and state.bad_evals >= t.early_stopping_patience)
+
+
 def nothing_to_do(run: Run) -> dict:
-    if run.proc.is_main:
-        print(f"nothing to do: {run.out_dir / 'ckpt_last.pt'} is at step {run.state.step} and "
-              f"training.max_iters is {run.cfg.training.max_iters}; raise --max-iters to train further")
+    t, state = run.cfg.training, run.state
+    if run.proc.is_main and state.step < t.max_iters:
+        print(f"nothing to do: the run in {run.out_dir} stopped early at step {state.step} ({state.bad_evals} "
+              f"evaluations without improvement); to train further, raise training.early_stopping_patience or "
+              "set training.early_stopping = false")
+    elif run.proc.is_main:
+        print(f"nothing to do: the run in {run.out_dir} is at step {state.step} and training.max_iters is "
+              f"{t.max_iters}; raise --max-iters to train further")
     return summary_of(run, "nothing_to_do")
 
 
@@ -321,7 +341,7 @@ def summarize(run: Run) -> dict:
 
 def checkpoint_list(out_dir: Path) -> str:
     """The run's checkpoints and the disk they take, for its summary."""
-    paths = sorted(run_checkpoints(out_dir))
+    paths = sorted(run_checkpoints(out_dir), key=lambda p: (not p.stem[5:].isdigit(), len(p.name), p.name))
     total = sum(p.stat().st_size for p in paths)
     return f"checkpoints in {out_dir}: {', '.join(p.name for p in paths)} ({total / 1e6:.1f} MB in all)"
 

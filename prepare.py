@@ -249,13 +249,11 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         **{k: getattr(tok, k) if k in ("chars", "eot_token") else wanted[k] for k in own[wanted["tokenizer"]]},
         "val_fraction": d.val_fraction, "source": source,
     }
-    if not force and (diffs := prepared_differently(out, d, meta, source)):
-        raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
-                        "set data.processed_dir to another folder, or pass --force to replace it")
+    before = None if force else check_not_otherwise(out, d, meta, source)
 
     # Pass 2, in a folder locked against a second prepare.py (which waits): encode, check, then publish.
     with lock(make_folder(out, "data.processed_dir") / ".lock", f"data.processed_dir = {str(out)!r}", wait=True):
-        if not force and prepared_differently(out, d, meta, source) == []:  # by the process this one waited for
+        if not force and before is None and check_not_otherwise(out, d, meta, source) == []:  # by the one waited for
             print(f"{out} was prepared by the other process in the meantime, from the same text: using it",
                   file=sys.stderr, flush=True)
             return load_meta(out) | {"out": str(out)}
@@ -271,14 +269,18 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
     return meta | {"out": str(out)}
 
 
-def prepared_differently(out: Path, d: DataConfig, meta: dict, source: dict) -> list[str] | None:
-    """How the data in `out` differs from what is being prepared ([]: it is that data), or None: no data there."""
+def check_not_otherwise(out: Path, d: DataConfig, meta: dict, source: dict) -> list | None:
+    """Refuse a folder holding data prepared otherwise; [] when it holds this very data, None when none."""
     if not (out / "meta.json").exists():
         return None
     try:
-        return differences(load_meta(out), d, meta, source)
+        diffs = differences(load_meta(out), d, meta, source)
     except DataError:
-        return ["meta.json is corrupt"]
+        diffs = ["meta.json is corrupt"]
+    if diffs:
+        raise DataError(f"{out} already holds data prepared differently ({'; '.join(diffs)}); "
+                        "set data.processed_dir to another folder, or pass --force to replace it")
+    return []
 
 
 SPLIT_FILES = ("train.bin", "val.bin", "train.txt", "val.txt")

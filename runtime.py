@@ -398,8 +398,9 @@ class ProfileWindow:
         self.prof, self.enabled = None, False
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the run after saving it; `code` is the exit status (128 + signal)."""
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM stopped the run after saving it; `code` is the exit status (128 + signal). Not
+    an Exception, which code may catch (a damaged file's reader does): like KeyboardInterrupt."""
 
     def __init__(self, code: int):
         super().__init__(code)

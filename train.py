@@ -58,7 +58,7 @@ def main(cfg: Config) -> dict:
         run = build_run(cfg, proc, start, data, model, adapters)  # its wrappers, optimizer and loop state
         lifecycle.check_memory(run)              # before the first step: refuse what will not fit
         lifecycle.begin(run, start)              # replace an overwritten run, write config.toml, say what it is
-        if run.state.step >= cfg.training.max_iters:
+        if lifecycle.finished(run):
             return lifecycle.nothing_to_do(run)
         with StopSignals(proc) as signals:      # Ctrl-C and SIGTERM stop the run between two steps
             train_loop(run, signals)
@@ -77,7 +77,7 @@ def train_step(run: Run, lr: float, signals: StopSignals) -> tuple[float, torch.
     accum = t.grad_accum_steps // proc.world_size  # this process's share of the micro-batches
     loss_sum = torch.zeros((), device=proc.device)
     for micro in range(accum):
-        if signals.requested():  # a step of many micro-batches can take minutes on a CPU
+        if micro and signals.requested():  # a step of many micro-batches can take minutes on a CPU
             run.optimizer.zero_grad(set_to_none=True)
             return None
         # The step's batch is a pure function of (seed, step); each micro-batch is a slice of it, so
@@ -155,6 +155,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
             meter.exclude(time.time() - began)  # the time per step leaves evaluations out
             if stop_early:
                 break
+            continue  # a stop that came during the evaluation, its sample or its save: acted on at the top
         if t.save_interval and state.step % t.save_interval == 0:
             save(run)  # a numbered checkpoint (nothing to do when the evaluation saved this step)
         if last_step:
@@ -335,7 +336,8 @@ def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, mod
     scaler = torch.amp.GradScaler(proc.device_type, enabled=precision == "fp16")
     state = lifecycle.restore(start, t, model, optimizer, scaler, proc.device)
     return Run(cfg=cfg, proc=proc, model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler, data=data,
-               state=state, precision=precision, saved_step=state.step if t.resuming else None,
+               state=state, precision=precision,
+               saved_step=state.step if t.resuming and start.path.name == "ckpt_last.pt" else None,  # not a fallback
                log=monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resuming else None),
                lora_base=base_reference(start, t.resuming) if cfg.lora.rank else None)
 

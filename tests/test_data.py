@@ -344,6 +344,21 @@ def test_a_second_preparation_of_a_folder_in_use_waits_and_uses_what_the_first_m
     assert stdout.startswith(f"prepared {out}: train ")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == made  # nothing written again
 
+    # The one waited for prepared it otherwise (another val_fraction): refused, as without waiting.
+    other = tmp_path / "other"
+    prepare.prepare(DataConfig(input=str(text), processed_dir=str(first), val_fraction=0.2), progress=False,
+                    force=True)
+    with files.lock(files.make_folder(other, "x") / ".lock", "the first preparation"):
+        second = subprocess.Popen([sys.executable, "prepare.py", "--data.input", str(text), "--data.processed_dir",
+                                   str(other)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "waiting for it to finish" in second.stderr.readline()
+        for name in ("train.bin", "val.bin", "meta.json"):
+            (other / name).write_bytes((first / name).read_bytes())
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 2 and stderr == (
+        f"error: {other} already holds data prepared differently (data.val_fraction: 0.2 there, 0.1 now); set "
+        "data.processed_dir to another folder, or pass --force to replace it\n")
+
 
 def test_sigterm_during_preparation_is_one_line_and_leaves_no_temporary_file(tmp_path):
     """SIGTERM (a scheduler, `timeout`) while prepare.py encodes: exit 143 with one line, its temporary

@@ -174,6 +174,9 @@ def cases(w: Path) -> list[Case]:
              lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
         Case("export-nan-weights", "export", ["--ckpt", str(d / "nan.pt"), "--out", str(d / "ex")], "nan.pt",
              lambda w, d: resave(run / "ckpt_last.pt", d / "nan.pt", model=non_finite(run / "ckpt_last.pt"))),
+        Case("train-resume-negative-step", "train", tiny(d / "r", data, "--resume"), "ckpt_last.pt",
+             lambda w, d: (copy(run, d / "r"), (d / "r" / "ckpt_best.pt").unlink(),
+                           resave(run / "ckpt_last.pt", d / "r" / "ckpt_last.pt", step=-7))),
         Case("train-resume-without-optimizer", "train", tiny(d / "r", data, "--resume"), "ckpt_last.pt",
              lambda w, d: resave(run / "ckpt_last.pt", d / "r" / "ckpt_last.pt", optimizer=None)),
         Case("train-meta-wrong-types", "train", tiny(d / "o", d / "data"), "meta.json",
@@ -182,6 +185,14 @@ def cases(w: Path) -> list[Case]:
         Case("train-meta-bytes-damaged", "train", tiny(d / "o", d / "data"), "meta.json",
              lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
                                                              lambda m: m.update(bytes={"val": 0})))),
+        Case("train-meta-repeated-chars", "train", tiny(d / "o", d / "data"), "meta.json",
+             lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
+                                                             lambda m: m.update(chars=m["chars"][:-1] + "a")))),
+        Case("train-token-ids-beyond-the-vocabulary", "train", tiny(d / "o", d / "data"), "train.bin",
+             lambda w, d: (copy(data, d / "data"), poke_token(d / "data" / "train.bin", 60000))),
+        Case("train-meta-dtype-not-the-files", "train", tiny(d / "o", d / "data"), "train.bin",
+             lambda w, d: (copy(data, d / "data"), edit_json(d / "data" / "meta.json",
+                                                             lambda m: m.update(dtype="uint32")))),
         Case("train-diverged", "train", tiny(d / "o", data, "--training.learning_rate", "1e6", "--training.grad_clip",
                                              "0", "--training.warmup_iters", "0", "--training.eval_interval", "1",
                                              "--max-iters", "50"), "training.learning_rate"),
@@ -375,6 +386,13 @@ def resave(src: Path, dest: Path, **changes) -> None:
         ckpt.pop(k) if v is None else ckpt.__setitem__(k, v)
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dest)
+
+
+def poke_token(path: Path, token: int) -> None:
+    """Overwrite one token id of a uint16 split in place."""
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(token.to_bytes(2, "little"))
 
 
 def non_finite(path: Path) -> dict:

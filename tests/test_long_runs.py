@@ -129,6 +129,34 @@ def test_the_same_command_again_continues_a_run_and_other_settings_are_refused(t
     assert read_log(out)["resumes"][0]["step"] == 10
     r = run_cli(*argv[:-2], "--training.max_iters", "14", "--training.learning_rate", "0.002", "--resume")
     assert r.returncode == 0 and "nothing to do" in r.stdout  # --resume takes the new settings as they are
+    r = run_cli(*argv, "--model.n_embd", "48")  # another model: named, with the ways out
+    assert r.returncode == 2 and r.stderr.endswith(
+        "model.n_embd: 32 in the weights, 48 in the config; to train another model in this out_dir, add "
+        "--training.overwrite, or choose another training.out_dir\n")
+
+
+def test_a_run_that_early_stopping_ended_is_finished_too(tmp_path, char_data):
+    argv = tiny_argv(tmp_path, char_data, "--training.early_stopping", "--training.early_stopping_patience", "1",
+                     "--training.eval_interval", "2", "--training.learning_rate", "1e-9", "--training.min_lr", "0",
+                     "--training.max_iters", "40")
+    r = run_cli(*argv)
+    assert r.returncode == 0 and "done: early stopping" in r.stdout
+    step = json.loads((tmp_path / "ckpt_last.json").read_text())["step"]
+    assert step < 40
+    r = run_cli(*argv)  # the same command again: nothing to do, nothing written
+    assert r.returncode == 0 and f"nothing to do: the run in {tmp_path} stopped early at step {step}" in r.stdout
+    assert json.loads((tmp_path / "ckpt_last.json").read_text())["step"] == step
+
+
+def test_a_sigterm_while_a_checkpoint_loads_is_a_stop_not_a_damaged_file(tmp_path, char_data, monkeypatch):
+    train.main(tiny(tmp_path, char_data, "--training.max_iters", "4"))
+
+    def terminated(*args, **kwargs):
+        raise runtime.Stopped(143)  # what the SIGTERM handler outside the loop raises
+
+    monkeypatch.setattr(checkpoint.torch, "load", terminated)
+    with pytest.raises(runtime.Stopped):
+        train.main(tiny(tmp_path, char_data, "--training.max_iters", "8"))
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_still_exact(tmp_path, char_data, capsys):
