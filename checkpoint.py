@@ -63,7 +63,7 @@ class CheckpointError(UserError):
 
 
 class DamagedCheckpoint(CheckpointError):
-    """A checkpoint file that cannot be read at all: a resume tries the next newest one."""
+    """A checkpoint that cannot be read, or whose fields are damaged: a resume tries the next newest one."""
 
 
 @dataclass
@@ -133,7 +133,7 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
         if out_of_memory(e):
             raise
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
-                              "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
+                                "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise DamagedCheckpoint(f"{path} is not a checkpoint written by train.py")
     if ckpt.get("meta") is not None and meta_problems(ckpt["meta"]):

@@ -232,7 +232,8 @@ class StepMeter:
     CPU wait for a GPU at every step. Rank 0 measures and prints; the others do nothing."""
 
     def __init__(self, cfg: Config, proc: Process, model: GPT, log: dict, board: Board | None, first_step: int):
-        self.cfg, self.proc, self.model, self.log, self.board, self.first_step = cfg, proc, model, log, board, first_step
+        self.cfg, self.proc, self.model, self.first_step = cfg, proc, model, first_step
+        self.log, self.board = log, board  # train_log.json's records, and TensorBoard's (or None)
         self.peak = peak_flops(proc.device)
         self.interval_start = time.time()  # of the current log interval, evaluations left out
         self.clipped = torch.zeros((), device=proc.device)  # steps clipped since the last line
@@ -277,7 +278,6 @@ class StepMeter:
             "step": step, "loss": loss, "lr": lr, "ms_per_step": round(dt_ms, 2), "tokens_per_s": round(tok_s),
             "tokens": state.tokens, "grad_norm": norm, "clipped": clipped,
             **({"mfu": round(mfu, 4)} if mfu is not None else {})})
-
 
     def show_progress(self, step: int, loss: float) -> None:
         if self.progress:
