@@ -1,4 +1,5 @@
-"""The fields of the files tinygpt reads, checked before anything is built from them: a damaged or
+"""The fields of the files tinygpt reads (checkpoints, train logs; meta.json's are data.meta_problems,
+a split's token ids data.load_tokens'), checked before anything is built from them: a damaged or
 edited file is named with the field at fault, in one line, instead of a traceback (or, worse, a run
 that "resumes" from step -7). Each function returns the problems found, as "FIELD is VALUE, expected
 WHAT"; the reader (checkpoint.read_checkpoint, lifecycle.restore) puts the file's name in front.
@@ -7,8 +8,10 @@ WHAT"; the reader (checkpoint.read_checkpoint, lifecycle.restore) puts the file'
 from __future__ import annotations
 
 import math
+import typing
 
-import torch
+if typing.TYPE_CHECKING:
+    import torch
 
 # A checkpoint's loop state (checkpoint.LoopState) and its other plain values: (allowed types, what).
 INT, NUMBER = (int,), (int, float)
@@ -25,6 +28,8 @@ LOOP_FIELDS = {
 
 def checkpoint_problems(ckpt: dict) -> list[str]:
     """What is wrong with a checkpoint's own fields: its loop state, its weights' dtypes, its RNG state."""
+    import torch  # here, not above: plot.py checks train logs with this module and runs without torch
+
     out = []
     for key, (types, what) in LOOP_FIELDS.items():
         value = ckpt.get(key)
@@ -52,6 +57,8 @@ def checkpoint_problems(ckpt: dict) -> list[str]:
 
 def optimizer_problems(state, optimizer: torch.optim.Optimizer) -> list[str]:
     """What makes a checkpoint's optimizer state unfit for `optimizer`: another model's, or damaged."""
+    import torch
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
             and isinstance(state.get("param_groups"), list)):
@@ -68,3 +75,59 @@ def optimizer_problems(state, optimizer: torch.optim.Optimizer) -> list[str]:
                 return [f"optimizer's {key} of parameter {i} has shape {tuple(value.shape)}, the parameter "
                         f"{tuple(params[i].shape)} (another model's state)"]
     return []
+
+
+# train_log.json (monitor.py writes it; plot.py and a resume read it): each record's fields that are read.
+# A value that was not a finite number is written as null.
+LOG_RECORDS = {"evals": {"step": INT, "train_loss": NUMBER, "val_loss": NUMBER, "lr": NUMBER, "tokens": INT,
+                         "val_bpb": NUMBER},
+               "train": {"step": INT, "loss": NUMBER, "lr": NUMBER, "tokens": INT, "grad_norm": NUMBER}}
+LOG_OPTIONAL = {"val_bpb", "grad_norm"}  # absent from logs written before they existed
+
+
+def log_problems(log) -> list[str]:
+    """What is wrong with a train log's records (the first problem found), as "evals[3] has no val_loss"."""
+    if not isinstance(log, dict) or any(k not in log for k in ("version", "run", "evals", "train")):
+        return ["it needs the keys version, run, evals, train"]
+    for kind, fields in LOG_RECORDS.items():
+        if not isinstance(log[kind], list):
+            return [f"{kind} is not a list of records"]
+        for i, record in enumerate(log[kind]):
+            if not isinstance(record, dict):
+                return [f"{kind}[{i}] is not a record"]
+            for key, types in fields.items():
+                value = record.get(key)
+                if key not in record and key not in LOG_OPTIONAL:
+                    return [f"{kind}[{i}] has no {key}"]
+                if value is None and key != "step":
+                    continue
+                if isinstance(value, bool) or not isinstance(value, types) or (types is INT and value < 0):
+                    return [f"{kind}[{i}].{key} is {value!r}, expected "
+                            + ("an integer >= 0" if types is INT else "a number or null")]
+    return log_header_problems(log)
+
+
+def log_header_problems(log: dict) -> list[str]:
+    """The rest of a train log that plot.py reads: how the run went, its best step, its resumes."""
+    run, best, resumes = log["run"], log.get("best"), log.get("resumes", [])
+    if not isinstance(run, dict) or not isinstance(run.get("status", ""), str):
+        return ["run is not an object with a status"]
+    for key in ("tokens_per_step", "early_stop_step"):
+        if (v := run.get(key)) is not None and not is_count(v):
+            return [f"run.{key} is {v!r}, expected an integer >= 0"]
+    if best is not None and not (isinstance(best, dict) and is_count(best.get("step")) and is_number(best.get("val_loss"))):
+        return [f"best is {best!r}, expected null or a step and a val_loss"]
+    if not (isinstance(resumes, list) and all(isinstance(r, dict) and is_count(r.get("step")) for r in resumes)):
+        return ["resumes is not a list of records with a step"]
+    training = log.get("config", {}).get("training", {}) if isinstance(log.get("config", {}), dict) else None
+    if not isinstance(training, dict) or not is_number(training.get("grad_clip", 0)):
+        return ["config.training.grad_clip is not a number"]
+    return []
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_number(value) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool)

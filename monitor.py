@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import LoopState, Weights
+from checks import log_problems
 from config import Config, ConfigError, TrainingConfig
 from data import Data, split_bits_per_byte
 from errors import DataError
@@ -138,12 +139,9 @@ def read_log(path: Path) -> dict | None:
         log = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    log = log if isinstance(log, dict) else {}
-    records = {kind: log.get(kind, []) for kind in ("evals", "train", "resumes")}
-    if not all(isinstance(r, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int) for x in r)
-               for r in records.values()):
+    if log_problems(log):  # checks.py: the same checks as plot.py's
         return None
-    return records
+    return {kind: log.get(kind, []) for kind in ("evals", "train", "resumes")}
 
 
 def write_log(out_dir: Path, log: dict) -> None:

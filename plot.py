@@ -33,6 +33,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from checks import log_problems
 from config import doc
 from options import parse
 from files import atomic_file
@@ -41,10 +42,6 @@ LOG_NAME = "train_log.json"
 FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
 DPI = 100
 X_CHOICES = ("step", "tokens")
-# Fields plot.py reads; anything else in the log is ignored.
-REQUIRED = {"log": ("version", "run", "evals", "train"),
-            "evals": ("step", "train_loss", "val_loss", "lr", "tokens"),
-            "train": ("step", "loss", "lr", "tokens")}
 
 
 class PlotError(UserError):
@@ -64,16 +61,9 @@ def load_log(path: Path | str) -> dict:
     except ValueError as e:  # bad JSON, or bytes that are not UTF-8 text
         raise PlotError(f"{path} is not valid JSON ({e}); {fix}") from None
 
-    if not isinstance(log, dict) or any(key not in log for key in REQUIRED["log"]):
-        raise PlotError(f"{path} is not a train log (it needs the keys "
-                        f"{', '.join(REQUIRED['log'])}); {fix}")
-    # Check every record up front, so a broken log gives a message rather than a KeyError.
-    for kind in ("evals", "train"):
-        for i, record in enumerate(log[kind]):
-            missing = [key for key in REQUIRED[kind] if key not in record]
-            if missing:
-                raise PlotError(f"{path} is not a train log: {kind}[{i}] has no "
-                                f"{', '.join(missing)}; {fix}")
+    # Every record checked up front (checks.py), so a broken log gives a message rather than a traceback.
+    if problems := log_problems(log):
+        raise PlotError(f"{path} is not a train log: {problems[0]}; {fix}")
     if not log["evals"]:
         raise PlotError(f"no evaluations yet in {path}; wait for the first eval_interval "
                         f"and run plot.py again")

@@ -97,3 +97,39 @@ def test_weights_rng_and_optimizer_of_the_wrong_kind_are_named(run, char_data, t
         assert sample.main(["--ckpt", str(path), "--max-new-tokens", "3"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is damaged or was edited: weight transformer.wte.weight is torch." in err
+
+
+LOG_MUTATIONS = {"missing": None, "text": "7", "bool": True, "negative": -3, "list": [1]}
+
+
+@pytest.mark.parametrize("where", [f"{kind}.{key}" for kind, fields in checks.LOG_RECORDS.items() for key in fields]
+                         + ["run.status", "run.tokens_per_step", "run.early_stop_step", "best.step", "best.val_loss",
+                            "resumes.step", "config.training.grad_clip"])
+@pytest.mark.parametrize("kind", sorted(LOG_MUTATIONS))
+def test_each_field_of_a_train_log_mutated_is_named_or_a_default(run, tmp_path, capsys, where, kind):
+    """plot.py on a train_log.json with one field changed: one line naming the file, or a picture when
+    the value is legal (a loss may be null, a missing val_bpb or grad_norm is an older log)."""
+    import json
+
+    import plot
+
+    log = json.loads((run / "train_log.json").read_text())
+    log["resumes"] = [{"step": 2, "time": "then"}]
+    path, value = where.split("."), LOG_MUTATIONS[kind]
+    holder = log[path[0]][-1] if path[0] in ("evals", "train", "resumes") else log[path[0]]
+    for key in path[1:-1]:
+        holder = holder[key]
+    holder.pop(path[-1]) if value is None else holder.__setitem__(path[-1], value)
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    capsys.readouterr()
+    code = plot.main([str(tmp_path / "train_log.json"), "--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    key = path[-1]
+    numbers = [k for fields in checks.LOG_RECORDS.values() for k, t in fields.items() if t is checks.NUMBER]
+    legal = (kind == "missing" and (key in checks.LOG_OPTIONAL or where.startswith(("run.", "config.")))
+             or kind == "negative" and key in (*numbers, "grad_clip", "val_loss")
+             or kind == "text" and where == "run.status")  # any text: shown in the legend
+    if legal:
+        assert code == 0 and err == "" and (tmp_path / "c.png").is_file(), err
+    else:
+        assert code == 2 and err.count("\n") == 1 and str(tmp_path / "train_log.json") in err, (code, err)

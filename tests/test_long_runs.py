@@ -2,6 +2,7 @@
 (training.resume = auto), TensorBoard events, and stopping within seconds whatever the run is doing
 (between micro-batches, during a sample, during a save) with an exact resume (tiny models, CPU)."""
 
+import contextlib
 import json
 import os
 import pty
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,9 +180,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_still_exact(tm
     same_training(tmp_path / "full" / "ckpt_last.pt", out / "ckpt_last.pt")
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        found = children.get(todo.pop(), [])
+        out += found
+        todo += found
+    return out
+
+
 def kill_at_random_moments(command: list[str], out_dir, seed: int, env=None) -> int:
-    """Start `command` again and again, each time killed with SIGKILL (with its process group) after a
-    random delay, until a run ends on its own; returns the number of kills."""
+    """Start `command` again and again, each time killed with SIGKILL (with every process it started: a
+    machine that goes down) after a random delay, until a run ends on its own; returns the number of kills."""
     rng, kills = random.Random(seed), 0
     while True:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -190,7 +209,9 @@ def kill_at_random_moments(command: list[str], out_dir, seed: int, env=None) -> 
             assert proc.returncode == 0, proc.stderr.read()
             return kills
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
             kills += 1
 
