@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ class LoopState:
     elapsed_s: float = 0.0              # wall time so far, across resumes
     last_eval_step: int | None = None   # a resumed step was evaluated before it was saved: not again
     start_val_loss: float | None = None  # the val loss at the run's first evaluation
-    run_id: str = ""                    # the same in every checkpoint of a run: pruning deletes only its own
+    run_id: str = dataclasses.field(default_factory=lambda: os.urandom(6).hex())  # pruning deletes only its own
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -173,21 +174,21 @@ def run_checkpoints(folder: str | Path) -> list[Path]:
 def stored(path: Path, key: str, default=None):
     """A value from a checkpoint's readable JSON (ckpt_last.json beside ckpt_last.pt), without loading it."""
     try:
-        value = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get(key, default)
-    except (OSError, ValueError, AttributeError):
+        readable = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, or not JSON
         return default
+    value = readable.get(key, default) if isinstance(readable, dict) else default
     return value if type(value) is type(default) or default is None else default
 
 
-def prune_numbered(folder: Path, keep: int, step: int, run_id: str) -> list[Path]:
-    """Delete this run's numbered checkpoints beyond the newest `keep` up to `step`; returns them. Only
+def prune_numbered(folder: Path, keep: int, step: int, run_id: str) -> None:
+    """Delete this run's numbered checkpoints beyond the newest `keep` up to `step`. Only
     files whose JSON names this run go: never another run's, nor any file train.py did not write."""
     steps = {p: int(m.group(1)) for p in folder.glob("ckpt_*.pt") if (m := NUMBERED.fullmatch(p.name))}
     own = sorted((p for p, s in steps.items() if s <= step and stored(p, "run_id") == run_id), key=steps.get)
     for old in own[:-keep]:
         old.unlink()
         old.with_suffix(".json").unlink(missing_ok=True)
-    return own[:-keep]
 
 
 # ----------------------------------------------------------------------------- LoRA checkpoints

@@ -168,12 +168,13 @@ def load_start(cfg: Config, proc: Process) -> Weights | None:
             raise ConfigError(f"training.init_from = {training.init_from!r}, but the run in training.out_dir "
                               f"started from {began or 'random weights'!r}: --resume continues it from its own "
                               "checkpoint; drop training.init_from, or train a new run into another out_dir")
+    auto_resumed = training.resume == "auto" and training.resuming  # a rerun found the run: say how else
     problems = adopt_model_shape(cfg, start)
     if problems:
         another = ("; to train another model in this out_dir, add --training.overwrite, or choose another "
-                   "training.out_dir" if training.resume == "auto" and training.resuming else "")
+                   "training.out_dir" if auto_resumed else "")
         raise CheckpointError(f"{start.path} does not match this run: " + "; ".join(problems) + another)
-    if training.resume == "auto" and training.resuming and (changed := changed_settings(cfg, start.config)):
+    if auto_resumed and (changed := changed_settings(cfg, start.config)):
         raise TrainError(f"training.out_dir = {training.out_dir!r} holds a run with other settings ("
                          + "; ".join(changed) + "): run its command again to continue it, add --resume to "
                          "continue it with these settings, --training.overwrite to replace it, or choose another "
@@ -187,16 +188,14 @@ def newest_checkpoint(out_dir: Path, proc: Process) -> Weights:
     if not candidates:
         raise CheckpointError(f"training.resume: {out_dir} holds no checkpoint (ckpt_last.pt); train without "
                               "--resume first, or set training.out_dir to the run to continue")
-    for i, path in enumerate(candidates):
+    for path, older in zip(candidates, candidates[1:]):
         try:
             return load_weights(announce_size(path, proc), proc.device)
         except DamagedCheckpoint as e:
-            if i + 1 == len(candidates):
-                raise
             if proc.is_main:
-                print(f"warning: {str(e).split(';')[0]}; skipping it, trying {candidates[i + 1].name}",
-                      file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+                print(f"warning: {str(e).split(';')[0]}; skipping it, trying {older.name}", file=sys.stderr,
+                      flush=True)
+    return load_weights(announce_size(candidates[-1], proc), proc.device)  # the oldest: its error is the run's
 
 
 def announce_size(path: Path, proc: Process) -> Path:
@@ -237,7 +236,7 @@ def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Mod
     """The loop state to start from: a new one, or on resume the checkpoint's, with the optimizer's,
     the scaler's and the RNG's states put back (the weights are in the model already)."""
     if not (start and training.resuming):
-        return LoopState(run_id=os.urandom(6).hex())
+        return LoopState()
     ckpt = start.training
     missing = [k for k in ("optimizer", "scaler", "rng", "step", "best_val_loss", "tokens") if k not in ckpt]
     if missing:
@@ -250,8 +249,8 @@ def restore(start: Weights | None, training: TrainingConfig, model: torch.nn.Mod
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
     # Checkpoints written before last_eval_step existed were all written right after an evaluation.
-    saved = {"last_eval_step": ckpt["step"], "run_id": os.urandom(6).hex()} | \
-        {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState) if f.name in ckpt}
+    saved = {"last_eval_step": ckpt["step"]} | {f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)
+                                                if f.name in ckpt}
     return LoopState(**saved)
 
 

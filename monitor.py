@@ -208,16 +208,17 @@ def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process,
         return None
     ids = sample_prompt_ids(training, meta)
     generator = torch.Generator(proc.device).manual_seed(training.seed)
-    new = []
+    new = []  # (1, 1) each, left on the device until the end: reading one would make the CPU wait for a GPU
     model.eval()
     with gathered(model):
         for token in generate_stream(model, torch.tensor([ids], device=proc.device), training.sample_tokens,
-                                     SAMPLE_TEMPERATURE, generator=generator):  # (1, 1) each
-            new.append(token.item())
+                                     SAMPLE_TEMPERATURE, generator=generator):
+            new.append(token)
             if not is_sharded(model) and stopping():
                 break
     model.train()
-    return training.sample_prompt + tokenizer_from_meta(meta).decode(new)
+    text = tokenizer_from_meta(meta).decode(torch.cat(new, dim=1)[0].tolist() if new else [])
+    return training.sample_prompt + text
 
 
 # ----------------------------------------------------------------------------- each step
