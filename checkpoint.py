@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 import gguf_format
 import hf
-from checks import checkpoint_problems
+from checks import checkpoint_problems, shard_index_problems
 from config import Config, LoraConfig, ModelConfig, apply_implied, validate
 from data import meta_problems
 from errors import UserError, out_of_memory
@@ -137,8 +137,8 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
                                 "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise DamagedCheckpoint(f"{path} is not a checkpoint written by train.py")
-    if ckpt.get("meta") is not None and meta_problems(ckpt["meta"]):
-        raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(meta_problems(ckpt['meta']))})")
+    if ckpt.get("meta") is not None and (problems := meta_problems(ckpt["meta"])):
+        raise CheckpointError(f"{path} has a damaged tokenizer meta ({'; '.join(problems)})")
     if problems := checkpoint_problems(ckpt):
         raise DamagedCheckpoint(f"{path} is damaged or was edited: {'; '.join(problems)}; use another checkpoint "
                                 "(a resume tries the run's older ones by itself)")
@@ -297,12 +297,11 @@ class SafetensorsFolder:
 
     def __init__(self, folder: Path, device: str | torch.device):
         self.device, index = device, folder / WEIGHT_FILES[1]
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index} has no weight_map of tensor names to files; download it again")
-        else:
-            weight_map = None
+        sharded = index.is_file()
+        index_json = json.loads(index.read_text(encoding="utf-8")) if sharded else None
+        if sharded and (problems := shard_index_problems(index_json)):
+            raise CheckpointError(f"{index}: {'; '.join(problems)}; download it again")
+        weight_map = index_json["weight_map"] if sharded else None
         files = sorted(set(weight_map.values())) if weight_map else [WEIGHT_FILES[0]]
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
@@ -374,8 +373,8 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder}/config.json is not a JSON object; export it again")
-    if meta is not None and meta_problems(meta):
-        raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(meta_problems(meta))}); export it again")
+    if meta is not None and (problems := meta_problems(meta)):
+        raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(problems)}); export it again")
     if config.get("format") == NATIVE:
         cfg = model_config(config.get("model"), folder / "config.json")
         tensors = {k: weights.get(k) for k in weights.shapes}
@@ -401,8 +400,9 @@ def from_hf_layout(config: dict, shapes: dict, get, meta: dict | None, where: Pa
     """Weights in Hugging Face's names and config.json (get(name): one tensor, fp32) -> ours, through hf.py."""
     ours = config.get("tinygpt") or {}  # our own settings, in an export of ours
     try:
-        settings = hf.read_config(config, shapes, where)  # refuses a model_type we do not read
-        cfg = model_config(ours.get("model") or settings, where / "config.json" if where.is_dir() else where)
+        config_file = where / "config.json" if where.is_dir() else where
+        settings = hf.read_config(config, shapes, config_file)  # refuses a model_type we do not read
+        cfg = model_config(ours.get("model") or settings, config_file)
         wrong = hf.check_counts(shapes, cfg)  # before converting: that pads and loops as it says
         if wrong:
             raise not_fitting(where, wrong)

@@ -1,12 +1,14 @@
-"""The fields of the files tinygpt reads (checkpoints, train logs; meta.json's are data.meta_problems,
-a split's token ids data.load_tokens'), checked before anything is built from them: a damaged or
-edited file is named with the field at fault, in one line, instead of a traceback (or, worse, a run
-that "resumes" from step -7). Each function returns the problems found, as "FIELD is VALUE, expected
-WHAT"; the reader (checkpoint.read_checkpoint, lifecycle.restore) puts the file's name in front.
+"""The fields of the files tinygpt reads, checked before anything is built from them: checkpoints, train
+logs, a Hugging Face folder's config.json, its tokenizer files and index of shards, a GGUF file's settings
+(meta.json's are data.meta_problems, a split's token ids data.load_tokens'). A damaged or edited file is
+named with the field at fault, in one line, instead of a traceback (or, worse, a run that "resumes" from
+step -7). Each function returns the problems found, as "FIELD is VALUE, expected WHAT"; the reader
+(checkpoint.py, hf.py, gguf_format.py, tokenizer.py, lifecycle.restore) puts the file's name in front.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 
@@ -83,6 +85,117 @@ LOG_RECORDS = {"evals": {"step": INT, "train_loss": NUMBER, "val_loss": NUMBER, 
                          "val_bpb": NUMBER},
                "train": {"step": INT, "loss": NUMBER, "lr": NUMBER, "tokens": INT, "grad_norm": NUMBER}}
 LOG_OPTIONAL = {"val_bpb", "grad_norm"}  # absent from logs written before they existed
+
+
+# config.json keys that hf.py reads, of any architecture, and what each must be; a key set to null
+# reads as absent (then its architecture's default: hf.Architecture.defaults). MAX_POSITIONS bounds the
+# rotary and position tables that a context length allocates (Qwen2.5-1M's 1,010,000 fits).
+MAX_POSITIONS = 1 << 21
+KINDS = {"count": "an integer >= 1", "positions": f"an integer from 1 to {MAX_POSITIONS:,}",
+         "positive": "a number > 0", "fraction": "a number >= 0 and < 1", "bool": "true or false",
+         "text": "a string", "object": "an object", "names": "a list of strings",
+         "counts": "a list of integers >= 0"}
+HF_FIELDS = {
+    **dict.fromkeys(("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner"), "count"),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), "positions"),
+    **dict.fromkeys(("rms_norm_eps", "layer_norm_epsilon", "rope_theta"), "positive"),
+    **dict.fromkeys(("attention_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"), "fraction"),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+                     "scale_attn_by_inverse_layer_idx", "add_cross_attention"), "bool"),
+    **dict.fromkeys(("model_type", "hidden_act", "activation_function"), "text"),
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), "object"), "layer_types": "names"}
+ROPE_FIELDS = {"rope_type": "text", "type": "text", "original_max_position_embeddings": "positions",
+               **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                                "partial_rotary_factor"), "positive")}
+
+
+def hf_config_problems(config: dict, required: tuple[str, ...]) -> list[str]:
+    """What is wrong with the keys of a Hugging Face config.json that we read: `required` ones missing,
+    any of the wrong type or out of range (its rotary settings too)."""
+    out = [f"{k} is missing" for k in required if config.get(k) is None]
+    rope = [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling") if isinstance(config.get(key), dict)]
+    for prefix, values, table in [("", config, HF_FIELDS), *((p, v, ROPE_FIELDS) for p, v in rope)]:
+        out += [f"{prefix}{k} is {json.dumps(v)}, expected {KINDS[kind]}" for k, kind in table.items()
+                if (v := values.get(k)) is not None and not fits(v, kind)]
+    return out
+
+
+def fits(value, kind: str) -> bool:
+    if kind in ("count", "positions"):
+        return is_count(value) and value >= 1 and (kind == "count" or value <= MAX_POSITIONS)
+    if kind in ("positive", "fraction"):
+        return is_number(value) and math.isfinite(value) and (value > 0 if kind == "positive" else 0 <= value < 1)
+    if kind in ("names", "counts"):
+        return isinstance(value, list) and all(isinstance(v, str) if kind == "names" else is_count(v) for v in value)
+    return isinstance(value, {"bool": bool, "text": str, "object": dict}[kind])
+
+
+# The settings of a GGUF file that gguf_format.py reads ({arch}.KEY), and its tokenizer's (tokenizer.*).
+GGUF_FIELDS = {**dict.fromkeys(("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                                "attention.head_count_kv", "attention.key_length", "vocab_size"), "count"),
+               **dict.fromkeys(("context_length", "rope.scaling.original_context_length"), "positions"),
+               **dict.fromkeys(("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor"),
+                               "positive"), "rope.scaling.type": "text"}
+GGUF_TOKENIZER = {"ggml.tokens": "names", "ggml.merges": "names", "ggml.token_type": "counts", "ggml.model": "text",
+                  "ggml.pre": "text", "ggml.add_bos_token": "bool", "chat_template": "text",
+                  **dict.fromkeys(("ggml.bos_token_id", "ggml.eos_token_id", "ggml.unknown_token_id",
+                                   "ggml.padding_token_id"), "token")}
+
+
+def gguf_problems(meta: dict, arch: str) -> list[str]:
+    """What is wrong with the metadata of a GGUF file (of `arch`) that we read."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    count = len(tokens) if isinstance(tokens, list) else 0
+    fields = [(f"{arch}.{k}", kind) for k, kind in GGUF_FIELDS.items()] + [(f"tokenizer.{k}", kind)
+                                                                       for k, kind in GGUF_TOKENIZER.items()]
+    return [f"{k} is {json.dumps(v, default=str)}, expected "
+            + (f"a token id below {count}" if kind == "token" else KINDS[kind]) for k, kind in fields
+            if (v := meta.get(k)) is not None and not (is_count(v) and v < count if kind == "token" else fits(v, kind))]
+
+
+def shard_index_problems(index) -> list[str]:
+    """What is wrong with a model.safetensors.index.json: its weight_map must name, for each tensor, a file
+    of the index's own folder (a path elsewhere, ../x or /x, is never read)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map):
+        return ["it has no weight_map of tensor names to files"]
+    return [f"weight_map names {json.dumps(v)}, not a file of its folder" for v in weight_map.values()
+            if not (isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v)][:1]
+
+
+# The keys we read in the files beside a tokenizer.json, and what each must be (null: left out).
+TOKENIZER_FILES = {"tokenizer_config.json": {"eos_token": "a token's text, or an object with its content",
+                                             "chat_template": "a template, or a list of named templates"},
+                   "generation_config.json": {"eos_token_id": "a token id, or a list of token ids"}}
+
+
+def tokenizer_files_problems(files: dict[str, str], vocab_size: int) -> list[str]:
+    """What is wrong with the files beside a tokenizer.json (of `vocab_size` tokens), as "FILE: ..."."""
+    out = []
+    for name, keys in TOKENIZER_FILES.items():
+        try:
+            values = json.loads(files.get(name, "{}"))
+        except ValueError as e:
+            out.append(f"{name} is not JSON ({e})")
+            continue
+        if not isinstance(values, dict):
+            out.append(f"{name} is not a JSON object")
+            continue
+        out += [f"{name}: {key} is {json.dumps(v)}, expected {what}" for key, what in keys.items()
+                if (v := values.get(key)) is not None and not token_field_fits(key, v, vocab_size)]
+    return out
+
+
+def token_field_fits(key: str, value, vocab_size: int) -> bool:
+    if key == "eos_token":
+        return isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str))
+    if key == "chat_template":
+        return isinstance(value, str) or (isinstance(value, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in value))
+    ids = value if isinstance(value, list) else [value]
+    return all(is_count(i) and i < vocab_size for i in ids)
 
 
 def log_problems(log) -> list[str]:

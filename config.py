@@ -166,7 +166,7 @@ class TrainingConfig:
     eval_interval: int = doc("evaluate every this many steps (and at the last step)", 250, within="[1, inf)")
     eval_batches: int = doc("batches per split in each evaluation", 200, within="[1, inf)")
     log_interval: int = doc("print a log line every this many steps", 10, within="[1, inf)")
-    seed: int = doc("seed for weights and batches", 1337, within="[0, inf)")
+    seed: int = doc("seed for weights and batches", 1337, within="[0, 18446744073709551616)")  # torch's: 64 bits
     compile: bool = doc("torch.compile the model", False)
     parallel: str = doc("under torchrun: ddp, every process holds the whole model; fsdp, each holds a shard of "
                         "the weights, gradients and optimizer state", "ddp", choices=("ddp", "fsdp"))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from errors import DataError
-from tokenizer import EOT_TEXT, encode_chunks, split_safely, tokenizer_from_meta
+from tokenizer import EOT_TEXT, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
 
 META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
@@ -58,6 +58,9 @@ def text_chunks(path: str | Path, hasher=None, label: str | None = None) -> Iter
                 except UnicodeDecodeError as e:
                     raise DataError(f"{label} is not UTF-8 text ({e.reason} at a byte near "
                                     f"{f.tell() - len(raw) + e.start}); convert it to UTF-8") from None
+                if "\0" in text:  # valid UTF-8, but no text holds it: UTF-16 without a BOM, or a binary file
+                    raise DataError(f"{label} is not UTF-8 text (it holds NUL bytes: UTF-16, or not text); "
+                                    "convert it to UTF-8")
                 if text:
                     yield text
                 if not raw:
@@ -135,9 +138,10 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
     fields and types this code reads, so that a damaged file is named rather than crashing later."""
     if not isinstance(meta, dict):
         return ["not a JSON object"]
+    kind = meta.get("tokenizer")
     wanted = {"tokenizer": str, "vocab_size": int} | {
         "char": {"chars": str}, "hf": {"files": dict, "sha256": str, "stop_tokens": list}}.get(
-        meta.get("tokenizer"), {"encoding": str})
+        kind if isinstance(kind, str) else "", {"encoding": str})
     if prepared:
         wanted |= {"format_version": int, "format": str, "dtype": str}
     out = [f"{k} is missing or not a {t.__name__}" for k, t in wanted.items() if type(meta.get(k)) is not t]
@@ -145,12 +149,18 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
                                                 if prepared else {})
     out += [f"{k} = {meta[k]!r} is not one of {', '.join(v)}" for k, v in allowed.items()
             if isinstance(meta.get(k), str) and meta[k] not in v]
+    if type(meta.get("vocab_size")) is int and meta["vocab_size"] < 1:
+        out.append(f"vocab_size is {meta['vocab_size']}, expected an integer >= 1")
+    if prepared and type(meta.get("format_version")) is int and meta["format_version"] < 1:
+        out.append(f"format_version is {meta['format_version']}, expected 1 to {META_VERSION}")
     if prepared:  # written by prepare.py since it records how the data was made: absent from older folders
         optional = {"source": dict, "bytes": dict, "tokens": dict, "val_fraction": float}
         out += [f"{k} is not a {t.__name__}" for k, t in optional.items() if k in meta and type(meta[k]) is not t]
         out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens")
                 if type(meta.get(k)) is dict and not all(type(meta[k].get(s)) is int and meta[k][s] > 0
                                                          for s in ("train", "val"))]
+        if type(meta.get("val_fraction")) is float and not 0 < meta["val_fraction"] < 1:
+            out.append(f"val_fraction is {meta['val_fraction']}, expected a number between 0 and 1")
         if "bytes" in meta and "tokens" not in meta:  # bits per byte needs both; older folders lack bytes only
             out.append("bytes is there without tokens")
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
@@ -159,7 +169,7 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
         out.append("chars repeats a character (two ids for one character)")
     if not out and meta["tokenizer"] == "hf" and not isinstance(meta["files"].get("tokenizer.json"), str):
         out.append("files has no tokenizer.json")
-    return out
+    return out or meta_disagreements(meta)
 
 
 def resolve_bin_dir(folder: str | Path) -> Path:

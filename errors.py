@@ -81,6 +81,13 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
     return run
 
 
+def one_line(problem: str) -> str:
+    """A problem as one printable line: a newline (in a path, say) and bytes that are not UTF-8 (in a file
+    name) are shown escaped, as Python writes them in a string."""
+    text = problem.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def stdout_closed() -> bool:
     """Whether stdout is a pipe whose reader has gone: polling it reports an error (POLLERR)."""
     try:
@@ -108,9 +115,9 @@ def reported(main: Callable[..., int | None], *args, **kwargs) -> int:
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process has it: say it once
             for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
+                print(f"error: {one_line(problem)}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's failure summary shows it, not a hint
-            text = "error: " + "; ".join(e.problems)
+            text = "error: " + "; ".join(map(one_line, e.problems))
             with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
                 json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
                                                                       "timestamp": str(int(time.time()))}}}, f)

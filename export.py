@@ -176,6 +176,7 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
                                   "to replace an earlier export")
             if not (is_export(out) or (out / ADAPTER_CONFIG).is_file()):
                 raise ExportError(f"{out} is not an export, so --force will not delete it; choose another --out")
+            check_not_a_lora_base(out, src, dtype)
         staging = staging_folder(out)  # this process's own: cleaning up never touches anything else
         try:
             if adapters_only:
@@ -197,6 +198,34 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
             os.replace(staging, out)
         sync_folder(parent)  # the rename survives a power cut
     return out
+
+
+RUNS = Path("checkpoints")  # where train.py puts runs by default (training.out_dir): LoRA runs are looked for there
+
+
+def check_not_a_lora_base(out: Path, src: Weights, dtype: str) -> None:
+    """Refuse to replace an export that a LoRA run names as its base with other weights: its adapters need
+    the weights they were trained on (their checkpoints keep only a digest of them). Runs are found by
+    their readable checkpoint JSON in checkpoints/ and the folders in it."""
+    runs = set()
+    for path in [*RUNS.glob("ckpt_*.json"), *RUNS.glob("*/ckpt_*.json")]:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not ours, or being written: not a run to keep
+            continue
+        base = record.get("lora_base") if isinstance(record, dict) else None
+        if isinstance(base, dict) and isinstance(base.get("path"), str) and Path(base["path"]).resolve() == out.resolve():
+            runs.add((str(path.parent), base.get("digest")))
+    if not runs:
+        return
+    stored = DTYPES.get(dtype)  # q8_0 changes the weights in ways not computed here: never the same
+    new = digest({k: v.to(stored) for k, v in src.state_dict.items()}, src.model) if stored else None
+    needing = sorted(run for run, old in runs if old != new)
+    if needing:
+        run = needing[0]
+        raise ExportError(f"{out} holds the base weights of the LoRA run {run}, whose adapters need them; export to "
+                          f"another --out, or, to replace them anyway, first keep that run whole (python export.py "
+                          f"--ckpt {run} --out {run}_merged) and remove {run}")
 
 
 def check_fp16_range(src: Weights, dtype: str) -> None:
@@ -222,6 +251,8 @@ def export_gguf(src: Weights, out: Path, dtype: str, force: bool) -> Path:
             raise ExportError(f"{out} exists; choose another --out, or add --force to replace an earlier export")
         if out.exists() and (out.is_dir() or not gguf_format.is_gguf_file(out)):
             raise ExportError(f"{out} is not a GGUF file, so --force will not replace it; choose another --out")
+        if out.exists():
+            check_not_a_lora_base(out, src, dtype)
         tensors = hf.to_hf(src.state_dict, src.model)
         config = hf.write_config(src.model, (src.meta or {}).get("eot_token"), "fp32")
         with atomic_file(out) as f:

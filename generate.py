@@ -78,10 +78,14 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                       generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1). Temperature 0 is greedy (argmax)."""
-    if temperature == 0:
+    """logits (B, V) -> token ids (B, 1). Temperature 0 is greedy (argmax), and so is one too small for
+    float32 to hold (below 1e-38: the distribution is one token already)."""
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature  # < 1 sharpens the distribution, > 1 flattens it
+    logits = logits.float()
+    if temperature < 1e-3:  # dividing could overflow to inf (then NaN): shift the largest to 0 first, same softmax
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = logits / temperature  # < 1 sharpens the distribution, > 1 flattens it
     if top_k is not None:
         # Keep the k most likely tokens: everything below the k-th largest logit is removed.
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checks import gguf_problems
 from errors import UserError
 from tokenizer import hf_meta
 
@@ -77,6 +78,9 @@ def rope_llama3(freqs: np.ndarray, theta: float, head_dim: int, context: int, pa
     from config import ModelConfig
     from model import rope_scaled
 
+    if 2 * len(freqs) != head_dim:
+        raise GGUFError(f"{path}: its rope_freqs.weight has {len(freqs)} values, and heads of {head_dim} need "
+                        f"{head_dim // 2}; its head settings are wrong: download or export it again")
     settings = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": context}
     cfg = ModelConfig(head_dim=head_dim, rope_theta=theta, rope_scaling="llama3", rope_factor=settings["factor"],
@@ -98,11 +102,14 @@ def read_gguf(path: Path, device: str | torch.device) -> tuple[dict, dict, Calla
     except (ValueError, OSError, IndexError, KeyError) as e:  # not GGUF, or cut short
         raise GGUFError(f"{path} cannot be read as a GGUF file ({type(e).__name__}: {e}); it is damaged or not "
                         "GGUF: download it again") from None
-    meta = {name: field.contents() for name, field in reader.fields.items()}
+    meta = {name: value for name, field in reader.fields.items() if (value := field.contents()) is not None}
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: general.architecture = {arch!r} cannot be read; we read "
                         f"{', '.join(ARCHITECTURES)}")
+    problems = gguf_problems(meta, arch)
+    if problems:
+        raise GGUFError(f"{path}: {'; '.join(problems)}; it is damaged: download or export it again")
     tensors = {t.name: t for t in reader.tensors}
     unread = sorted({t.tensor_type.name for t in tensors.values()} - set(READ_TYPES))
     if unread:
@@ -132,7 +139,12 @@ def read_gguf(path: Path, device: str | torch.device) -> tuple[dict, dict, Calla
         w = torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         w = w.reshape(shapes[name])
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute(w, config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"])
+            heads = config["num_attention_heads"] if "q_proj" in name else config.get("num_key_value_heads")
+            heads = heads or config["num_attention_heads"]
+            if len(w) % (2 * heads):  # a head count that does not fit the weights; their shapes are checked later
+                raise GGUFError(f"{path}: {names[name]} has {len(w)} rows, which {heads} heads cannot share; "
+                                "its attention.head_count or head_count_kv is wrong: download or export it again")
+            w = unpermute(w, heads)
         return w.to(device)
 
     return config, shapes, get, tokenizer_meta(meta, path)
@@ -294,6 +306,8 @@ def tokenizer_parts(meta: dict) -> tuple[list[str], list[str], set[str], dict, s
         config = json.loads(meta["files"].get("tokenizer_config.json", "{}"))
         config["add_bos_token"] = bool(tokenizer_prefix(meta))
         template = meta["files"].get("chat_template.jinja") or config.get("chat_template")
+        if isinstance(template, list):  # named templates (transformers'): GGUF holds the default one
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
     elif meta["tokenizer"] == "bpe":
         from hf import gpt2_tokenizer_files
         from tokenizer import EOT_TEXT, load_tiktoken

@@ -1,7 +1,7 @@
 """Hugging Face formats: the folders transformers reads and writes (config.json, model.safetensors),
 to and from our model settings and parameter names, one entry per architecture in ARCHITECTURES.
 
-    settings = read_config(config_json, shapes, folder)     # their config.json -> our model settings
+    settings = read_config(config_json, shapes, where)      # their config.json -> our model settings
     state = from_hf(get, shapes, cfg, folder)               # their tensors -> ours (checkpoint.load_weights)
     tensors = to_hf(state, cfg)                             # ours -> theirs (export.py --format hf)
     config_json = write_config(cfg, eot_token, "fp32")      # our settings -> their config.json
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from checks import hf_config_problems
 from config import ARCHS, ModelConfig
 from tokenizer import EOT_TEXT
 from errors import UserError
@@ -47,7 +48,7 @@ class Architecture:
     model_type: str                       # config.json's "model_type"
     hf_class: str                         # the transformers class that loads it
     config_names: dict[str, str]          # our ModelConfig field -> its config.json key, for plain copies
-    read_extra: Callable[[dict, dict, Path], dict]  # (config.json, tensor shapes, folder) -> the other settings
+    read_extra: Callable[[dict, dict, Path], dict]  # (config.json, tensor shapes, its path) -> the other settings
     write_extra: Callable[[ModelConfig], dict]      # our settings -> the other config.json keys
     names: Callable[[ModelConfig], Names]  # our parameter -> theirs, stacked by rows
     fixed: dict = field(default_factory=dict)  # model settings its class has no other value for
@@ -55,6 +56,8 @@ class Architecture:
     always_biased: bool = False           # its class always has biases: ours without are written as zeros
     ignored: tuple[str, ...] = ()         # tensors in its files that are not weights (old buffers)
     prefix: str = ""                      # a prefix of the names that some of its files leave out
+    required: tuple[str, ...] = ()        # config.json keys without which its shapes are unknown
+    defaults: dict = field(default_factory=dict)  # its transformers class's values for keys left out
 
 
 def whole(*names: str) -> Names:
@@ -64,12 +67,12 @@ def whole(*names: str) -> Names:
 
 # ----------------------------------------------------------------------------- GPT-2
 
-def gpt2_read(hf: dict, shapes: dict, folder: Path) -> dict:
+def gpt2_read(hf: dict, shapes: dict, where: Path) -> dict:
     problems = [f"{k} = {hf.get(k)!r} (we support {ok!r})" for k, ok in (
         ("activation_function", "gelu_new"), ("scale_attn_by_inverse_layer_idx", False),
         ("add_cross_attention", False)) if hf.get(k, ok) != ok]
     if problems:
-        raise FormatError(f"{folder}: this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
+        raise FormatError(f"{where}: this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
     return {"bias": True, "mlp_hidden": hf.get("n_inner") or 0}  # n_inner None: 4 * n_embd
 
 
@@ -92,9 +95,10 @@ def gpt2_names(cfg: ModelConfig) -> Names:
 
 # ----------------------------------------------------------------------------- Llama, Qwen2, Qwen3
 
-def llama_read(hf: dict, shapes: dict, folder: Path) -> dict:
+def llama_read(hf: dict, shapes: dict, where: Path) -> dict:
     """Our settings for a config.json of the Llama family (llama, qwen2, qwen3): what they share."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5, or 4
+    rope = {k: v for k, v in rope.items() if v is not None}  # null: left out
     heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads") or hf.get("num_attention_heads")
     hidden, head_dim = hf.get("hidden_size"), hf.get("head_dim")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -110,8 +114,10 @@ def llama_read(hf: dict, shapes: dict, folder: Path) -> dict:
         ("use_sliding_window", True, sliding, "sliding-window attention is not supported"),
         ("mlp_bias", hf.get("mlp_bias"), bool(hf.get("mlp_bias")) != bool(hf.get("attention_bias")),
          "we support biases everywhere or nowhere: attention_bias = mlp_bias")) if bad]
+    needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    problems += [f"rope_parameters has no {k} (rope_type {rope_type!r} needs it)" for k in needs if k not in rope]
     if problems:
-        raise FormatError(f"{folder}: this {hf['model_type']} model cannot be loaded: {'; '.join(problems)}")
+        raise FormatError(f"{where}: this {hf['model_type']} model cannot be loaded: {'; '.join(problems)}")
     settings = {"arch": "llama", **ARCHS["llama"], "dropout": 0.0, "bias": bool(hf.get("attention_bias")),
                 "mlp_hidden": hf.get("intermediate_size", 0),
                 "n_kv_head": 0 if kv_heads == heads else kv_heads,
@@ -120,23 +126,24 @@ def llama_read(hf: dict, shapes: dict, folder: Path) -> dict:
                 # A file without the setting: its weights say (transformers leaves a tied lm_head out).
                 "tie_embeddings": hf.get("tie_word_embeddings", "lm_head.weight" not in shapes)}
     if rope_type != "default":
-        settings |= {"rope_scaling": rope_type, "rope_factor": float(rope.get("factor", 1.0))}
+        settings |= {"rope_scaling": rope_type, "rope_factor": float(rope["factor"])}
     if rope_type == "llama3":
-        settings |= {"rope_low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
-                     "rope_high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
-                     "rope_original_context": rope.get("original_max_position_embeddings", 8192)}
+        settings |= {"rope_low_freq_factor": float(rope["low_freq_factor"]),
+                     "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                     "rope_original_context": rope.get("original_max_position_embeddings",
+                                                        hf["max_position_embeddings"])}
     return settings
 
 
-def qwen2_read(hf: dict, shapes: dict, folder: Path) -> dict:
-    return llama_read(hf, shapes, folder) | {"bias": False, "qkv_bias": True}  # biases on q, k, v alone
+def qwen2_read(hf: dict, shapes: dict, where: Path) -> dict:
+    return llama_read(hf, shapes, where) | {"bias": False, "qkv_bias": True}  # biases on q, k, v alone
 
 
-def qwen3_read(hf: dict, shapes: dict, folder: Path) -> dict:
+def qwen3_read(hf: dict, shapes: dict, where: Path) -> dict:
     if hf.get("attention_bias"):
-        raise FormatError(f"{folder}: this qwen3 model cannot be loaded: attention_bias = true (biases on the "
+        raise FormatError(f"{where}: this qwen3 model cannot be loaded: attention_bias = true (biases on the "
                           "attention's four projections and not the MLP's, which model.bias cannot say)")
-    return llama_read(hf, shapes, folder) | {"qk_norm": True}
+    return llama_read(hf, shapes, where) | {"qk_norm": True}
 
 
 def llama_write(cfg: ModelConfig) -> dict:
@@ -185,6 +192,9 @@ def llama_names(cfg: ModelConfig) -> Names:
 
 # ----------------------------------------------------------------------------- the table
 
+LLAMA_REQUIRED = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
+LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048}  # transformers' LlamaConfig
+QWEN_DEFAULTS = LLAMA_DEFAULTS | {"max_position_embeddings": 32768}
 LLAMA_CONFIG = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                 "block_size": "max_position_embeddings", "norm_eps": "rms_norm_eps", "attn_dropout": "attention_dropout"}
 LLAMA_FIXED = {k: v for k, v in ARCHS["llama"].items() if k != "bias"} | {"logit_softcap": 0.0}
@@ -198,14 +208,18 @@ ARCHITECTURES = {
             "qk_norm": False, "logit_softcap": 0.0, "n_kv_head": 0, "head_dim": 0, "qkv_bias": False},
         transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
         always_biased=True, ignored=(".attn.bias", ".attn.masked_bias"),  # old files keep the causal mask
-        prefix="transformer."),  # the hub's GPT-2 files: h.0.attn..., wte.weight
+        prefix="transformer.",  # the hub's GPT-2 files: h.0.attn..., wte.weight
+        required=("n_layer", "n_head", "n_embd", "vocab_size"), defaults={"layer_norm_epsilon": 1e-5, "n_positions": 1024}),
     "llama": Architecture("llama", "LlamaForCausalLM", LLAMA_CONFIG, llama_read, llama_write, llama_names,
                           fixed=LLAMA_FIXED | {"qk_norm": False, "qkv_bias": False},
-                          ignored=("rotary_emb.inv_freq",)),  # old files keep the rotary table
+                          ignored=("rotary_emb.inv_freq",),  # old files keep the rotary table
+                          required=LLAMA_REQUIRED, defaults=LLAMA_DEFAULTS),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", LLAMA_CONFIG, qwen2_read, qwen2_write, llama_names,
-                          fixed=LLAMA_FIXED | {"qk_norm": False, "bias": False, "qkv_bias": True}),
+                          fixed=LLAMA_FIXED | {"qk_norm": False, "bias": False, "qkv_bias": True},
+                          required=LLAMA_REQUIRED, defaults=QWEN_DEFAULTS),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", LLAMA_CONFIG, qwen3_read, llama_write, llama_names,
-                          fixed=LLAMA_FIXED | {"qk_norm": True, "bias": False, "qkv_bias": False}),
+                          fixed=LLAMA_FIXED | {"qk_norm": True, "bias": False, "qkv_bias": False},
+                          required=LLAMA_REQUIRED, defaults=QWEN_DEFAULTS | {"head_dim": 128}),
 }
 COMMON = {"vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings"}  # the same key in every entry
 
@@ -237,17 +251,22 @@ def module_names(cfg: ModelConfig, layer: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_config(hf: dict, shapes: dict, folder: Path) -> dict:
-    """Our model settings from a config.json that transformers wrote (or anyone else). `shapes`: the
-    tensors' names and shapes, for what the config leaves out."""
+def read_config(hf: dict, shapes: dict, where: Path) -> dict:
+    """Our model settings from a config.json (at `where`) that transformers wrote, or anyone else: its
+    keys checked first (checks.hf_config_problems), those left out or null taken as its transformers
+    class takes them. `shapes`: the tensors' names and shapes, for what the config leaves out."""
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        why = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
-        raise FormatError(f"{folder}/config.json: model_type {model_type!r}{why} cannot be read; we read "
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        why = f" ({UNSUPPORTED[model_type]})" if isinstance(model_type, str) and model_type in UNSUPPORTED else ""
+        raise FormatError(f"{where}: model_type {model_type!r}{why} cannot be read; we read "
                           f"{', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[model_type]
+    problems = hf_config_problems(hf, arch.required)
+    if problems:
+        raise FormatError(f"{where}: {'; '.join(problems)}; it is damaged or not a {arch.hf_class}'s")
+    hf = arch.defaults | {k: v for k, v in hf.items() if v is not None}
     names = arch.config_names | COMMON
-    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | arch.read_extra(hf, shapes, folder)
+    return {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf} | arch.read_extra(hf, shapes, where)
 
 
 def their_names(shapes: dict, arch: Architecture, cfg: ModelConfig) -> dict[str, str]:

@@ -71,8 +71,8 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
         apply(cfg, cli_values, True, "command line", problems, sections)
         apply_implied(cfg, cli_values, sections)
         problems += validate(cfg, sections)
-    if opts is not None:
-        problems += validate(opts)
+    if opts is not None and not any(p.startswith("command line: --") for p in problems):
+        problems += validate(opts)  # not after an option was refused: it would be called missing too
     if problems:
         raise ConfigError(problems)
     cfg.preset, cfg.overrides, cfg.argv = preset, overrides, list(argv)
@@ -204,6 +204,12 @@ def convert(name: str, f: dataclasses.Field, value, from_text: bool):
         raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
     if typ is float and not math.isfinite(value):
         raise ConfigError(f"{name} = {value} is not a finite number")
+    if typ is str and not value.isascii():
+        try:
+            value.encode("utf-8")  # bytes that are not UTF-8 (a file name, a prompt) arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name} = {value!r} is not UTF-8 text; rename the file, or give the text in "
+                              "UTF-8") from None
     return value
 
 

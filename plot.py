@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
@@ -296,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) / LOG_NAME if Path(p).is_dir() or not (Path(p).exists() or p.endswith(".json")) else Path(p)
              for p in opts.logs]
     out = Path(opts.out) if opts.out else paths[0].parent / "curves.png"
+    formats = FigureCanvasBase.get_supported_filetypes()  # {"png": ..., "svg": ..., "pdf": ...}
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise PlotError(f"--out {out}: a picture cannot be written as {out.suffix}; end it in .png, .svg or .pdf "
+                        f"(or {', '.join('.' + f for f in sorted(formats) if f not in ('png', 'svg', 'pdf'))})")
     if opts.watch:
         try:
             watch(paths, out, opts)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checks import tokenizer_files_problems
 from errors import DataError
 
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
@@ -161,8 +162,15 @@ def hf_tokenizer_meta(folder: str | Path) -> dict | None:
 
 
 def hf_meta(files: dict[str, str]) -> dict:
+    """A Hugging Face tokenizer's meta from its files ({name: text}); ValueError names a damaged one."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_str(files["tokenizer.json"])
+    try:
+        tok = Tokenizer.from_str(files["tokenizer.json"])
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"tokenizer.json: {e}") from None
+    problems = tokenizer_files_problems(files, tok.get_vocab_size())
+    if problems:
+        raise ValueError("; ".join(problems))
     config = json.loads(files.get("tokenizer_config.json", "{}"))
     eos = config.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
@@ -171,6 +179,27 @@ def hf_meta(files: dict[str, str]) -> dict:
     stops = {eot, *(generation if isinstance(generation, list) else [generation])} - {None}
     return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "eot_token": eot, "stop_tokens": sorted(stops),
             "sha256": hashlib.sha256(files["tokenizer.json"].encode()).hexdigest(), "files": files}
+
+
+def meta_disagreements(meta: dict) -> list[str]:
+    """Where a bpe or hf meta disagrees with its own tokenizer (an edited or damaged file): the numbers
+    that training, sampling and exports take from the meta must be the tokenizer's."""
+    if meta["tokenizer"] == "char":
+        return []
+    if meta["tokenizer"] == "bpe":
+        import tiktoken
+        if meta["encoding"] not in tiktoken.list_encoding_names():
+            return [f"encoding is {json.dumps(meta['encoding'])}, not one of {', '.join(tiktoken.list_encoding_names())}"]
+        enc = load_tiktoken(meta["encoding"])
+        own = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
+    else:
+        try:
+            own = hf_meta(meta["files"])
+        except (ValueError, KeyError) as e:
+            return [f"files holds a tokenizer that cannot be read ({e})"]
+        own = {k: own[k] for k in ("vocab_size", "eot_token", "stop_tokens", "sha256")}
+    return [f"{k} is {json.dumps(meta.get(k))}, its tokenizer's is {json.dumps(v)}" for k, v in own.items()
+            if meta.get(k) != v]
 
 
 def start_token(tokenizer) -> int:

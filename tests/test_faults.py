@@ -94,6 +94,9 @@ def cases(w: Path) -> list[Case]:
              "empty.txt", lambda w, d: write(d / "empty.txt", "")),
         Case("prepare-not-utf8", "prepare", ["--data.input", str(d / "latin.txt"), "--data.processed_dir", str(d / "o")],
              "latin.txt", lambda w, d: write(d / "latin.txt", "caf\xe9\n".encode("latin-1"))),
+        Case("prepare-utf16-without-bom", "prepare", ["--data.input", str(d / "u16.txt"), "--data.processed_dir",
+                                                      str(d / "o")], "u16.txt",
+             lambda w, d: write(d / "u16.txt", "hello world\n".encode("utf-16-le"))),
         Case("prepare-folder-without-txt", "prepare", ["--data.input", str(d / "docs"), "--data.processed_dir",
                                                        str(d / "o")], "docs", lambda w, d: write(d / "docs" / "a.md", "x")),
         Case("prepare-out-is-a-file", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "f")],
@@ -265,6 +268,13 @@ def cases(w: Path) -> list[Case]:
              "--format"),
         Case("export-missing-source", "export", ["--ckpt", str(d / "nope"), "--out", str(d / "ex")], "nope"),
         # plot.py
+        Case("plot-out-not-a-picture", "plot", [str(run), "--out", str(d / "curves.txt")], "--out"),
+        # odd but legal arguments: a seed past 64 bits, bytes that are not UTF-8 (as Python gets them from
+        # the command line: lone surrogates), a newline in a path
+        Case("train-seed-beyond-64-bits", "train", tiny(d / "o", data, "--training.seed", str(2 ** 70)), "training.seed"),
+        Case("train-out-dir-not-utf8", "train", tiny(d / "o\udcff", data), "training.out_dir"),
+        Case("sample-prompt-not-utf8", "sample", ["--ckpt", str(run), "--start", "caf\udce9"], "--start"),
+        Case("sample-path-with-a-newline", "sample", ["--ckpt", str(d / "a\nb")], "a\\nb"),
         Case("plot-missing-log", "plot", [str(d / "nope.json")], "nope.json"),
         Case("plot-not-json", "plot", [str(d / "log.json")], "log.json", lambda w, d: write(d / "log.json", "{oops")),
         Case("plot-no-log", "plot", [], "train_log.json"),
@@ -312,6 +322,14 @@ def cases(w: Path) -> list[Case]:
         Case("hf-model-type-we-do-not-read", "sample", ["--ckpt", str(d / "hf")], "mixtral",
              lambda w, d: edit_json(copy(w / "hf", d / "hf") / "config.json",
                                     lambda c: c.update(model_type="mixtral", tinygpt=None))),
+        Case("hf-config-field-of-the-wrong-type", "sample", ["--ckpt", str(d / "hf")], "config.json",
+             lambda w, d: edit_json(copy(w / "hf", d / "hf") / "config.json",
+                                    lambda c: c.update(rope_scaling="linear", tinygpt=None))),
+        Case("hf-shard-outside-its-folder", "sample", ["--ckpt", str(d / "shards")], "model.safetensors.index.json",
+             lambda w, d: shard_outside(w / "hf", d / "shards")),
+        Case("hf-tokenizer-config-eos-of-the-wrong-type", "sample", ["--ckpt", str(d / "hf")], "tokenizer_config.json",
+             lambda w, d: (with_tokenizer_json(copy(w / "hf", d / "hf"), 50),
+                           write(d / "hf" / "tokenizer_config.json", '{"eos_token": 7}'))),
         Case("gguf-not-gguf", "sample", ["--ckpt", str(d / "model.gguf")], "model.gguf",
              lambda w, d: write(d / "model.gguf", b"not a GGUF file at all")),
         Case("prepare-hf-tokenizer-without-path", "prepare", ["--data.input", str(text), "--tokenizer", "hf",
@@ -416,6 +434,14 @@ def shard_with_one_missing(folder: Path, dest: Path) -> None:
     (dest / "model.safetensors").rename(dest / "model-00001-of-00002.safetensors")
     write(dest / "model.safetensors.index.json", json.dumps({"weight_map": {
         name: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, name in enumerate(names)}}))
+
+
+def shard_outside(folder: Path, dest: Path) -> None:
+    """A Hugging Face folder whose index names its one shard by a path out of the folder, where it is."""
+    copy(folder, dest)
+    names = list(load_file(dest / "model.safetensors"))
+    (dest / "model.safetensors").rename(dest.parent / "x.safetensors")
+    write(dest / "model.safetensors.index.json", json.dumps({"weight_map": dict.fromkeys(names, "../x.safetensors")}))
 
 
 def with_tokenizer_json(folder: Path, tokens: int) -> None:

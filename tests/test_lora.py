@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +274,45 @@ def test_the_base_must_be_there_and_unchanged(tmp_path, char_data, base, capsys)
     save_checkpoint(tmp_path / "base" / "ckpt_best.pt", ckpt)
     assert sample.main(["--ckpt", str(tmp_path / "run"), *FEW]) == 0
     assert capsys.readouterr().out == text
+
+
+@pytest.mark.parametrize("fmt, out", [("native", "exports/small"), ("gguf", "exports/small.gguf")])
+def test_export_force_never_replaces_a_lora_runs_base(tmp_path, char_data, base, monkeypatch, capsys, fmt, out):
+    """The new user's path: export the small model, start a LoRA run from the export, retrain the small
+    model and export it again over the first export with --force. That would have broken the LoRA run
+    (its adapters need the weights they were trained on): refused, naming the run, and the command it
+    suggests works. The same weights again, or another --out, are fine."""
+    monkeypatch.chdir(tmp_path)
+    if fmt == "gguf":  # GGUF holds the Llama family: a small Llama instead of the GPT-2 base
+        train.main(tiny(tmp_path / "small", char_data, "--model.arch", "llama"))
+    else:
+        shutil.copytree(base, tmp_path / "small")
+    assert export.main(["--ckpt", "small", "--out", out, "--format", fmt]) == 0
+    data = ["--data.processed_dir", "gguf_data", "--data.input", str(ROOT / "data/shakespeare/input.txt")] \
+        if fmt == "gguf" else []  # a GGUF file brings its own tokenizer: the text is prepared with it
+    train.main(with_lora(Path("checkpoints/lora"), char_data, Path(out), "--max-iters", "4", *data))
+    capsys.readouterr()
+    assert sample.main(["--ckpt", "checkpoints/lora", *FEW]) == 0
+    text = capsys.readouterr().out
+    train.main(tiny(tmp_path / "small", char_data, "--max-iters", "30", "--resume"))  # other weights
+    assert export.main(["--ckpt", "small", "--out", out, "--format", fmt, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} holds the base weights of the LoRA run checkpoints/lora" in err
+    assert sample.main(["--ckpt", "checkpoints/lora", *FEW]) == 0 and capsys.readouterr().out == text
+    assert export.main(["--ckpt", "small", "--out", "exports/other", "--format", "native"]) == 0  # another --out
+    # The suggested way: keep the run whole, remove it, then replace the base.
+    assert export.main(["--ckpt", "checkpoints/lora", "--out", "checkpoints/lora_merged"]) == 0
+    shutil.rmtree("checkpoints/lora")
+    assert export.main(["--ckpt", "small", "--out", out, "--format", fmt, "--force"]) == 0
+    assert sample.main(["--ckpt", "checkpoints/lora_merged", *FEW]) == 0
+
+
+def test_export_force_of_the_same_weights_keeps_a_lora_runs_base(tmp_path, char_data, base, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--ckpt", str(base), "--out", "exports/small", "--format", "hf"]) == 0
+    train.main(with_lora(Path("checkpoints/lora"), char_data, Path("exports/small"), "--max-iters", "2"))
+    assert export.main(["--ckpt", str(base), "--out", "exports/small", "--format", "hf", "--force"]) == 0
+    assert sample.main(["--ckpt", "checkpoints/lora", *FEW]) == 0
 
 
 def test_save_full_needs_no_base(tmp_path, char_data, base, lora_run):

@@ -184,3 +184,14 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     stream = sample.TextStream(gpt2_tokenizer)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "naïve café 🙂 日本" and "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-45, 1e-300])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
+    """Dividing logits by 1e-45 overflows float32 (inf, then NaN probabilities): such temperatures sample
+    the most likely token, as the limit of a smaller and smaller temperature does."""
+    from generate import sample_next_token
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    chosen = sample_next_token(logits, temperature, None, None, torch.Generator().manual_seed(1))
+    assert torch.equal(chosen, logits.argmax(dim=-1, keepdim=True))
