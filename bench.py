@@ -21,13 +21,14 @@ from errors import UserError, command
 import os
 import platform
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks import BENCHMARKS
 from benchmarks.common import BenchOptions
-from files import write_json
+from files import check_replaceable, write_json
 from options import parse
 from runtime import pick_device
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     about = f"{head}\n\n{examples}\n\n    --what takes these names, comma-separated:\n{names}"
     opts, cfg = parse(argv, Options, program="bench.py", about=about, preset="configs/base/base.toml")
     names = [name for name in BENCHMARKS if name in opts.what.split(",")]
+    if opts.json:  # it replaces the results of an earlier run, never another file: said before the run
+        check_replaceable(Path(opts.json), b'"results": [', "--json", "bench.py")
     if "gpu" in names and not torch.cuda.is_available():
         raise UserError(f"--what gpu needs a CUDA GPU, and this torch ({torch.__version__}) sees none; run it on a "
                         "machine with one (and a CUDA build of torch)")

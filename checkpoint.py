@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 import gguf_format
 import hf
-from checks import checkpoint_problems, shard_index_problems
+from checks import checkpoint_problems, export_problems, shard_index_problems
 from config import Config, LoraConfig, ModelConfig, apply_implied, validate
 from data import meta_problems
 from errors import UserError, out_of_memory
@@ -371,8 +371,8 @@ def read_export(folder: Path, device: str | torch.device) -> Weights:
         raise CheckpointError(f"{folder} cannot be read ({e.strerror}: {e.filename}); check its permissions") from None
     except (ValueError, SafetensorError) as e:  # truncated, or not JSON / safetensors at all
         raise CheckpointError(f"{folder} cannot be read ({type(e).__name__}: {e}); export it again") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{folder}/config.json is not a JSON object; export it again")
+    if problems := export_problems(config, NATIVE):
+        raise CheckpointError(f"{folder}/config.json is damaged ({'; '.join(problems)}); export it again")
     if meta is not None and (problems := meta_problems(meta)):
         raise CheckpointError(f"{folder}/{META_FILE} is damaged ({'; '.join(problems)}); export it again")
     if config.get("format") == NATIVE:

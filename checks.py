@@ -154,6 +154,31 @@ def gguf_problems(meta: dict, arch: str) -> list[str]:
             if (v := meta.get(k)) is not None and not (is_count(v) and v < count if kind == "token" else fits(v, kind))]
 
 
+def export_problems(config, native: str) -> list[str]:
+    """What is wrong with our own keys in an export's config.json: those of a native export (format =
+    `native`), or the "tinygpt" object of a Hugging Face export of ours (where the weights came from, the
+    settings they were trained with); not an object at all."""
+    if not isinstance(config, dict):
+        return ["it is not a JSON object"]
+    ours = config if config.get("format") == native else config.get("tinygpt")
+    if ours is None:
+        return []
+    if not isinstance(ours, dict):
+        return [f"tinygpt is {json.dumps(ours)}, expected an object"]
+    source, model, out = ours.get("source"), ours.get("model"), []
+    step, loss = (source.get("step"), source.get("val_loss")) if isinstance(source, dict) else (None, None)
+    if source is not None and not (isinstance(source, dict) and (step is None or is_count(step))
+                                   and (loss is None or is_number(loss))):
+        out.append(f"source is {json.dumps(source)}, expected an object with a step and a val_loss")
+    if ours.get("config") is not None and not isinstance(ours["config"], dict):
+        out.append(f"config is {json.dumps(ours['config'])}, expected an object")
+    if isinstance(model, dict) and not (is_count(model.get("vocab_size")) and model["vocab_size"] >= 1):
+        out.append(f"model.vocab_size is {json.dumps(model.get('vocab_size'))}, expected the number of token ids")
+    if config is ours and ours.get("dtype", "fp32") not in ("fp32", "fp16", "bf16"):
+        out.append(f"dtype is {json.dumps(ours['dtype'])}, expected fp32, fp16 or bf16")
+    return out
+
+
 def shard_index_problems(index) -> list[str]:
     """What is wrong with a model.safetensors.index.json: its weight_map must name, for each tensor, a file
     of the index's own folder (a path elsewhere, ../x or /x, is never read)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -281,6 +282,9 @@ class Config:
             # Left at its default, auto gives way to overwrite: replacing the run is what was asked.
             out.append(f"training.resume = {t.resume} and training.overwrite contradict each other: resume "
                        "continues the run in out_dir, overwrite replaces it; drop one of them")
+        if self.data.processed_dir and os.path.realpath(self.data.processed_dir) == os.path.realpath(t.out_dir):
+            out.append(f"training.out_dir and data.processed_dir are the same folder ({t.out_dir!r}): the run's "
+                       "files and the data each need a folder of their own")
         if self.lora.rank > 0 and not t.init_from and t.resume != "true":
             # Only the adapters train: on random base weights the model would stay mostly random.
             out.append(f"lora.rank = {self.lora.rank} needs pretrained weights to adapt: set training.init_from "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import math
 import os
@@ -66,6 +67,23 @@ def atomic_file(path: str | Path) -> Iterator[Writer]:
         raise cannot_write(path, writer.error) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def others(folder: Path, own: tuple[str, ...]) -> list[str]:
+    """The files in `folder` (not its subfolders, nor hidden files: locks, temporary files) that match none
+    of the glob patterns `own`: someone else's, which a tool must not write among."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in own))
+
+
+def check_replaceable(path: Path, mark: bytes, setting: str, tool: str) -> None:
+    """Refuse to replace a file that `tool` did not write: its files hold `mark` (a key of its JSON, the
+    metadata of its pictures)."""
+    if path.is_file() and mark not in path.read_bytes():
+        raise FileError(f"{setting} {path} exists and {tool} did not write it, so it will not replace it; "
+                        "choose another name")
 
 
 def cannot_write(path: Path, e: OSError) -> FileError:

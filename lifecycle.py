@@ -29,7 +29,7 @@ from checkpoint import (CheckpointError, DamagedCheckpoint, LoopState, Weights, 
 from config import Config, ConfigError, TrainingConfig
 from data import FOLDER_SETTINGS, Data
 from errors import UserError
-from files import atomic_write_text, lock, make_folder
+from files import atomic_write_text, lock, make_folder, others
 from model import GPT
 from monitor import Board, print_header, tensorboard_writer, write_log
 from options import resume_command, to_toml
@@ -88,8 +88,13 @@ def check_run(cfg: Config, proc: Process) -> None:
     out_dir, t = Path(cfg.training.out_dir), cfg.training
     # Whether out_dir holds a run, as rank 0 sees it (every process must decide alike).
     held = run_checkpoints(out_dir) if proc.is_main else []
-    found = bool(all_reduce(torch.tensor(len(held), device=proc.device), proc, "max").item())
+    foreign = others(out_dir, RUN_FILES) if proc.is_main and not held else []  # a run's own folder may hold notes
+    counts = all_reduce(torch.tensor([len(held), len(foreign)], device=proc.device), proc, "max").tolist()
+    found = bool(counts[0])
     t.run_found = found and not t.overwrite  # resume = auto: the same command continues the run, or starts it
+    if counts[1]:
+        raise TrainError(f"training.out_dir = {str(out_dir)!r} holds files that train.py did not write "
+                         f"({', '.join(foreign[:3])}); give the run a folder of its own")
     if not t.resuming and not t.overwrite and found:
         raise TrainError(f"training.out_dir = {str(out_dir)!r} holds a run already (its "
                          f"{held[0].name if held else 'checkpoints'}); continue "
@@ -212,6 +217,9 @@ MAY_CHANGE = {f"training.{k}" for k in (
     "activation_checkpointing", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
     "save_best", "save_interval", "keep_last", "out_dir", "resume", "overwrite", "init_from", "sample_tokens",
     "sample_prompt", "profile_start_step", "profile_end_step", "profile_dir", "tensorboard")} | {"model.attention"}
+# The files train.py writes in training.out_dir (and plot.py's picture): a folder holding others is the
+# user's, and a new run there is refused. Its folders (tensorboard/, profile/, runs in it) are not files.
+RUN_FILES = ("ckpt_*.pt", "ckpt_*.json", "train_log.json", "config.toml", "curves.*")
 PATHS = {"data.input", "data.processed_dir", "data.tokenizer_path"}  # compared as the files they name
 
 

@@ -30,16 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from checks import log_problems
 from config import doc
 from options import parse
-from files import atomic_file
+from files import atomic_file, check_replaceable
 
 LOG_NAME = "train_log.json"
+MARK = "tinygpt plot.py"  # in the metadata of the pictures it writes
+FORMATS = ("png", "svg", "pdf", "eps", "ps")  # matplotlib's formats that hold it
 FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
 DPI = 100
 X_CHOICES = ("step", "tokens")
@@ -227,8 +228,8 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed: a viewer never shows half a picture. No bbox_inches="tight":
         # it would change the pixel size.
-        with atomic_file(out) as f:
-            fig.savefig(f, format=Path(out).suffix[1:] or "png")
+        with atomic_file(out) as f:  # marked as ours in its metadata: only such a picture is replaced
+            fig.savefig(f, format=Path(out).suffix[1:].lower() or "png", metadata={"Creator": MARK})
     if show:
         plt.show()
     else:
@@ -297,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) / LOG_NAME if Path(p).is_dir() or not (Path(p).exists() or p.endswith(".json")) else Path(p)
              for p in opts.logs]
     out = Path(opts.out) if opts.out else paths[0].parent / "curves.png"
-    formats = FigureCanvasBase.get_supported_filetypes()  # {"png": ..., "svg": ..., "pdf": ...}
-    if out.suffix and out.suffix[1:].lower() not in formats:
+    if out.is_dir():
+        raise PlotError(f"--out {out} is a folder; give the picture's file name, e.g. {out / 'curves.png'}")
+    check_replaceable(out, MARK.encode(), "--out", "plot.py")
+    if out.suffix and out.suffix[1:].lower() not in FORMATS:
         raise PlotError(f"--out {out}: a picture cannot be written as {out.suffix}; end it in .png, .svg or .pdf "
-                        f"(or {', '.join('.' + f for f in sorted(formats) if f not in ('png', 'svg', 'pdf'))})")
+                        "(or .eps, .ps)")
     if opts.watch:
         try:
             watch(paths, out, opts)

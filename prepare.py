@@ -32,7 +32,7 @@ from config import DataConfig, doc
 from options import parse
 from data import (FOLDER_SETTINGS, META_VERSION, Progress, default_processed_dir, load_meta, longer_split, resolve_bin_dir,
                   text_chunks, token_dtype)
-from files import FileError, lock, make_folder, sync_folder, write_json
+from files import FileError, lock, make_folder, others, sync_folder, write_json
 from tokenizer import (encode_chunks, hf_tokenizer_meta, safe_cut, split_safely, tokenizer_differences,
                        tokenizer_from_meta)
 
@@ -293,6 +293,10 @@ def check_owned(out: Path, source: Path) -> None:
     if where == text or where in text.parents or text in where.parents:
         raise DataError(f"data.processed_dir = {str(out)!r} and data.input = {str(source)!r} overlap: preparing "
                         "would write among your text; set data.processed_dir to a folder outside the input")
+    foreign = others(out, (*SPLIT_FILES, "meta.json"))
+    if foreign:
+        raise DataError(f"data.processed_dir = {str(out)!r} holds files that prepare.py did not write "
+                        f"({', '.join(foreign[:3])}); set data.processed_dir to a folder of its own")
     theirs = [name for name in SPLIT_FILES if (out / name).exists()]
     if theirs and not (out / "meta.json").exists():
         raise DataError(f"{out} holds {', '.join(theirs)} but no meta.json, so prepare.py did not write them and "

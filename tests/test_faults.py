@@ -9,12 +9,9 @@ session fixture; the tests below read the results."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import os
 import re
-import shutil
 import sys
 import traceback
 from dataclasses import dataclass
@@ -23,7 +20,6 @@ from unittest import mock
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import bench
 import eval as evaluate
@@ -34,6 +30,9 @@ import prepare
 import sample
 import train
 from conftest import ROOT, prepare_text
+from fault_setups import (change_weights, copy, drop_tensor, edit_json, held_lock, lora_run, non_finite,
+                          offline_tiktoken, poke_token, quiet_train, resave, shard_outside, shard_with_one_missing,
+                          snapshot, tiny, with_huge_weight, with_tokenizer_json, write)
 
 SCRIPTS = {"prepare": prepare.main, "train": train.cli, "sample": sample.main, "export": export.main,
            "plot": plot.main, "bench": bench.main, "eval": evaluate.main}
@@ -47,39 +46,6 @@ class Case:
     argv: list[str]
     names: str  # what the one error line must mention: the file or setting at fault
     setup: object = None  # setup(world, case_dir) -> None: makes the bad file, holds a lock...
-
-
-def tiny(out_dir, data_dir, *extra) -> list[str]:
-    return ["--data.processed_dir", str(data_dir), "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd",
-            "32", "--model.block_size", "16", "--training.batch_size", "4", "--training.eval_interval", "5",
-            "--training.eval_batches", "2", "--training.log_interval", "5", "--device", "cpu", "--max-iters", "5",
-            "--training.out_dir", str(out_dir), *extra]
-
-
-# ----------------------------------------------------------------------------- setups
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return path
-
-
-def copy(src: Path, dest: Path) -> Path:
-    (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
-    return dest
-
-
-def edit_json(path: Path, change) -> None:
-    value = json.loads(path.read_text())
-    change(value)
-    path.write_text(json.dumps(value))
-
-
-def held_lock(path: Path):
-    """A setup that holds `path`'s lock (as another process would) while the case runs."""
-    def setup(world, d):
-        return files.lock(path(world, d) if callable(path) else path, "x")
-    return setup
 
 
 def cases(w: Path) -> list[Case]:
@@ -275,6 +241,27 @@ def cases(w: Path) -> list[Case]:
         Case("train-out-dir-not-utf8", "train", tiny(d / "o\udcff", data), "training.out_dir"),
         Case("sample-prompt-not-utf8", "sample", ["--ckpt", str(run), "--start", "caf\udce9"], "--start"),
         Case("sample-path-with-a-newline", "sample", ["--ckpt", str(d / "a\nb")], "a\\nb"),
+        # every script's output pointed at its input, at a folder of user files, at the run it starts from
+        Case("train-out-dir-is-its-data", "train", tiny(d / "data", d / "data"), "data.processed_dir",
+             lambda w, d: copy(data, d / "data")),
+        Case("train-out-dir-holds-user-files", "train", tiny(d / "notes", data), "keep.txt",
+             lambda w, d: write(d / "notes" / "keep.txt", "mine")),
+        Case("train-into-the-run-it-starts-from", "train", tiny(d / "r", data, "--training.init_from", str(d / "r")),
+             "training.init_from", lambda w, d: copy(run, d / "r")),
+        Case("prepare-into-a-run", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "r")],
+             "ckpt_best.json", lambda w, d: copy(run, d / "r")),
+        Case("prepare-into-user-files", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "notes")],
+             "keep.txt", lambda w, d: write(d / "notes" / "keep.txt", "mine")),
+        Case("export-over-its-run", "export", ["--ckpt", str(run), "--out", str(run), "--force"], str(run)),
+        Case("export-over-the-data", "export", ["--ckpt", str(run), "--out", str(data), "--force"], str(data)),
+        Case("export-over-a-text-file", "export", ["--ckpt", str(run), "--out", str(text), "--force"], str(text)),
+        Case("plot-over-its-log", "plot", [str(run), "--out", str(run / "train_log.json")], "train_log.json"),
+        Case("plot-over-a-users-picture", "plot", [str(run), "--out", str(d / "mine.png")], "mine.png",
+             lambda w, d: write(d / "mine.png", b"\x89PNG not ours")),
+        Case("plot-out-is-a-folder", "plot", [str(run), "--out", str(d / "notes")], "notes",
+             lambda w, d: write(d / "notes" / "keep.txt", "mine")),
+        Case("bench-json-over-a-users-file", "bench", ["--what", "prepare", "--json", str(d / "notes.json")],
+             "notes.json", lambda w, d: write(d / "notes.json", '{"mine": 1}')),
         Case("plot-missing-log", "plot", [str(d / "nope.json")], "nope.json"),
         Case("plot-not-json", "plot", [str(d / "log.json")], "log.json", lambda w, d: write(d / "log.json", "{oops")),
         Case("plot-no-log", "plot", [], "train_log.json"),
@@ -325,6 +312,8 @@ def cases(w: Path) -> list[Case]:
         Case("hf-config-field-of-the-wrong-type", "sample", ["--ckpt", str(d / "hf")], "config.json",
              lambda w, d: edit_json(copy(w / "hf", d / "hf") / "config.json",
                                     lambda c: c.update(rope_scaling="linear", tinygpt=None))),
+        Case("hf-export-source-not-an-object", "sample", ["--ckpt", str(d / "hf")], "config.json",
+             lambda w, d: edit_json(copy(w / "hf", d / "hf") / "config.json", lambda c: c["tinygpt"].update(source="x"))),
         Case("hf-shard-outside-its-folder", "sample", ["--ckpt", str(d / "shards")], "model.safetensors.index.json",
              lambda w, d: shard_outside(w / "hf", d / "shards")),
         Case("hf-tokenizer-config-eos-of-the-wrong-type", "sample", ["--ckpt", str(d / "hf")], "tokenizer_config.json",
@@ -354,112 +343,9 @@ def cases(w: Path) -> list[Case]:
     ]
 
 
-@contextlib.contextmanager
-def offline_tiktoken(cache: Path):
-    """An empty tiktoken cache, and a proxy that refuses every connection: offline, whatever the machine."""
-    cache.mkdir()
-    saved = {k: os.environ.get(k) for k in ("TIKTOKEN_CACHE_DIR", "HTTPS_PROXY", "https_proxy")}
-    os.environ.update(TIKTOKEN_CACHE_DIR=str(cache), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def quiet_train(argv: list[str]) -> None:
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert train.cli(argv) == 0
-
-
-def lora_run(w: Path, d: Path, delete_base: bool) -> None:
-    """A short LoRA run in d/lora on a copy of the world's run, whose copy is then deleted if asked."""
-    base = copy(w / "run", d / "base")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert train.cli(tiny(d / "lora", w / "data", "--training.init_from", str(base), "--lora.rank", "2")) == 0
-    if delete_base:
-        shutil.rmtree(base)
-
-
-def change_weights(path: Path) -> None:
-    """The same checkpoint with one tensor nudged: what a LoRA run's base digest must notice."""
-    ckpt = torch.load(path, weights_only=True)
-    name = next(iter(ckpt["model"]))
-    ckpt["model"][name] = ckpt["model"][name] + 1e-3
-    torch.save(ckpt, path)
-
-
-def with_huge_weight(src: Path, dest: Path) -> None:
-    """A copy of a checkpoint with one weight beyond fp16's range, as a diverging run can leave."""
-    ckpt = torch.load(src, weights_only=True)
-    name = next(iter(ckpt["model"]))
-    ckpt["model"][name].view(-1)[0] = 1e6
-    torch.save(ckpt, dest)
-
-
-def resave(src: Path, dest: Path, **changes) -> None:
-    """A copy of a checkpoint with some entries changed (None: removed)."""
-    ckpt = torch.load(src, weights_only=True)
-    for k, v in changes.items():
-        ckpt.pop(k) if v is None else ckpt.__setitem__(k, v)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, dest)
-
-
-def poke_token(path: Path, token: int) -> None:
-    """Overwrite one token id of a uint16 split in place."""
-    with open(path, "r+b") as f:
-        f.seek(10)
-        f.write(token.to_bytes(2, "little"))
-
-
-def non_finite(path: Path) -> dict:
-    """A checkpoint's weights with a NaN and an inf in them (as a run that diverged would leave them)."""
-    model = torch.load(path, weights_only=True)["model"]
-    weight = next(k for k in model if k.endswith("attn.c_attn.weight") or k.endswith("c_attn.weight"))
-    model[weight][0, 0], model[weight][0, 1] = float("nan"), float("inf")
-    return model
-
-
-def drop_tensor(path: Path, name: str) -> None:
-    tensors = load_file(path)
-    del tensors[name]
-    save_file(tensors, path)
-
-
-def shard_with_one_missing(folder: Path, dest: Path) -> None:
-    """A Hugging Face folder whose model.safetensors.index.json names two shards, the second not there."""
-    copy(folder, dest)
-    names = list(load_file(dest / "model.safetensors"))
-    (dest / "model.safetensors").rename(dest / "model-00001-of-00002.safetensors")
-    write(dest / "model.safetensors.index.json", json.dumps({"weight_map": {
-        name: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, name in enumerate(names)}}))
-
-
-def shard_outside(folder: Path, dest: Path) -> None:
-    """A Hugging Face folder whose index names its one shard by a path out of the folder, where it is."""
-    copy(folder, dest)
-    names = list(load_file(dest / "model.safetensors"))
-    (dest / "model.safetensors").rename(dest.parent / "x.safetensors")
-    write(dest / "model.safetensors.index.json", json.dumps({"weight_map": dict.fromkeys(names, "../x.safetensors")}))
-
-
-def with_tokenizer_json(folder: Path, tokens: int) -> None:
-    """A tokenizer.json of `tokens` tokens in place of our tokenizer_meta.json."""
-    from tokenizers import Tokenizer, models
-
-    (folder / "tokenizer_meta.json").unlink()
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(tokens)}, unk_token="t0")).save(str(folder / "tokenizer.json"))
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in root.rglob("*")
-            if p.is_file() and p.suffix != ".lock"}
-
-
 @pytest.fixture(scope="session")
-def results(tmp_path_factory) -> dict[str, dict]:
-    """Run every case once: {id: {"code", "stderr", "changed"}}."""
+def world(tmp_path_factory) -> Path:
+    """What the cases start from: a text, its prepared data, a short run, and its two exports."""
     w = tmp_path_factory.mktemp("world")
     (w / "text.txt").write_text((ROOT / "data/shakespeare/input.txt").read_text()[:20000])
     prepare_text(w / "text.txt", w / "data")
@@ -467,25 +353,42 @@ def results(tmp_path_factory) -> dict[str, dict]:
         assert train.cli(tiny(w / "run", w / "data")) == 0
         export.export(w / "run", w / "native")
         export.export(w / "run", w / "hf", "hf")
-    out, cwd = {}, os.getcwd()
-    for case in cases(w):
+    return w
+
+
+def run_script(script: str, argv: list[str], cwd: Path) -> tuple[int | None, str]:
+    """One script's command line, run in this process in `cwd`: (its exit status, or None when an
+    exception escaped; its stderr, or the traceback)."""
+    stderr, here = io.StringIO(), os.getcwd()
+    os.chdir(ROOT if script == "bench" else cwd)  # bench.py reads the shipped presets
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            return SCRIPTS[script](argv), stderr.getvalue()
+    except BaseException:
+        return None, traceback.format_exc()
+    finally:
+        os.chdir(here)
+
+
+def set_up(case: Case, w: Path, d: Path) -> tuple[list[str], contextlib.AbstractContextManager]:
+    """The case's command line in its folder `d`, and what its set-up holds while it runs (a lock...)."""
+    held = case.setup(w, d) if case.setup else None
+    managed = isinstance(held, contextlib.AbstractContextManager) and not isinstance(held, Path)
+    return [a.replace("{d}", str(d)) for a in case.argv], held if managed else contextlib.nullcontext()
+
+
+@pytest.fixture(scope="session")
+def results(world, tmp_path_factory) -> dict[str, dict]:
+    """Run every case once: {id: {"code", "stderr", "changed"}}."""
+    out = {}
+    for case in cases(world):
         d = tmp_path_factory.mktemp(case.id)
-        argv = [a.replace("{d}", str(d)) for a in case.argv]
-        held = case.setup(w, d) if case.setup else None
-        before = snapshot(w, d)
-        stderr = io.StringIO()
-        os.chdir(ROOT if case.script == "bench" else d)  # bench.py reads the shipped presets
-        try:
-            managed = isinstance(held, contextlib.AbstractContextManager) and not isinstance(held, Path)
-            with held if managed else contextlib.nullcontext(), \
-                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-                code = SCRIPTS[case.script](argv)
-        except BaseException:
-            code, stderr = None, io.StringIO(traceback.format_exc())
-        finally:
-            os.chdir(cwd)
-        after = snapshot(w, d)
-        out[case.id] = {"code": code, "stderr": stderr.getvalue(), "names": case.names.replace("{d}", str(d)),
+        argv, held = set_up(case, world, d)
+        before = snapshot(world, d)
+        with held:
+            code, stderr = run_script(case.script, argv, d)
+        after = snapshot(world, d)
+        out[case.id] = {"code": code, "stderr": stderr, "names": case.names.replace("{d}", str(d)),
                         "changed": sorted(p for p in before if before[p] != after.get(p))}
     return out
 

@@ -294,3 +294,37 @@ def test_each_part_of_a_shard_index_mutated_is_named(tmp_path):
             if "\n" in str(e) or str(folder) not in str(e):
                 wrong.append(f"{kind}: {e}")
     assert not wrong, "\n".join(wrong)
+
+
+# ----------------------------------------------------------------------------- a native export's config.json
+
+def test_each_field_of_a_native_export_mutated_is_named_or_read(tmp_path, char_data):
+    """Our own export's config.json (its model settings, and the keys around them) and tokenizer_meta.json,
+    one field mutated at a time: one error line naming the folder, or a model that computes finite logits."""
+    import export
+
+    assert train.cli(tiny_argv(tmp_path / "run", char_data, "--max-iters", "2")) == 0
+    original = export.export(tmp_path / "run", tmp_path / "original")
+    files = {name: json.loads((original / name).read_text()) for name in ("config.json", "tokenizer_meta.json")}
+    keys = [(name, (k,)) for name, values in files.items() for k in values]
+    keys += [("config.json", ("model", k)) for k in files["config.json"]["model"]]
+    folder, wrong = tmp_path / "m", []
+    for name, key in keys:
+        for kind, value in MUTATIONS.items():
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(original, folder)
+            (folder / name).write_text(json.dumps(mutate(files[name], key, value)))
+            try:
+                weights = load_weights(folder)
+                model = GPT(weights.model)
+                model.load_state_dict(weights.state_dict)
+                with torch.no_grad():
+                    ok = bool(torch.isfinite(model.eval()(IDS % weights.model.vocab_size)[0]).all())
+                if not ok:
+                    wrong.append(f"{name} {'.'.join(key)} {kind}: read, with logits that are not finite")
+            except UserError as e:
+                if "\n" in str(e) or str(folder) not in str(e):
+                    wrong.append(f"{name} {'.'.join(key)} {kind}: {e}")
+            except Exception as e:  # noqa: BLE001 (the test reports what escaped, with its case)
+                wrong.append(f"{name} {'.'.join(key)} {kind}: {type(e).__name__}: {e}")
+    assert not wrong, "\n".join(wrong)

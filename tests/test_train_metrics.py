@@ -142,6 +142,6 @@ def test_profile_window_writes_a_trace_of_its_steps(char_data, tmp_path, capsys)
 ])
 def test_profile_window_outside_the_run_or_reversed_is_refused(tmp_path, start, end, message):
     with pytest.raises(ConfigError) as e:
-        tiny(tmp_path, tmp_path, "--training.profile_start_step", start, "--training.profile_end_step", end)
+        tiny(tmp_path / "run", tmp_path / "data", "--training.profile_start_step", start, "--training.profile_end_step", end)
     assert e.value.problems == [message + ("; set both to 0 for no profiling" if "greater" in message else
                                            "; choose a window within the run")]
