@@ -228,8 +228,9 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed: a viewer never shows half a picture. No bbox_inches="tight":
         # it would change the pixel size.
-        with atomic_file(out) as f:  # marked as ours in its metadata: only such a picture is replaced
-            fig.savefig(f, format=Path(out).suffix[1:].lower() or "png", metadata={"Creator": MARK})
+        with atomic_file(out) as f:  # marked as ours (metadata): only such a picture is replaced
+            # the file itself, not its writer: svg and pdf take only a real file object
+            fig.savefig(f.file, format=Path(out).suffix[1:].lower() or "png", metadata={"Creator": MARK})
     if show:
         plt.show()
     else:
