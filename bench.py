@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, cfg = parse(argv, Options, program="bench.py", about=about, preset="configs/base/base.toml")
     names = [name for name in BENCHMARKS if name in opts.what.split(",")]
     if opts.json:  # it replaces the results of an earlier run, never another file: said before the run
-        check_replaceable(Path(opts.json), b'"results": [', "--json", "bench.py")
+        check_replaceable(Path(opts.json), (b'"results": [',), "--json", "bench.py")
     if "gpu" in names and not torch.cuda.is_available():
         raise UserError(f"--what gpu needs a CUDA GPU, and this torch ({torch.__version__}) sees none; run it on a "
                         "machine with one (and a CUDA build of torch)")

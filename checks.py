@@ -89,8 +89,8 @@ LOG_OPTIONAL = {"val_bpb", "grad_norm"}  # absent from logs written before they 
 
 # config.json keys that hf.py reads, of any architecture, and what each must be; a key set to null
 # reads as absent (then its architecture's default: hf.Architecture.defaults). MAX_POSITIONS bounds the
-# rotary and position tables that a context length allocates (Qwen2.5-1M's 1,010,000 fits).
-MAX_POSITIONS = 1 << 21
+# rotary and position tables that a context length allocates (a 4M-context Llama 3 fits).
+MAX_POSITIONS = 1 << 24
 KINDS = {"count": "an integer >= 1", "positions": f"an integer from 1 to {MAX_POSITIONS:,}",
          "positive": "a number > 0", "fraction": "a number >= 0 and < 1", "bool": "true or false",
          "text": "a string", "object": "an object", "names": "a list of strings",
@@ -114,7 +114,8 @@ def hf_config_problems(config: dict, required: tuple[str, ...]) -> list[str]:
     """What is wrong with the keys of a Hugging Face config.json that we read: `required` ones missing,
     any of the wrong type or out of range (its rotary settings too)."""
     out = [f"{k} is missing" for k in required if config.get(k) is None]
-    rope = [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling") if isinstance(config.get(key), dict)]
+    rope = [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
+            if isinstance(config.get(key), dict)]
     for prefix, values, table in [("", config, HF_FIELDS), *((p, v, ROPE_FIELDS) for p, v in rope)]:
         out += [f"{prefix}{k} is {json.dumps(v)}, expected {KINDS[kind]}" for k, kind in table.items()
                 if (v := values.get(k)) is not None and not fits(v, kind)]
@@ -199,6 +200,9 @@ def tokenizer_files_problems(files: dict[str, str], vocab_size: int) -> list[str
     """What is wrong with the files beside a tokenizer.json (of `vocab_size` tokens), as "FILE: ..."."""
     out = []
     for name, keys in TOKENIZER_FILES.items():
+        if not isinstance(files.get(name, ""), str):
+            out.append(f"{name} is not text")
+            continue
         try:
             values = json.loads(files.get(name, "{}"))
         except ValueError as e:

@@ -58,9 +58,9 @@ def text_chunks(path: str | Path, hasher=None, label: str | None = None) -> Iter
                 except UnicodeDecodeError as e:
                     raise DataError(f"{label} is not UTF-8 text ({e.reason} at a byte near "
                                     f"{f.tell() - len(raw) + e.start}); convert it to UTF-8") from None
-                if "\0" in text:  # valid UTF-8, but no text holds it: UTF-16 without a BOM, or a binary file
-                    raise DataError(f"{label} is not UTF-8 text (it holds NUL bytes: UTF-16, or not text); "
-                                    "convert it to UTF-8")
+                if text.count("\0") * 4 > len(text):  # valid UTF-8, but so many NULs: UTF-16 without BOM, or binary
+                    raise DataError(f"{label} is not UTF-8 text (NUL bytes in many of its characters: UTF-16, or "
+                                    "not text); convert it to UTF-8")
                 if text:
                     yield text
                 if not raw:

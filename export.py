@@ -214,7 +214,11 @@ def check_not_a_lora_base(out: Path, src: Weights, dtype: str) -> None:
         except (OSError, ValueError):  # not ours, or being written: not a run to keep
             continue
         base = record.get("lora_base") if isinstance(record, dict) else None
-        if isinstance(base, dict) and isinstance(base.get("path"), str) and Path(base["path"]).resolve() == out.resolve():
+        config = record.get("config") if isinstance(record, dict) else None
+        lora = config.get("lora") if isinstance(config, dict) else None
+        full = isinstance(lora, dict) and lora.get("save") == "full"  # its checkpoints hold the base weights too
+        if isinstance(base, dict) and not full and isinstance(base.get("path"), str) and \
+                Path(base["path"]).resolve() == out.resolve():
             runs.add((str(path.parent), base.get("digest")))
     if not runs:
         return

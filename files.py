@@ -78,10 +78,10 @@ def others(folder: Path, own: tuple[str, ...]) -> list[str]:
                   and not any(fnmatch.fnmatch(p.name, pattern) for pattern in own))
 
 
-def check_replaceable(path: Path, mark: bytes, setting: str, tool: str) -> None:
-    """Refuse to replace a file that `tool` did not write: its files hold `mark` (a key of its JSON, the
-    metadata of its pictures)."""
-    if path.is_file() and mark not in path.read_bytes():
+def check_replaceable(path: Path, marks: tuple[bytes, ...], setting: str, tool: str) -> None:
+    """Refuse to replace a file that `tool` did not write: its files hold one of `marks` (a key of its JSON,
+    the metadata of its pictures)."""
+    if path.is_file() and not any(mark in path.read_bytes() for mark in marks):
         raise FileError(f"{setting} {path} exists and {tool} did not write it, so it will not replace it; "
                         "choose another name")
 

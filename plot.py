@@ -39,8 +39,8 @@ from options import parse
 from files import atomic_file, check_replaceable
 
 LOG_NAME = "train_log.json"
-MARK = "tinygpt plot.py"  # in the metadata of the pictures it writes
-FORMATS = ("png", "svg", "pdf", "eps", "ps")  # matplotlib's formats that hold it
+# matplotlib's formats that name it in their metadata: plot.py replaces only a picture that does
+MARK, FORMATS = b"Matplotlib", ("png", "svg", "pdf", "eps", "ps")
 FIGSIZE = (10.0, 7.0)  # inches; at DPI below: a 1000 x 700 pixel PNG
 DPI = 100
 X_CHOICES = ("step", "tokens")
@@ -228,9 +228,8 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed: a viewer never shows half a picture. No bbox_inches="tight":
         # it would change the pixel size.
-        with atomic_file(out) as f:  # marked as ours (metadata): only such a picture is replaced
-            # the file itself, not its writer: svg and pdf take only a real file object
-            fig.savefig(f.file, format=Path(out).suffix[1:].lower() or "png", metadata={"Creator": MARK})
+        with atomic_file(out) as f:  # the file itself, not its writer: svg and pdf take only a real file
+            fig.savefig(f.file, format=Path(out).suffix[1:].lower() or "png")
     if show:
         plt.show()
     else:
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out) if opts.out else paths[0].parent / "curves.png"
     if out.is_dir():
         raise PlotError(f"--out {out} is a folder; give the picture's file name, e.g. {out / 'curves.png'}")
-    check_replaceable(out, MARK.encode(), "--out", "plot.py")
+    check_replaceable(out, (MARK,), "--out", "plot.py")
     if out.suffix and out.suffix[1:].lower() not in FORMATS:
         raise PlotError(f"--out {out}: a picture cannot be written as {out.suffix}; end it in .png, .svg or .pdf "
                         "(or .eps, .ps)")

@@ -293,7 +293,7 @@ def check_owned(out: Path, source: Path) -> None:
     if where == text or where in text.parents or text in where.parents:
         raise DataError(f"data.processed_dir = {str(out)!r} and data.input = {str(source)!r} overlap: preparing "
                         "would write among your text; set data.processed_dir to a folder outside the input")
-    foreign = others(out, (*SPLIT_FILES, "meta.json"))
+    foreign = others(out, (*SPLIT_FILES, *(f"{name}.tmp" for name in SPLIT_FILES), "meta.json"))
     if foreign:
         raise DataError(f"data.processed_dir = {str(out)!r} holds files that prepare.py did not write "
                         f"({', '.join(foreign[:3])}); set data.processed_dir to a folder of its own")

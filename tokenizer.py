@@ -189,8 +189,12 @@ def meta_disagreements(meta: dict) -> list[str]:
     if meta["tokenizer"] == "bpe":
         import tiktoken
         if meta["encoding"] not in tiktoken.list_encoding_names():
-            return [f"encoding is {json.dumps(meta['encoding'])}, not one of {', '.join(tiktoken.list_encoding_names())}"]
-        enc = load_tiktoken(meta["encoding"])
+            names = ", ".join(tiktoken.list_encoding_names())
+            return [f"encoding is {json.dumps(meta['encoding'])}, not one of {names}"]
+        try:
+            enc = load_tiktoken(meta["encoding"])
+        except DataError:  # offline without its cache: said where the tokenizer is used, not here
+            return []
         own = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
     else:
         try:

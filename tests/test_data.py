@@ -380,3 +380,24 @@ def test_sigterm_during_preparation_is_one_line_and_leaves_no_temporary_file(tmp
     assert proc.wait(timeout=60) == 143, stderr
     assert stderr.endswith("\nterminated (SIGTERM)\n") and "Traceback" not in stderr
     assert sorted(p.name for p in out.iterdir()) == []  # no .tmp split, no lock, no meta.json
+
+
+def test_splits_an_interrupted_preparation_left_do_not_block_the_next(tmp_path):
+    """kill -9 during a preparation leaves its temporary splits (train.bin.tmp): prepare.py's own, so the
+    next preparation of the folder goes on; a file of the user's there is refused."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.bin.tmp").write_bytes(b"\0" * 100)
+    prep(tmp_path)
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "notes.md").write_text("mine")
+    with pytest.raises(DataError, match=r"holds files that prepare.py did not write \(notes.md\)"):
+        prepare.prepare(DataConfig(input=str(CORPUS), processed_dir=str(tmp_path / "o2")))
+
+
+def test_a_stray_nul_is_text_and_utf16_is_not(tmp_path):
+    """A NUL here and there (web dumps have them) is a character; UTF-16 without a BOM, half NULs, is refused."""
+    (tmp_path / "a.txt").write_text("abc\0" + "d" * 100, encoding="utf-8")
+    assert "".join(data.text_chunks(tmp_path / "a.txt")) == "abc\0" + "d" * 100
+    (tmp_path / "b.txt").write_bytes("hello world\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match="NUL bytes in many of its characters: UTF-16, or not text"):
+        list(data.text_chunks(tmp_path / "b.txt"))

@@ -119,6 +119,10 @@ TOKENIZER_KEYS = [("tokenizer_config.json", "eos_token"), ("tokenizer_config.jso
                   ("generation_config.json", "eos_token_id")]
 
 
+def test_tokenizer_files_that_are_not_text_are_named():
+    assert checks.tokenizer_files_problems({"tokenizer_config.json": None}, 10) == ["tokenizer_config.json is not text"]
+
+
 def test_each_key_of_the_tokenizer_files_mutated_is_named_or_read_as_transformers_reads_it(tmp_path, capsys):
     """sample.py on a folder whose tokenizer_config.json or generation_config.json is mutated: one error
     line naming the folder, or samples that stop where transformers' generation would."""
@@ -251,8 +255,8 @@ def test_each_setting_of_a_gguf_file_mutated_is_named_or_read_the_same(tmp_path,
             reference = original
             if key.endswith(".rope.freq_base"):  # any base is a model: the same as config.json's rope_theta
                 theta = 1e4 if value in (DROP, None) else value  # absent: llama.cpp's default, as transformers'
-                reference = logits_of(with_config(tmp_path / "hf", tmp_path / "theta", ("rope_parameters", "rope_theta"),
-                                                  theta))
+                key_theta = ("rope_parameters", "rope_theta")
+                reference = logits_of(with_config(tmp_path / "hf", tmp_path / "theta", key_theta, theta))
             if not torch.allclose(ours, reference, atol=1e-5, rtol=1e-5):
                 wrong.append(f"{key} {kind}: read, and its logits differ by {(ours - reference).abs().max():.3g}")
     assert not wrong, "\n".join(wrong)

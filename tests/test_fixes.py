@@ -15,8 +15,8 @@ from test_faults import cases, results, run_script, set_up, world  # noqa: F401 
 
 # What reads as a proposal: a command, or a setting to set, add, pass, use or drop.
 PROPOSES = re.compile(r"python \w+\.py|\bset [a-z_]+\.[a-z_]+|\b(add|pass|use|drop|export with) --?[a-z]|e\.g\. --|"
-                      r"use at most|did you mean|end it in|give the text in|copy it to|export it first|choose another|of its own|"
-                      r"give the picture")
+                      r"use at most|did you mean|end it in|give the text in|copy it to|export it first|"
+                      r"choose another|of its own|give the picture")
 COMMAND = re.compile(r"python (\w+)\.py ((?:(?! \(|,|;|\)).)*)")  # up to " (", ",", ";" or ")"
 
 

@@ -308,11 +308,20 @@ def test_export_force_never_replaces_a_lora_runs_base(tmp_path, char_data, base,
 
 
 def test_export_force_of_the_same_weights_keeps_a_lora_runs_base(tmp_path, char_data, base, monkeypatch):
+    """The same weights again keep the run working; a run that saves its whole weights (lora.save = full)
+    needs no base, so other weights may replace it."""
     monkeypatch.chdir(tmp_path)
     assert export.main(["--ckpt", str(base), "--out", "exports/small", "--format", "hf"]) == 0
     train.main(with_lora(Path("checkpoints/lora"), char_data, Path("exports/small"), "--max-iters", "2"))
     assert export.main(["--ckpt", str(base), "--out", "exports/small", "--format", "hf", "--force"]) == 0
     assert sample.main(["--ckpt", "checkpoints/lora", *FEW]) == 0
+    shutil.rmtree("checkpoints/lora")
+    train.main(with_lora(Path("checkpoints/full"), char_data, Path("exports/small"), "--max-iters", "2",
+                         "--lora.save", "full"))
+    shutil.copytree(base, tmp_path / "other")
+    train.main(tiny(tmp_path / "other", char_data, "--max-iters", "24", "--resume"))  # other weights
+    assert export.main(["--ckpt", str(tmp_path / "other"), "--out", "exports/small", "--format", "hf", "--force"]) == 0
+    assert sample.main(["--ckpt", "checkpoints/full", *FEW]) == 0
 
 
 def test_save_full_needs_no_base(tmp_path, char_data, base, lora_run):
