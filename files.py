@@ -81,7 +81,8 @@ def others(folder: Path, own: tuple[str, ...]) -> list[str]:
 def check_replaceable(path: Path, marks: tuple[bytes, ...], setting: str, tool: str) -> None:
     """Refuse to replace a file that `tool` did not write: its files hold one of `marks` (a key of its JSON,
     the metadata of its pictures)."""
-    if path.is_file() and not any(mark in path.read_bytes() for mark in marks):
+    content = path.read_bytes() if path.is_file() else None
+    if content is not None and not any(mark in content for mark in marks):
         raise FileError(f"{setting} {path} exists and {tool} did not write it, so it will not replace it; "
                         "choose another name")
 

@@ -59,6 +59,20 @@ def mutate(config: dict, key: tuple[str, ...], value) -> dict:
     return config
 
 
+def with_config(src, folder, key: tuple[str, ...], value):
+    """A copy of the Hugging Face folder `src` whose config.json has `key` set to `value`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(src, folder)
+    config = json.loads((src / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(mutate(config, key, value)))
+    return folder
+
+
+def named_in_one_line(e: UserError, where) -> bool:
+    """A refusal as the command line prints it: one line, naming the file or folder at fault."""
+    return "\n" not in str(e) and str(where) in str(e)
+
+
 @pytest.fixture(scope="module")
 def gpt2_shape():
     SHAPES.setdefault("gpt2", ("GPT2Config", dict(n_embd=32, n_head=4)))
@@ -77,14 +91,12 @@ def test_each_key_of_a_hf_config_mutated_is_named_or_read_as_transformers_reads_
     folder, wrong, read = tmp_path / "m", [], 0
     for key in keys:
         for kind, value in MUTATIONS.items():
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.copytree(tmp_path / "original", folder)
-            (folder / "config.json").write_text(json.dumps(mutate(config, key, value)))
+            with_config(tmp_path / "original", folder, key, value)
             case = f"{'.'.join(key)} {kind}"
             try:
                 ours = logits_of(folder)
             except UserError as e:
-                if "\n" in str(e) or str(folder) not in str(e):
+                if not named_in_one_line(e, folder):
                     wrong.append(f"{case}: {e}")
                 continue
             read += 1
@@ -193,15 +205,6 @@ def test_each_field_of_a_prepared_meta_json_mutated_is_named(tmp_path, capsys, t
 
 # ----------------------------------------------------------------------------- GGUF metadata
 
-def with_config(src, folder, key: tuple[str, ...], value):
-    """A copy of the Hugging Face folder `src` whose config.json has `key` set to `value`."""
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(src, folder)
-    config = json.loads((src / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(mutate(config, key, value)))
-    return folder
-
-
 class Field:
     """A GGUF reader's field, holding a value of our choosing."""
 
@@ -249,7 +252,7 @@ def test_each_setting_of_a_gguf_file_mutated_is_named_or_read_the_same(tmp_path,
                 try:
                     ours = logits_of(path)
                 except UserError as e:
-                    if "\n" in str(e) or str(path) not in str(e):
+                    if not named_in_one_line(e, path):
                         wrong.append(f"{key} {kind}: {e}")
                     continue
             reference = original
@@ -295,7 +298,7 @@ def test_each_part_of_a_shard_index_mutated_is_named(tmp_path):
             logits_of(folder)
             wrong.append(f"{kind}: read")
         except UserError as e:
-            if "\n" in str(e) or str(folder) not in str(e):
+            if not named_in_one_line(e, folder):
                 wrong.append(f"{kind}: {e}")
     assert not wrong, "\n".join(wrong)
 
@@ -327,7 +330,7 @@ def test_each_field_of_a_native_export_mutated_is_named_or_read(tmp_path, char_d
                 if not ok:
                     wrong.append(f"{name} {'.'.join(key)} {kind}: read, with logits that are not finite")
             except UserError as e:
-                if "\n" in str(e) or str(folder) not in str(e):
+                if not named_in_one_line(e, folder):
                     wrong.append(f"{name} {'.'.join(key)} {kind}: {e}")
             except Exception as e:  # noqa: BLE001 (the test reports what escaped, with its case)
                 wrong.append(f"{name} {'.'.join(key)} {kind}: {type(e).__name__}: {e}")
