@@ -474,7 +474,7 @@ def adopt_model_shape(cfg: Config, weights: Weights) -> list[str]:
         keys = ("rank", "alpha", "targets") if lora.rank else ("rank",)
         stored += [("lora", k, getattr(lora, k)) for k in keys]
     if weights.meta is not None:
-        stored += [("data", "tokenizer", weights.meta["tokenizer"]),
+        stored += [("data", "tokenizer", "train-bpe" if "learned_vocab" in weights.meta else weights.meta["tokenizer"]),
                    ("data", "bpe_encoding", weights.meta.get("encoding", cfg.data.bpe_encoding))]
     problems = []
     for section, k, theirs in stored:

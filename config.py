@@ -32,17 +32,27 @@ def doc(text: str, default, choices: tuple | None = None, within: str | None = N
 
 @dataclass
 class DataConfig:
-    input: str = doc("text file or folder of text files to train on", "data/shakespeare/input.txt")
+    input: str = doc("what to train on: a text file, records (.jsonl, .json, .parquet: docs/records.md), or a folder "
+                     "or glob pattern of either", "data/shakespeare/input.txt")
     processed_dir: str = doc("where prepared data lives; empty: data/processed/<corpus>_<tokenizer>", "")
     tokenizer: str = doc("char: one token per character; bpe: a tiktoken encoding; hf: the tokenizer.json of a "
-                         "Hugging Face model (data.tokenizer_path)", "char", choices=("char", "bpe", "hf"))
+                         "Hugging Face model (data.tokenizer_path); train-bpe: a byte-level BPE learned from the "
+                         "input",
+                         "char", choices=("char", "bpe", "hf", "train-bpe"))
+    vocab_size: int = doc("tokenizer = train-bpe: the vocabulary to learn (the 256 bytes, an end-of-text token, "
+                          "ChatML's two markers, and merges)", 4096, within="[259, inf)")
     tokenizer_path: str = doc("tokenizer = hf: the folder holding tokenizer.json (training.init_from's, when it is "
                               "a Hugging Face folder, goes without saying)", "")
     bpe_encoding: str = doc("tiktoken encoding name used when tokenizer = bpe", "gpt2")
     val_fraction: float = doc("fraction of the corpus held out for validation", 0.1, within="(0, 1)")
     format: str = doc("bin: memory-mapped token files; txt: text splits, tokenized when loaded", "bin",
                       choices=("bin", "txt"))
-    doc_mask: bool = doc("attend only within a document (flex attention, bpe data with end-of-text)", False)
+    loss_on: str = doc("records of prompt and completion, or conversations: answers trains on the completions and the "
+                       "assistant's turns only, all on every token", "answers", choices=("answers", "all"))
+    long_records: str = doc("pairs and conversations longer than model.block_size: cut (trained on their first "
+                            "block_size tokens) or drop (never drawn)", "cut", choices=("cut", "drop"))
+    doc_mask: bool = doc("attend only within a document: text up to an end-of-text token (bpe, hf), or a record of "
+                         "prompts or conversations", False)
 
 
 @dataclass

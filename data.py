@@ -16,12 +16,13 @@ reproducible.
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
 import json
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,11 @@ META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
 # r50k_base file means one cached file serves both names offline.
 READ_BYTES = 1 << 22  # text files are read 4 MB at a time
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # files of records (records.py)
 
 # The settings that a named data folder (data.processed_dir) gives itself, from its meta.json, unless
 # they are chosen (prepare.ensure_prepared).
-FOLDER_SETTINGS = ("input", "tokenizer", "bpe_encoding", "format", "val_fraction")
+FOLDER_SETTINGS = ("input", "tokenizer", "bpe_encoding", "format", "val_fraction", "loss_on", "vocab_size")
 
 
 # ----------------------------------------------------------------------------- text files
@@ -73,6 +75,40 @@ def read_text(path: str | Path, label: str | None = None) -> tuple[str, int]:
     """A whole UTF-8 text file and its size in bytes (see text_chunks)."""
     text = "".join(text_chunks(path, label=label))
     return text, len(text.encode("utf-8"))
+
+
+def is_records(input_path: str) -> bool:
+    """Whether data.input (or eval.py's --text) names records rather than text (list_documents refuses a mix);
+    a file that is not there is what its name says."""
+    path = Path(input_path)
+    if not path.is_dir() and not (any(c in input_path for c in "*?[") and not path.exists()):
+        return path.suffix in RECORD_SUFFIXES
+    return list_documents(input_path)[0].suffix in RECORD_SUFFIXES
+
+
+def list_documents(input_path: str) -> list[Path]:
+    """The files of data.input: a file, a folder (its *.txt files, or else its records files) or a glob,
+    sorted by path; text and records are not mixed."""
+    path = Path(input_path)
+    if path.is_dir():
+        docs = sorted(p for p in path.rglob("*.txt") if p.is_file()) or \
+            sorted(p for p in path.rglob("*") if p.suffix in RECORD_SUFFIXES and p.is_file())
+        if not docs:
+            raise DataError(f"{path} holds no .txt files and no records ({', '.join(RECORD_SUFFIXES)}); set "
+                            "data.input to a text file, a records file or a folder of them")
+    elif path.is_file():
+        docs = [path]
+    elif any(c in input_path for c in "*?["):
+        docs = sorted(Path(p) for p in glob.glob(input_path, recursive=True) if Path(p).is_file())
+        if not docs:
+            raise DataError(f"no file matches data.input = {input_path!r}; give a pattern that matches your files")
+    else:
+        raise DataError(f"input {path} does not exist; set data.input to a text file or folder")
+    if len({p.suffix in RECORD_SUFFIXES for p in docs}) > 1:
+        raise DataError(f"{input_path} mixes text files and records; give one kind (a folder or pattern of each)")
+    if sum(p.stat().st_size for p in docs) == 0:
+        raise DataError(f"input {path} is empty; set data.input to a file with text in it")
+    return docs
 
 
 class Progress:
@@ -154,13 +190,16 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
     if prepared and type(meta.get("format_version")) is int and meta["format_version"] < 1:
         out.append(f"format_version is {meta['format_version']}, expected 1 to {META_VERSION}")
     if prepared:  # written by prepare.py since it records how the data was made: absent from older folders
-        optional = {"source": dict, "bytes": dict, "tokens": dict, "val_fraction": float}
+        optional = {"source": dict, "bytes": dict, "tokens": dict, "val_fraction": float, "records": dict,
+                    "trained": dict, "loss_on": str, "learned_vocab": int, "learned_from": str}
         out += [f"{k} is not a {t.__name__}" for k, t in optional.items() if k in meta and type(meta[k]) is not t]
-        out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens")
+        out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens", "trained")
                 if type(meta.get(k)) is dict and not all(type(meta[k].get(s)) is int and meta[k][s] > 0
                                                          for s in ("train", "val"))]
         if type(meta.get("val_fraction")) is float and not 0 < meta["val_fraction"] < 1:
             out.append(f"val_fraction is {meta['val_fraction']}, expected a number between 0 and 1")
+        if meta.get("loss_on", "all") not in ("answers", "all"):
+            out.append(f"loss_on = {meta['loss_on']!r} is not one of answers, all")
         if "bytes" in meta and "tokens" not in meta:  # bits per byte needs both; older folders lack bytes only
             out.append("bytes is there without tokens")
     if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
@@ -183,16 +222,64 @@ def resolve_bin_dir(folder: str | Path) -> Path:
 
 @dataclass
 class Data:
-    """Prepared data as a run uses it: its two splits of token ids and its meta.json."""
+    """Prepared data as a run uses it: its two splits of token ids and its meta.json, and for records the
+    mask of the answers and where each record starts."""
     folder: Path
     meta: dict
     train: np.ndarray
     val: np.ndarray
-    eot_token: int | None = None  # with data.doc_mask: the token that ends a document, else None
+    eot_token: int | None = None  # the token that ends a document (bpe, hf), else None
+    doc_mask: bool = False  # data.doc_mask: batches come with the document of each token (attention stays in it)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N,) 1 = trained on; none: every token
+    starts: dict[str, np.ndarray] = field(default_factory=dict)  # split -> where each record starts, then N
+    drop_long: bool = False  # data.long_records = drop: records longer than a window are never drawn
+    windows: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)  # trained_windows, kept
 
-    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(B, T) ids of the document of each token, to keep attention within documents; None: no mask."""
-        return None if self.eot_token is None else document_ids(x, self.eot_token)
+    def batch(self, split: str, block_size: int, batch_size: int, key: tuple, device: str | torch.device = "cpu",
+              part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x, y as get_batch draws them, and with data.doc_mask the (B, T) document id of each token, else
+        None. With records, windows start where a record starts, only among those with answers in them
+        (trained_windows); targets not trained on, and those of a record the window cuts short, are -1;
+        a document is a record (its end-of-text token can be a turn's end too: SmolLM2's <|im_end|>)."""
+        tokens, mask, bounds = getattr(self, split), self.masks.get(split), self.starts.get(split)
+        if (mask is not None or bounds is not None) and (split, block_size) not in self.windows:
+            self.windows[split, block_size] = trained_windows(mask, block_size, f"the {split} split of {self.folder}",
+                                                              bounds, len(tokens), self.drop_long)
+        windows = self.windows.get((split, block_size))
+        starts = window_starts(len(tokens) - block_size if windows is None else windows, batch_size, key, part, parts)
+        x, y = windows_at(tokens, starts, block_size, mask, bounds)
+        docs = None
+        if self.doc_mask:  # (B, T): which record (or document, by its end-of-text token) each token is in
+            docs = document_ids(x, self.eot_token) if bounds is None else \
+                torch.from_numpy(np.searchsorted(bounds, starts[:, None] + np.arange(block_size), side="right"))
+        return to_device((x, y, docs), device)
+
+
+def load_mask(folder: str | Path, split: str, meta: dict, n_tokens: int) -> np.ndarray | None:
+    """The mask of the tokens trained on beside a split's tokens (records with data.loss_on = answers), a
+    memmap of one byte per token; None when every token is trained on."""
+    if "trained" not in meta:
+        return None
+    path = Path(folder) / f"{split}.mask"
+    if not path.exists() or path.stat().st_size != n_tokens:
+        state = "missing" if not path.exists() else f"{path.stat().st_size} bytes for {n_tokens} tokens"
+        raise DataError(f"{path} is {state}; prepare the data again: python prepare.py --data.processed_dir "
+                        f"{folder} --force (with the --data.input and --data.tokenizer you train with)")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def load_starts(folder: str | Path, split: str, meta: dict, n_tokens: int) -> np.ndarray | None:
+    """Where each record of a split of pairs or conversations starts (then the split's end): batches keep
+    records whole (get_batch). None for text and documents, which windows cut anywhere."""
+    if meta.get("records", {}).get("kind") not in ("pair", "messages"):
+        return None
+    path = Path(folder) / f"{split}.starts"
+    starts = np.fromfile(path, dtype=np.int64) if path.exists() and path.stat().st_size % 8 == 0 else np.zeros(0)
+    if not len(starts) or starts[0] != 0 or starts[-1] >= n_tokens or np.any(np.diff(starts) <= 0):
+        raise DataError(f"{path} is missing or damaged; prepare the data again: python prepare.py "
+                        f"--data.processed_dir {folder} --force (with the --data.input and --data.tokenizer you "
+                        "train with)")
+    return np.append(starts, n_tokens)
 
 
 def load_tokens(folder: str | Path, split: str, meta: dict, tokenizer=None) -> np.ndarray:
@@ -250,18 +337,71 @@ def get_batch(tokens: np.ndarray, block_size: int, batch_size: int, key: tuple,
     exactly the windows of 1 batch of 8, and processes that split a step among them see
     the samples a single process would. Returns x, y of shape (batch_size, block_size), int64.
     """
-    n = len(tokens) - block_size  # window starts that leave room for block_size + 1 tokens
+    starts = window_starts(len(tokens) - block_size, batch_size, key, part, parts)
+    return to_device(windows_at(tokens, starts, block_size), device)
+
+
+def window_starts(windows: int | np.ndarray, batch_size: int, key: tuple, part: int = 0, parts: int = 1
+                  ) -> np.ndarray:
+    """Where the rows of part `part` of the key's batch start: among the first `windows` tokens (those
+    that leave room for block_size + 1), or among the starts a `windows` array gives."""
+    n = windows if isinstance(windows, int) else len(windows)
     assert n > 0, "split shorter than block_size + 1 (check_split_lengths catches this first)"
-    starts = torch.randint(n, (batch_size * parts,), generator=batch_generator(key))
-    starts = starts[part * batch_size:(part + 1) * batch_size].tolist()
-    windows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
-    xy = torch.from_numpy(windows)  # (B, T+1)
+    picks = torch.randint(n, (batch_size * parts,), generator=batch_generator(key))
+    picks = picks[part * batch_size:(part + 1) * batch_size].numpy()
+    return picks if isinstance(windows, int) else np.asarray(windows)[picks].astype(np.int64)
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, block_size: int, mask: np.ndarray | None = None,
+               boundaries: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of block_size + 1 tokens at `starts`, as x and y (the next tokens), (B, T) int64 each.
+    `mask`: targets whose mask is 0 become -1 (ignored by the loss); `boundaries`: where records start
+    (and the split's end): the targets of a record that the window cuts at its end become -1, so that no
+    record is trained on in part (unless it is longer than a window)."""
+    rows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    xy = torch.from_numpy(rows)  # (B, T+1)
     x, y = xy[:, :-1], xy[:, 1:]
+    if mask is not None:
+        trained = torch.from_numpy(np.stack([mask[s + 1:s + block_size + 1] for s in starts]).astype(bool))  # (B, T)
+        y = y.masked_fill(~trained, -1)
+    if boundaries is not None:
+        # The last record boundary within reach of each window: what follows it is a record cut short
+        # (unless the window's own first record is: then it is longer than a window, and cut anyway).
+        last = boundaries[np.searchsorted(boundaries, starts + block_size + 1, side="right") - 1]  # (B,)
+        cut = torch.arange(block_size)[None] >= torch.from_numpy(last - starts - 1)[:, None]  # (B, T) targets after it
+        y = y.masked_fill(cut & torch.from_numpy(last > starts)[:, None], -1)
+    return x, y
+
+
+def to_device(tensors: tuple, device: str | torch.device) -> tuple:
+    """The tensors (None stays None) on `device`, contiguous."""
     if torch.device(device).type == "cuda":
         # Pinned host memory lets the copy run asynchronously with the GPU's work.
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.contiguous().to(device), y.contiguous().to(device)
+        return tuple(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t if t is None else t.contiguous().to(device) for t in tensors)
+
+
+def trained_windows(mask: np.ndarray | None, block_size: int, what: str, starts: np.ndarray | None = None,
+                    n: int = 0, drop_long: bool = False) -> np.ndarray:
+    """The window starts to draw batches from: where a record starts (`starts`, with the split's end `n`
+    last; `drop_long`: not a record longer than the window), or anywhere, and only where the window's
+    targets (tokens s+1 .. s+block_size) include one that is trained on (`mask`, or every token): a
+    window without any would have no loss (0 / 0) and teach nothing."""
+    n = len(mask) if mask is not None else n
+    small = np.int32 if n < 2**31 else np.int64  # 4 bytes a token, not 8, for splits of up to 2G tokens
+    if starts is None:
+        candidates = np.arange(n - block_size, dtype=small)
+    else:
+        fits = np.diff(starts) <= block_size + 1 if drop_long else np.ones(len(starts) - 1, dtype=bool)
+        candidates = starts[:-1][(starts[:-1] < n - block_size) & fits].astype(small)
+    if mask is not None:
+        seen = np.concatenate([[0], np.cumsum(mask, dtype=small)])  # seen[k]: trained tokens among the first k
+        candidates = candidates[seen[candidates + block_size + 1] - seen[candidates + 1] > 0]
+    if not len(candidates):
+        raise DataError(f"{what} has no token to train on in any window of block_size + 1 tokens "
+                        "(that starts where a record starts); give records with answers, or shorter ones, or set "
+                        "data.loss_on = all")
+    return candidates
 
 
 def document_ids(x: torch.Tensor, eot_token: int) -> torch.Tensor:
@@ -271,12 +411,14 @@ def document_ids(x: torch.Tensor, eot_token: int) -> torch.Tensor:
 
 
 def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: str, tokenizer_sha: str = "") -> str:
-    """data/processed/<corpus>_<tokenizer>[_<encoding> or _<tokenizer.json's digest>][_txt]: one folder
-    per way of preparing."""
+    """data/processed/<corpus>_<tokenizer>[_<encoding>, _<tokenizer.json's digest> or _<vocab_size>][_txt]: one
+    folder per way of preparing."""
     path = Path(input_path)
+    while any(c in path.name for c in "*?[") and path.parent != path:  # a glob: named by its folder
+        path = path.parent
     corpus = path.parent.name if path.stem == "input" else path.stem
     name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else f"_{tokenizer_sha[:8]}" if
-                                      tokenizer == "hf" else "")
+                                      tokenizer in ("hf", "train-bpe") else "")
     return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
 
 

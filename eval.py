@@ -1,7 +1,9 @@
-"""Score a model on a text: mean loss, perplexity, and bits per byte.
+"""Score a model on a text or records (mean loss, perplexity, bits per byte), or on a task (exact answers).
 
     python eval.py --ckpt checkpoints/small --text data/shakespeare/input.txt
     python eval.py --ckpt exports/bpe_hf --text notes.txt --stride 64 --json
+    python eval.py --ckpt checkpoints/arithmetic --text data/arithmetic/val.jsonl    # the loss on the answers
+    python eval.py --ckpt checkpoints/arithmetic --task data/arithmetic/val.jsonl    # answers exactly right
 
 Bits per byte is the loss summed over the text's tokens, in bits, divided by the text's UTF-8
 bytes: it does not depend on the tokenizer, so a char model and a BPE model compare on the same
@@ -14,6 +16,15 @@ stride: more context, more compute). The first token is predicted after the star
 (end-of-text for BPE, a newline for char, as sample.py starts an empty prompt). A char model
 refuses a text with characters it never saw, naming them: scoring the rest would leave those
 bytes out and make the result incomparable. The result goes to stdout, progress to stderr.
+
+Records (.jsonl, .json, .parquet: docs/records.md) are scored as prepare.py prepares them, one after
+the other, and the mean is over the tokens training trains on: for pairs and conversations (with
+--loss-on answers), the answers alone (bits per byte is then not given: it is a measure of a whole
+text). --task takes pairs, or conversations whose last turn is the assistant's: each prompt (the
+conversation before the last turn, rendered with the assistant's turn opened) is continued greedily
+until an end-of-text or end-of-turn token, and the answer counts when it equals the expected one
+(leading and trailing whitespace aside). A char model has no such token: it generates as many
+tokens as the expected answer has.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 # Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
 from errors import DataError, command
 
+import itertools
 import json
 import math
 import sys
@@ -32,19 +44,27 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from config import ConfigError, doc
+from config import ConfigError, DataConfig, doc
 from options import parse
-from data import Progress, bits_per_byte, read_text
-from tokenizer import check_in_vocabulary, encode_chunks, split_safely, start_token, tokenizer_from_meta
+from data import RECORD_SUFFIXES, Progress, bits_per_byte, is_records, list_documents, read_text
+from tokenizer import Tokenizer, check_in_vocabulary, encode_chunks, split_safely, start_token, tokenizer_from_meta
 from files import finite
+from generate import generate_stream
 from model import GPT
+from records import (ChatTemplate, answer_stops, chat_template, encoded_records, read_records, scan_records,
+                     tokens_and_mask)
 from runtime import pick_device, use_threads
 
 
 @dataclass
 class EvalOptions:
     ckpt: str = doc("checkpoint file, run folder or export folder", "checkpoints/small")
-    text: str = doc("the UTF-8 text file to score", "")
+    text: str = doc("the UTF-8 text file to score, or records (a file, folder or glob, as data.input)", "")
+    task: str = doc("records of prompts and answers: report the share answered exactly right", "")
+    loss_on: str = doc("records: answers scores the completions and the assistant's turns, all every token",
+                       "answers", choices=("answers", "all"))
+    max_new_tokens: int = doc("--task: the longest answer generated, in tokens", 64, within="[1, inf)")
+    limit: int = doc("--task: check the first N examples only; 0: all of them", 0, within="[0, inf)")
     stride: int = doc("tokens each window moves on; 0: half the model's context", 0, within="[0, inf)")
     batch_size: int = doc("windows per forward pass; 0: as many as fit in 16,384 tokens and 256 MB of logits",
                           0, within="[0, inf)")
@@ -54,7 +74,9 @@ class EvalOptions:
     json: bool = doc("print the result as one JSON object", False)
 
     def problems(self) -> list[str]:
-        return [] if self.text else ["--text is missing: give the text file to score, e.g. --text notes.txt"]
+        if not self.text and not self.task:
+            return ["--text is missing: give the text file to score, e.g. --text notes.txt"]
+        return ["give --text (to score) or --task (to check answers), not both"] if self.text and self.task else []
 
 
 def read_scored_text(path: str) -> tuple[str, int]:
@@ -136,36 +158,157 @@ def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: 
             "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": bits_per_byte(total, n_bytes)}
 
 
+# ----------------------------------------------------------------------------- records and tasks
+
+def read_records_for(path: str, flag: str, meta: dict, loss_on: str) -> tuple[str, list, ChatTemplate | None]:
+    """(kind, files, chat template) of records given as --text or --task, checked as prepare.py checks them."""
+    d = DataConfig(input=path, tokenizer=meta["tokenizer"], loss_on=loss_on)
+    docs = list_documents(path)
+    if docs[0].suffix not in RECORD_SUFFIXES:
+        what = "a text (give it as --text)" if flag == "--task" else "text files (give one of them)"
+        raise DataError(f"{flag} {path} is {what}, not records ({', '.join(RECORD_SUFFIXES)})")
+    kind = scan_records(docs, d)["kind"]
+    if flag == "--task" and kind == "text":
+        raise DataError(f"--task {path} holds texts; a task is prompts with answers: pairs, or conversations that "
+                        "end with the assistant's turn")
+    template = chat_template(meta) if kind == "messages" and meta["tokenizer"] == "hf" else None
+    if kind == "messages" and template is None:
+        raise DataError(f"{flag} {path} holds conversations, and this model's tokenizer has no chat template to "
+                        "render them with; give prompts and completions, or a model that has one")
+    return kind, docs, template
+
+
+def records_to_score(found: tuple, tokenizer: Tokenizer, vocab_size: int, path: str, loss_on: str
+                     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Records (`found`: read_records_for's) as prepare.py writes them: each one's (token ids, mask of the
+    tokens scored), and their UTF-8 bytes."""
+    kind, docs, template = found
+    parts = list(encoded_records(docs, kind, template, loss_on, tokenizer))
+    check_in_vocabulary(np.concatenate([ids for ids, _, _ in parts]), vocab_size, f"--text {path}")
+    return [(ids, mask if loss_on == "answers" else np.ones_like(mask)) for ids, mask, _ in parts], \
+        sum(n for *_, n in parts)
+
+
+@torch.no_grad()
+def score_records(model: GPT, parts: list[tuple[np.ndarray, np.ndarray]], n_bytes: int, stride: int,
+                  batch_size: int) -> dict:
+    """Pairs and conversations scored as training sees them, each record from its start (a window starts
+    where a record does): each of its tokens after the first, given those before it, and the mean over
+    the tokens its mask marks (the answers). No bits per byte: it is a measure of a whole text."""
+    device, block_size = next(model.parameters()).device, model.config.block_size
+    total, scored, windows = 0.0, 0, 0
+    for ids, mask in parts:
+        if len(ids) < 2:
+            continue
+        losses = token_losses(model, torch.from_numpy(ids).to(device), stride, batch_size)  # (L - 1,): ids[1:]
+        keep = torch.from_numpy(mask[1:].astype(bool))
+        total, scored = total + losses[keep].double().sum().item(), scored + int(keep.sum())
+        windows += len(window_ends(len(ids) - 1, block_size, stride))
+    mean = total / scored if scored else math.nan
+    return {"tokens": scored, "bytes": n_bytes, "block_size": block_size, "stride": stride, "windows": windows,
+            "loss_sum": total, "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": None}
+
+
+def task_examples(found: tuple, tokenizer: Tokenizer, vocab_size: int, limit: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, expected answer) of each example of a task (the first `limit`, if > 0): a pair's prompt,
+    or the conversation before its last turn rendered with the assistant's turn opened."""
+    kind, docs, template = found
+    examples, records = [], (r for document in docs for r in read_records(document))
+    for where, record in itertools.islice(records, limit or None):
+        if kind == "messages" and record["messages"][-1]["role"] != "assistant":
+            raise DataError(f"{where}: the conversation does not end with the assistant's turn, the answer to "
+                            "check; end each with one")
+        if kind == "messages":
+            prompt = template.render(record["messages"][:-1], add_generation_prompt=True)
+            expected = record["messages"][-1]["content"]
+        else:
+            prompt, expected = record["prompt"], record["completion"]
+        try:
+            ids = (tokenizer.prefix if kind != "messages" else []) + tokens_and_mask(tokenizer, prompt, [])[0].tolist()
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        check_in_vocabulary(ids, vocab_size, where)
+        examples.append((ids, expected))
+    return examples
+
+
+@torch.no_grad()
+def exact_match(model: GPT, tokenizer: Tokenizer, examples: list[tuple[list[int], str]], stops: set[int],
+                max_new_tokens: int) -> dict:
+    """The share of the examples whose greedy continuation, up to a stop token, is the expected answer
+    (whitespace around it aside). Without stop tokens (char), as many tokens as the answer has."""
+    device, correct = next(model.parameters()).device, 0
+    for ids, expected in examples:
+        budget = max_new_tokens if stops else len(tokenizer.encode(expected))
+        out = []
+        for token in generate_stream(model, torch.tensor([ids], device=device), budget, temperature=0):
+            if token.item() in stops:
+                break
+            out.append(token.item())
+        correct += tokenizer.decode(out).strip() == expected.strip()
+    return {"examples": len(examples), "correct": correct, "accuracy": correct / len(examples)}
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, EvalOptions, sections=(), program="eval.py", about=__doc__)
-    text, n_bytes = read_scored_text(opts.text)
+    records = bool(opts.task) or is_records(opts.text)
+    text, n_bytes = ("", 0) if records else read_scored_text(opts.text)
     device, threads = pick_device(opts.device, "--device"), use_threads(opts.threads)
     model, src = load_model(opts.ckpt, device)
-    block_size = model.config.block_size
-    stride = opts.stride or max(1, block_size // 2)
-    if stride > block_size:
-        raise ConfigError(f"--stride {stride} is larger than the model's context (block_size {block_size}): "
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    opts.stride = opts.stride or max(1, block_size // 2)
+    if opts.stride > block_size:
+        raise ConfigError(f"--stride {opts.stride} is larger than the model's context (block_size {block_size}): "
                           f"windows would skip tokens; use at most {block_size} (0: half of it)")
-    tokenizer = tokenizer_from_meta(src.meta)
-    ids = encode(text, opts.text, tokenizer, model.config.vocab_size)
+    tokenizer, n_records = tokenizer_from_meta(src.meta), 0
+    if opts.task:  # everything read and checked before the first line on stderr: an error is one line
+        found = read_records_for(opts.task, "--task", src.meta, "answers")
+        examples = task_examples(found, tokenizer, vocab_size, opts.limit)
+    elif records:
+        found = read_records_for(opts.text, "--text", src.meta, opts.loss_on)
+        if found[0] == "text":  # documents: one text, as prepare.py writes them
+            parts, n_bytes = records_to_score(found, tokenizer, vocab_size, opts.text, "all")
+            ids = np.concatenate([ids for ids, _ in parts])
+        else:
+            parts, n_bytes = records_to_score(found, tokenizer, vocab_size, opts.text, opts.loss_on)
+        n_records = len(parts)
+    else:
+        ids = encode(text, opts.text, tokenizer, vocab_size)
     step = "" if src.step is None else f", step {src.step}"
-    print(f"scoring {opts.text} with {src.path} ({src.format}{step}, {tokenizer.kind} tokenizer) on {device}"
-          + (f", threads {threads}" if device == "cpu" else ""),
+    print(f"{'testing on' if opts.task else 'scoring'} {opts.task or opts.text} with {src.path} ({src.format}{step}, "
+          f"{tokenizer.kind} tokenizer) on {device}" + (f", threads {threads}" if device == "cpu" else ""),
           file=sys.stderr)
-    windows = len(window_ends(len(ids), block_size, stride))
-    progress = Progress(windows, "scoring", f"{windows:,} windows", quiet_below=50)
-    result = evaluate_text(model, tokenizer, ids, n_bytes, stride, opts.batch_size, progress.add)
-    result = {"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, "text": opts.text,
-              "characters": len(text), **result}
+    if opts.task:
+        result = {"task": opts.task, "kind": found[0],
+                  **exact_match(model, tokenizer, examples, answer_stops(tokenizer, found[2]), opts.max_new_tokens)}
+    elif records and found[0] != "text":
+        result = {"text": opts.text, "records": n_records, "kind": found[0],
+                  **score_records(model, parts, n_bytes, opts.stride, opts.batch_size)}
+    else:
+        windows = len(window_ends(len(ids), block_size, opts.stride))
+        progress = Progress(windows, "scoring", f"{windows:,} windows", quiet_below=50)
+        result = evaluate_text(model, tokenizer, ids, n_bytes, opts.stride, opts.batch_size, progress.add)
+        result = {"records": n_records, "kind": found[0], **result} if records else {"characters": len(text), **result}
+        result = {"text": opts.text, **result}
+    report({"ckpt": str(src.path), "format": src.format, "tokenizer": tokenizer.kind, **result}, opts, block_size)
+    return 0
+
+
+def report(result: dict, opts: EvalOptions, block_size: int) -> None:
+    """The result on stdout: JSON, or two lines for a text or records, one for a task."""
     if opts.json:
         print(json.dumps(finite(result), indent=2, allow_nan=False))  # valid JSON: a loss that is not finite is null
+    elif opts.task:
+        print(f"{result['correct']:,} of {result['examples']:,} answers exactly right: "
+              f"accuracy {result['accuracy']:.4f}")
     else:
-        print(f"{result['tokens']:,} tokens, {len(text):,} characters, {n_bytes:,} bytes; context {block_size}, "
-              f"stride {stride}: {result['windows']:,} windows\n"
-              f"mean loss {result['mean_loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
-              f"{result['bits_per_byte']:.4f} bits per byte")
-    return 0
+        what = (f"{result['records']:,} records ({result['kind']}): {result['tokens']:,} tokens scored"
+                if "records" in result else
+                f"{result['tokens']:,} tokens, {result['characters']:,} characters, {result['bytes']:,} bytes")
+        bpb = "" if result["bits_per_byte"] is None else f" | {result['bits_per_byte']:.4f} bits per byte"
+        print(f"{what}; context {block_size}, stride {opts.stride}: {result['windows']:,} windows\n"
+              f"mean loss {result['mean_loss']:.4f} nats/token | perplexity {result['perplexity']:.2f}{bpb}")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,14 @@ def readable(path: Path) -> Path:
     os.umask(umask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     return path
+
+
+def publish(out: Path, names: list[str], stale: tuple[str, ...]) -> None:
+    """Rename prepared splits' temporary files (name.tmp) into place, after removing meta.json (the folder
+    is not complete until it is written again), and remove the `stale` ones an earlier prepare left."""
+    (out / "meta.json").unlink(missing_ok=True)
+    for name in names:
+        os.replace(out / f"{name}.tmp", out / name)
+    for name in set(stale) - set(names):  # the other format's, from an earlier prepare
+        (out / name).unlink(missing_ok=True)
+    sync_folder(out)  # the renames are on the disk before meta.json, written next, says the folder is whole

@@ -9,6 +9,7 @@ Temperature 0 is greedy: the most likely token every time.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from attention import KVCache
 from config import ConfigError
 from model import GPT
+from tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -104,3 +106,35 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
     sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
     return sorted_logits.scatter(-1, order, sorted_logits)  # back to vocabulary order
+
+
+# ----------------------------------------------------------------------------- tokens to text
+
+class TextStream:
+    """Token ids -> text, one token at a time. A BPE token can end in the middle of a UTF-8
+    character (an emoji is often split over two tokens), so the bytes go through an incremental
+    decoder, which holds back an incomplete character until the next token completes it. A Hugging
+    Face tokenizer decodes whole sequences (its decoder may join tokens), so it decodes all the ids so
+    far and gives what is new, holding back a trailing incomplete character (U+FFFD) the same way."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids, self.shown = [], ""  # hf: every id so far, and the text already given
+
+    def feed(self, token: int) -> str:
+        if self.tokenizer.kind == "char":
+            return self.tokenizer.chars[token]
+        if self.tokenizer.kind == "hf":
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids)
+            if text.endswith("\ufffd"):
+                return ""
+            new, self.shown = text[len(self.shown):], text
+            return new
+        return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        if self.tokenizer.kind == "hf":
+            return self.tokenizer.decode(self.ids)[len(self.shown):]
+        return self.utf8.decode(b"", final=True)  # a trailing incomplete character becomes U+FFFD

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import LoopState, Weights
@@ -28,6 +29,7 @@ from files import write_json
 from generate import generate_stream
 from lora import trainable
 from model import GPT
+from records import records_summary
 from options import config_changes
 from runtime import Process, format_duration, gathered, is_sharded, peak_flops, usable_cores
 
@@ -50,6 +52,10 @@ def print_header(cfg: Config, model: GPT, data: Data, proc: Process, precision: 
           f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}) | device: {proc.device}, {precision}"
           + (f", threads {proc.threads}" if proc.device_type == "cpu" else "")
           + (f", {proc.world_size} processes ({cfg.training.parallel})" if proc.world_size > 1 else ""))
+    if "records" in meta:  # how many, and with the loss on the answers, how much of them is trained on
+        long = int((np.diff(data.starts["train"]) > cfg.model.block_size + 1).sum()) if data.starts else 0
+        print(records_summary(meta) + (f"; {long:,} longer than block_size ({'dropped' if data.drop_long else 'cut'})"
+                                        if long else ""))
     if cfg.lora.rank:
         n, total = trainable(model)
         print(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets} | trainable: "

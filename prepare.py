@@ -1,9 +1,10 @@
-"""Turn a text file (or a folder of text files) into training data.
+"""Turn a text file, records (JSONL, JSON, Parquet: docs/records.md), or a folder of either, into training data.
 
     python prepare.py                                            # shipped corpus, characters, bin
     python prepare.py --tokenizer bpe                            # GPT-2 BPE tokens
     python prepare.py --data.input my.txt --data.processed_dir data/processed/my_char --data.format txt
     python prepare.py --config configs/bpe/shakespeare_bpe.toml  # the data that preset trains on
+    python prepare.py --data.input pairs.jsonl --data.tokenizer train-bpe  # records, a BPE learned from them
 
 It takes the [data] settings of train.py, spelt the same way. It writes into data.processed_dir
 the train/val splits (`train.bin`/`val.bin`: flat token arrays, or `train.txt`/`val.txt`: the raw
@@ -30,10 +31,12 @@ import numpy as np
 
 from config import DataConfig, doc
 from options import parse
-from data import (FOLDER_SETTINGS, META_VERSION, Progress, default_processed_dir, load_meta, longer_split, resolve_bin_dir,
-                  text_chunks, token_dtype)
-from files import FileError, lock, make_folder, others, sync_folder, write_json
-from tokenizer import (encode_chunks, hf_tokenizer_meta, safe_cut, split_safely, tokenizer_differences,
+from data import (FOLDER_SETTINGS, META_VERSION, READ_BYTES, RECORD_SUFFIXES, Progress, default_processed_dir,
+                  list_documents, load_meta, longer_split, resolve_bin_dir, text_chunks, token_dtype)
+from records import (KINDS, read_records, records_meta, records_summary, records_template, scan_records,
+                     write_record_splits)
+from files import FileError, lock, make_folder, others, publish, write_json
+from tokenizer import (encode_chunks, hf_tokenizer_meta, learn_bpe, safe_cut, split_safely, tokenizer_differences,
                        tokenizer_from_meta)
 
 ENCODE_CHARS = 1 << 23    # encode in batches of about 8 M characters
@@ -43,7 +46,9 @@ PROGRESS_BYTES = 5 << 20  # show progress for inputs over 5 MB
 def output_dir(d: DataConfig, wanted: dict | None = None) -> Path:
     """data.processed_dir, or data/processed/<corpus>_<tokenizer>... when it is empty (`wanted`: the
     tokenizer meta, which names the folder of a Hugging Face tokenizer by its digest)."""
-    sha = (wanted or {}).get("sha256", "")
+    wanted = wanted or {}
+    sha = str(wanted.get("learned_vocab") or wanted.get("vocab_size")) if d.tokenizer == "train-bpe" else \
+        wanted.get("sha256", "")  # a learned BPE's size, a Hugging Face tokenizer's digest
     folder = Path(d.processed_dir or default_processed_dir(d.input, d.tokenizer, d.bpe_encoding, d.format, sha))
     return resolve_bin_dir(folder) if d.format == "bin" else folder
 
@@ -54,6 +59,8 @@ def wanted_tokenizer(d: DataConfig, model_meta: dict | None) -> dict | None:
     name; None for a new char model, whose characters come from the text."""
     if model_meta is not None:
         return model_meta
+    if d.tokenizer == "train-bpe":  # learned in pass 1 of prepare (learned_tokenizer)
+        return {"tokenizer": "train-bpe", "vocab_size": d.vocab_size}
     if d.tokenizer == "bpe":
         return {"tokenizer": "bpe", "encoding": d.bpe_encoding}
     if d.tokenizer != "hf":
@@ -68,21 +75,6 @@ def wanted_tokenizer(d: DataConfig, model_meta: dict | None) -> dict | None:
     return meta
 
 
-def list_documents(input_path: str) -> list[Path]:
-    path = Path(input_path)
-    if path.is_dir():
-        docs = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not docs:
-            raise DataError(f"{path} holds no .txt files; set data.input to a text file or a folder of .txt files")
-    elif path.is_file():
-        docs = [path]
-    else:
-        raise DataError(f"input {path} does not exist; set data.input to a text file or folder")
-    if sum(p.stat().st_size for p in docs) == 0:
-        raise DataError(f"input {path} is empty; set data.input to a file with text in it")
-    return docs
-
-
 def stat_digest(docs: list[Path]) -> str:
     """A cheap fingerprint (names, sizes, modification times): when it matches, the input is unchanged."""
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in docs]
@@ -90,10 +82,12 @@ def stat_digest(docs: list[Path]) -> str:
 
 
 def content_digest(docs: list[Path]) -> str:
+    """The sha256 of the files' bytes, one after the other (what pass 1 of prepare computes as it reads)."""
     hasher = hashlib.sha256()
     for document in docs:
-        for _ in text_chunks(document, hasher):
-            pass
+        with open(document, "rb") as f:
+            while chunk := f.read(READ_BYTES):
+                hasher.update(chunk)
     return hasher.hexdigest()
 
 
@@ -153,9 +147,17 @@ def differences(meta: dict, d: DataConfig, wanted: dict | None, source: dict | N
     """How the data described by `meta` differs from what `d` asks for (empty: it is that data).
     `wanted`: the tokenizer the text must be encoded with (None: char, any characters); `source`: the
     input's fingerprint, or None when the input cannot be read (then it is not compared)."""
-    out = tokenizer_differences(meta, wanted or {"tokenizer": d.tokenizer}, "there", "now")
+    if wanted and wanted["tokenizer"] == "train-bpe":  # the same input (below) and size learn the same tokenizer
+        # learned from this very input, not copied from a model that learned it from other text
+        learned_here = meta.get("learned_from") == meta.get("source", {}).get("sha256")
+        out = [] if meta.get("learned_vocab") == wanted["vocab_size"] and learned_here else [
+            f"data.tokenizer = train-bpe with data.vocab_size = {wanted['vocab_size']} learned from this input now, "
+            "not there"]
+    else:
+        out = tokenizer_differences(meta, wanted or {"tokenizer": d.tokenizer}, "there", "now")
     out += [f"data.{k}: {meta.get(k)!r} there, {v!r} now" for k, v in (("format", d.format),
-            ("val_fraction", d.val_fraction)) if meta.get(k) != v]
+            ("val_fraction", d.val_fraction), ("loss_on", d.loss_on))
+            if meta.get(k, v if k == "loss_on" else None) != v]  # no loss_on there: text or documents, any will do
     old = meta.get("source") or {}
     if source and old.get("stat") != source["stat"]:  # maybe changed: compare the contents
         if old.get("sha256") != (source.get("sha256") or content_digest(source["docs"])):
@@ -181,11 +183,16 @@ def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: i
     meta = load_meta(folder)
     if d.processed_dir:
         made = {"input": meta.get("source", {}).get("path"), "tokenizer": meta["tokenizer"],
-                "bpe_encoding": meta.get("encoding"), "format": meta["format"], "val_fraction": meta.get("val_fraction")}
+                "bpe_encoding": meta.get("encoding"), "format": meta["format"],
+                "val_fraction": meta.get("val_fraction"), "loss_on": meta.get("loss_on"),
+                "vocab_size": meta.get("learned_vocab")}
+        made["tokenizer"] = "train-bpe" if "learned_vocab" in meta else made["tokenizer"]
         assert tuple(made) == FOLDER_SETTINGS
         for key, value in made.items():
             if value is not None and f"data.{key}" not in (explicit or set()):
                 setattr(d, key, value)
+        if d.tokenizer == "train-bpe" and model_meta is None:  # as the folder was made: compared by its size
+            wanted = wanted_tokenizer(d, None)
     try:
         docs = list_documents(d.input)
         source = {"stat": stat_digest(docs), "docs": docs}
@@ -205,9 +212,11 @@ def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: i
 
 def prepare_command(d: DataConfig) -> str:
     bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else \
-        f" --data.tokenizer_path {d.tokenizer_path}" if d.tokenizer == "hf" else ""
+        f" --data.tokenizer_path {d.tokenizer_path}" if d.tokenizer == "hf" else \
+        f" --data.vocab_size {d.vocab_size}" if d.tokenizer == "train-bpe" else ""
     return (f"python prepare.py --data.input {d.input} --data.processed_dir {d.processed_dir} --data.tokenizer "
-            f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction} --force")
+            f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction}"
+            + (f" --data.loss_on {d.loss_on}" if d.loss_on != "answers" else "") + " --force")
 
 
 def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, progress: bool = True,
@@ -221,26 +230,18 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
     check_owned(out, Path(d.input))
     total_bytes = sum(p.stat().st_size for p in docs)
 
-    # Pass 1: hash the source, count characters, and (char) collect the vocabulary.
-    hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
-    size = f"{total_bytes / 1e6:.0f} MB"
-    reading = Progress(total_bytes, "prepare: reading", size, PROGRESS_BYTES, progress)
-    for document in docs:
-        for text in text_chunks(document, hasher):
-            n_chars += len(text)
-            if d.tokenizer == "char":
-                seen_chars.update(text)
-            reading.add(len(text.encode("utf-8")) if reading.enabled else 0)
+    # Pass 1: hash the source, count characters or check records, and (char) collect the vocabulary.
+    is_records = docs[0].suffix in RECORD_SUFFIXES
+    scan = scan_records(docs, d) | {"sha256": content_digest(docs)} if is_records else \
+        scan_text(docs, d, total_bytes, progress)
     if wanted is None or wanted["tokenizer"] == "char":
-        chars = wanted["chars"] if wanted else "".join(sorted(seen_chars))
-        missing = sorted(seen_chars - set(chars))
-        if missing:
-            shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
-            raise DataError(f"{d.input} has characters the model does not know: {shown}; remove them from "
-                            "the text, or use a bpe model, which reads any text")
-        wanted = {"tokenizer": "char", "chars": chars}
+        wanted = {"tokenizer": "char", "chars": char_vocabulary(wanted, scan["chars"], d)}
+    records = records_meta(scan, d) if is_records else {}  # (before learning a tokenizer: its checks are quick)
+    if wanted["tokenizer"] == "train-bpe":
+        wanted = learned_tokenizer(docs, d, scan.get("kind")) | {"learned_from": scan["sha256"]}
+    template = records_template(scan["kind"], wanted, d) if is_records else None
     tok = tokenizer_from_meta(wanted)
-    source = {"path": str(d.input), "sha256": hasher.hexdigest(), "bytes": total_bytes, "documents": len(docs),
+    source = {"path": str(d.input), "sha256": scan["sha256"], "bytes": total_bytes, "documents": len(docs),
               "stat": stat_digest(docs)}
     own = {"char": ("chars",), "bpe": ("encoding", "eot_token"), "hf": ("eot_token", "stop_tokens", "sha256", "files")}
     meta = {
@@ -249,6 +250,7 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         **{k: getattr(tok, k) if k in ("chars", "eot_token") else wanted[k] for k in own[wanted["tokenizer"]]},
         "val_fraction": d.val_fraction, "source": source,
     }
+    meta |= {k: wanted[k] for k in ("learned_vocab", "learned_from") if k in wanted} | records
     before = None if force else check_not_otherwise(out, d, meta, source)
 
     # Pass 2, in a folder locked against a second prepare.py (which waits): encode, check, then publish.
@@ -259,14 +261,55 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
             return load_meta(out) | {"out": str(out)}
         try:
             # "bytes": each split's UTF-8 text bytes (end-of-text tokens not counted), for bits per byte.
-            meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], n_chars, min_tokens,
-                                                         Progress(total_bytes, "prepare: encoding", size,
-                                                                  PROGRESS_BYTES, progress))
+            if is_records:
+                meta |= write_record_splits(out, docs, d, tok, meta, template, min_tokens, progress, SPLIT_FILES)
+            else:
+                meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], scan["n_chars"],
+                                                             min_tokens, Progress(total_bytes, "prepare: encoding",
+                                                                                  f"{total_bytes / 1e6:.0f} MB",
+                                                                                  PROGRESS_BYTES, progress))
         except OSError as e:
             raise FileError(f"cannot write into {out} ({e.strerror}); free some space or choose another "
                             "data.processed_dir") from None
         write_json(out / "meta.json", meta)
     return meta | {"out": str(out)}
+
+
+def scan_text(docs: list[Path], d: DataConfig, total_bytes: int, progress: bool) -> dict:
+    """Pass 1 over a text: its digest, its number of characters and (char) the characters themselves."""
+    hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
+    reading = Progress(total_bytes, "prepare: reading", f"{total_bytes / 1e6:.0f} MB", PROGRESS_BYTES, progress)
+    for document in docs:
+        for text in text_chunks(document, hasher):
+            n_chars += len(text)
+            if d.tokenizer == "char":
+                seen_chars.update(text)
+            reading.add(len(text.encode("utf-8")) if reading.enabled else 0)
+    return {"sha256": hasher.hexdigest(), "n_chars": n_chars, "chars": seen_chars}
+
+
+def learned_tokenizer(docs: list[Path], d: DataConfig, kind: str | None) -> dict:
+    """data.tokenizer = train-bpe: a byte-level BPE of data.vocab_size tokens learned from the input (its
+    texts; records: their texts, prompts, completions, messages), as a Hugging Face tokenizer's meta."""
+    if kind is None:
+        texts = (text for document in docs for text in text_chunks(document))
+    else:
+        texts = (text for document in docs for _, record in read_records(document) for text in
+                 ([m["content"] for m in record["messages"]] if kind == "messages" else
+                  [record[k] for k in KINDS[kind]]))
+    print(f"learning a BPE of {d.vocab_size:,} tokens from {d.input}", file=sys.stderr, flush=True)
+    return learn_bpe(texts, d.vocab_size) | {"learned_vocab": d.vocab_size}
+
+
+def char_vocabulary(wanted: dict | None, seen_chars: set, d: DataConfig) -> str:
+    """A char model's characters: the model's own (`wanted`), which must hold the text's, or the text's."""
+    chars = wanted["chars"] if wanted else "".join(sorted(seen_chars))
+    missing = sorted(seen_chars - set(chars))
+    if missing:
+        shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")
+        raise DataError(f"{d.input} has characters the model does not know: {shown}; remove them from "
+                        "the text, or use a bpe model, which reads any text")
+    return chars
 
 
 def check_not_otherwise(out: Path, d: DataConfig, meta: dict, source: dict) -> list | None:
@@ -283,7 +326,7 @@ def check_not_otherwise(out: Path, d: DataConfig, meta: dict, source: dict) -> l
     return []
 
 
-SPLIT_FILES = ("train.bin", "val.bin", "train.txt", "val.txt")
+SPLIT_FILES = tuple(f"{split}.{ext}" for ext in ("bin", "txt", "mask", "starts") for split in ("train", "val"))
 
 
 def check_owned(out: Path, source: Path) -> None:
@@ -331,13 +374,7 @@ def write_splits(out: Path, docs: list[Path], d: DataConfig, tok, dtype: str, n_
                 raise DataError(f"the {split} split of {d.input} would have {w.n_tokens} tokens, fewer than the "
                                 f"{min_tokens} needed (block_size + 1 when training); use a longer text, or "
                                 f"{longer_split(split)}")
-        (out / "meta.json").unlink(missing_ok=True)  # no meta: the folder is not complete
-        for split, w in writers.items():
-            os.replace(w.tmp, out / f"{split}{suffix}")
-        for stale in SPLIT_FILES:  # the other format's, from an earlier prepare (check_owned)
-            if not stale.endswith(suffix):
-                (out / stale).unlink(missing_ok=True)
-        sync_folder(out)  # the renames are on the disk before meta.json, written next, says the folder is whole
+        publish(out, [f"{split}{suffix}" for split in writers], SPLIT_FILES)
     finally:
         for w in writers.values():
             w.file.close()
@@ -356,10 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     meta = prepare(cfg.data, opts.force)
     kind = meta["tokenizer"] + (f" {meta['encoding']}" if meta["tokenizer"] == "bpe" else "")
+    kind = "learned bpe" if "learned_vocab" in meta else kind
     print(f"prepared {meta['out']}: train {meta['tokens']['train']:,} tokens, val "
           f"{meta['tokens']['val']:,} tokens, vocab {meta['vocab_size']:,} ({kind}), "
           f"{meta['format']} {meta['dtype'] if meta['format'] == 'bin' else ''}".rstrip()
           + f" in {time.time() - start:.1f}s")
+    if "records" in meta:
+        print(records_summary(meta))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 # Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
 from errors import DataError, command
 
-import codecs
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,10 @@ import checkpoint
 from config import ConfigError, doc
 from options import parse
 from data import read_text
-from tokenizer import BPETokenizer, CharTokenizer, HFTokenizer, check_in_vocabulary, start_token, tokenizer_from_meta
-from generate import check_sampling_args, generate_stream
+from tokenizer import Tokenizer, check_in_vocabulary, start_token, tokenizer_from_meta
+from generate import TextStream, check_sampling_args, generate_stream
 from model import GPT
 from runtime import pick_device, use_threads
-
-Tokenizer = CharTokenizer | BPETokenizer | HFTokenizer
-
 
 def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """(model in eval mode on `device`, its tokenizer, info) from a checkpoint file, run folder or
@@ -66,36 +62,6 @@ def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int, vocab_size: 
               f"(block_size {block_size}); the model sees its last {block_size} tokens", file=sys.stderr)
         ids = ids[-block_size:]
     return ids
-
-
-class TextStream:
-    """Token ids -> text, one token at a time. A BPE token can end in the middle of a UTF-8
-    character (an emoji is often split over two tokens), so the bytes go through an incremental
-    decoder, which holds back an incomplete character until the next token completes it. A Hugging
-    Face tokenizer decodes whole sequences (its decoder may join tokens), so it decodes all the ids so
-    far and gives what is new, holding back a trailing incomplete character (U+FFFD) the same way."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.ids, self.shown = [], ""  # hf: every id so far, and the text already given
-
-    def feed(self, token: int) -> str:
-        if self.tokenizer.kind == "char":
-            return self.tokenizer.chars[token]
-        if self.tokenizer.kind == "hf":
-            self.ids.append(token)
-            text = self.tokenizer.decode(self.ids)
-            if text.endswith("\ufffd"):
-                return ""
-            new, self.shown = text[len(self.shown):], text
-            return new
-        return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token))
-
-    def flush(self) -> str:
-        if self.tokenizer.kind == "hf":
-            return self.tokenizer.decode(self.ids)[len(self.shown):]
-        return self.utf8.decode(b"", final=True)  # a trailing incomplete character becomes U+FFFD
 
 
 def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], opts: SampleOptions,

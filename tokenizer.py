@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,9 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
+Tokenizer = CharTokenizer | BPETokenizer | HFTokenizer
+
+
 def hf_tokenizer_meta(folder: str | Path) -> dict | None:
     """The tokenizer of a Hugging Face folder (its tokenizer.json and the files beside it) as a meta; None
     when the folder has no tokenizer.json. Stop tokens: the eos_token of tokenizer_config.json and the
@@ -179,6 +183,32 @@ def hf_meta(files: dict[str, str]) -> dict:
     stops = {eot, *(generation if isinstance(generation, list) else [generation])} - {None}
     return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "eot_token": eot, "stop_tokens": sorted(stops),
             "sha256": hashlib.sha256(files["tokenizer.json"].encode()).hexdigest(), "files": files}
+
+
+# ChatML, the chat format of SmolLM2 and Qwen: each message between <|im_start|>role and <|im_end|>.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def learn_bpe(texts: Iterator[str], vocab_size: int) -> dict:
+    """A byte-level BPE learned from `texts` (an iterator of strings) with the `tokenizers` library, as a
+    Hugging Face tokenizer's meta (its tokenizer.json and tokenizer_config.json, so that checkpoints and
+    exports carry it and AutoTokenizer loads it): "<|endoftext|>" ends documents, and ChatML's markers are
+    special tokens, with ChatML as its chat template, so that it can be trained on conversations (as with
+    any Hugging Face tokenizer, a text that holds a marker reads as that marker, as transformers reads it).
+    bpe.py shows how the merges are learned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split; any text is bytes
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT, "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT_TEXT, "bos_token": EOT_TEXT,
+              "unk_token": EOT_TEXT, "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+              "chat_template": CHATML}
+    return hf_meta({"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)})
 
 
 def meta_disagreements(meta: dict) -> list[str]:

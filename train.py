@@ -36,7 +36,7 @@ import prepare
 from checkpoint import (CHECKPOINT_VERSION, Weights, base_reference, numbered_path, prune_numbered, save_checkpoint,
                         weights_to_save)
 from config import Config, ConfigError, TrainingConfig
-from data import Data, check_split_lengths, get_batch, load_tokens
+from data import Data, check_split_lengths, load_mask, load_starts, load_tokens
 from lifecycle import Run
 from lora import add_adapters, load_adapters
 from model import GPT
@@ -82,13 +82,13 @@ def train_step(run: Run, lr: float, signals: StopSignals) -> tuple[float, torch.
             return None
         # The step's batch is a pure function of (seed, step); each micro-batch is a slice of it, so
         # N processes see exactly the samples of one process with N times the accumulation.
-        x, y = get_batch(run.data.train, cfg.model.block_size, t.batch_size, ("train", t.seed, run.state.step),
-                         proc.device, part=proc.rank * accum + micro, parts=t.grad_accum_steps)  # (B, T) each
+        x, y, docs = run.data.batch("train", cfg.model.block_size, t.batch_size, ("train", t.seed, run.state.step),
+                                    proc.device, part=proc.rank * accum + micro, parts=t.grad_accum_steps)  # (B, T)
         # DDP averages gradients across the processes in the last micro-batch's backward pass only.
         # FSDP does it in every one, so that each process only ever holds its own part of them.
         sync = micro == accum - 1 or not isinstance(run.wrapped, DDP)
         with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), autocast(proc.device_type, run.precision):
-            _, loss = run.wrapped(x, y, run.data.doc_ids(x))  # GPT.forward: the mean loss of the micro-batch
+            _, loss = run.wrapped(x, y, docs)  # GPT.forward: the mean loss of the micro-batch
         # Divided by accum, the summed gradients are those of the mean loss over the whole step. The
         # scaler (fp16 only) multiplies the loss, so that small gradients do not round to zero.
         run.scaler.scale(loss / accum).backward()
@@ -185,7 +185,7 @@ def evaluate(run: Run, signals: StopSignals | None = None, estimate: bool = Fals
         print(f"eval step {run.state.step}: ", end="", flush=True)  # the rest once it is done
     began, out = time.time(), {}
     run.wrapped.eval()  # no dropout
-    for split, tokens in (("train", run.data.train), ("val", run.data.val)):
+    for split in ("train", "val"):
         total = torch.zeros((), device=proc.device)
         # Every process runs as many batches (under FSDP each forward gathers weights from all of them):
         # when they do not divide evenly, the ones past eval_batches run but do not count.
@@ -193,10 +193,10 @@ def evaluate(run: Run, signals: StopSignals | None = None, estimate: bool = Fals
             if signals and signals.requested():
                 run.wrapped.train()
                 return None
-            x, y = get_batch(tokens, cfg.model.block_size, cfg.training.batch_size,
-                             ("eval", split, cfg.training.seed, k), proc.device)
+            x, y, docs = run.data.batch(split, cfg.model.block_size, cfg.training.batch_size,
+                                        ("eval", split, cfg.training.seed, k), proc.device)
             with autocast(proc.device_type, run.precision):
-                _, loss = run.wrapped(x, y, run.data.doc_ids(x))
+                _, loss = run.wrapped(x, y, docs)
             if k < n:
                 total += loss.float()
             if estimate and proc.is_main and k == 0:  # every batch takes about as long as the first
@@ -278,8 +278,10 @@ def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
         dist.barrier()  # the others read what rank 0 prepared
     if not proc.is_main:
         folder, meta = prepare.ensure_prepared(cfg.data, model_meta, explicit=chosen)
-    if cfg.data.doc_mask and meta.get("eot_token") is None:
-        raise ConfigError("data.doc_mask = true needs bpe data with end-of-text tokens (data.tokenizer = bpe)")
+    if cfg.data.doc_mask and meta.get("eot_token") is None and meta.get("records", {}).get("kind") not in ("pair",
+                                                                                                       "messages"):
+        raise ConfigError("data.doc_mask = true needs documents that end with an end-of-text token (data.tokenizer = "
+                          "bpe, hf or train-bpe), or records of prompts or conversations")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
@@ -288,7 +290,11 @@ def build_data(cfg: Config, proc: Process, start: Weights | None) -> Data:
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({meta['vocab_size']}); {fix}")
     data = Data(folder, meta, *(load_tokens(folder, s, meta) for s in ("train", "val")),
-                eot_token=meta.get("eot_token") if cfg.data.doc_mask else None)
+                eot_token=meta.get("eot_token"), doc_mask=cfg.data.doc_mask)
+    lengths = {s: len(getattr(data, s)) for s in ("train", "val")}  # records: the answers, where each starts
+    data.masks = {s: m for s, n in lengths.items() if (m := load_mask(folder, s, meta, n)) is not None}
+    data.starts = {s: b for s, n in lengths.items() if (b := load_starts(folder, s, meta, n)) is not None}
+    data.drop_long = cfg.data.long_records == "drop"
     check_split_lengths({"train": data.train, "val": data.val}, cfg.model.block_size, folder)
     if cfg.training.sample_tokens:
         monitor.sample_prompt_ids(cfg.training, meta)  # a prompt the tokenizer cannot read fails now, not at the first eval

@@ -1,6 +1,6 @@
 """The benchmarks that bench.py runs, by name: BENCHMARKS below is the one list of them, in the order
 they run. Each is a function of its own module, which says what it measures: speed.py (train, sample,
-prepare, profile), quality.py (speedrun, ablation), finetune.py (lora), peers.py (peft), memory.py
+prepare, records, profile), quality.py (speedrun, ablation), finetune.py (lora), peers.py (peft), memory.py
 (memory) and gpu.py (gpu); common.py holds what they share."""
 
 from benchmarks import finetune, gpu, memory, peers, quality, speed
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "train": ("ms per training step at each precision, and a plain eager loop", speed.bench_train),
     "sample": ("generation with and without the KV cache", speed.bench_sample),
     "prepare": ("prepare.py on 50 MB, char and bpe, against tiktoken alone", speed.bench_prepare),
+    "records": ("prepare.py on 200 MB of JSONL pairs: time and peak memory", speed.bench_records),
     "profile": ("the operators a training step spends its time in", speed.bench_profile),
     "speedrun": ("the speedrun preset against the reference: wall time to val 1.88", quality.bench_speedrun),
     "ablation": ("what each change of the speedrun is worth", quality.bench_ablation),

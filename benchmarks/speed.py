@@ -1,20 +1,24 @@
 """Speed: training steps (train.py itself, and the plainest eager loop beside it), sampling with and
-without the KV cache, data preparation, and a profile of where a training step's time goes."""
+without the KV cache, data preparation (text, and records with its memory), and a profile of where a
+training step's time goes."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import prepare
-from benchmarks.common import (CORPUS, BenchOptions, configured, model_for, precisions, timed,
+from benchmarks.common import (CORPUS, ROOT, BenchOptions, configured, model_for, precisions, timed,
                                trainer_step_ms)
 from config import Config, DataConfig
-from errors import DataError
+from errors import DataError, UserError
 from tokenizer import BPETokenizer, split_safely
 from generate import generate
 from monitor import estimate_mfu
@@ -102,6 +106,29 @@ def bench_prepare(opts: BenchOptions, cfg: Config, device: str, target_mb: int =
     rows.append({"bench": "prepare", "what": f"tiktoken encode_ordinary_batch, {mb:.0f} MB", "seconds": s,
                  "mb_per_s": mb / s})
     return rows
+
+
+def bench_records(opts: BenchOptions, cfg: Config, device: str, target_mb: int = 200) -> list[dict]:
+    """prepare.py on 200 MB of JSONL prompt/completion pairs (consecutive lines of the shipped corpus), GPT-2
+    BPE with the loss on the completions: its time and the peak memory (RSS) of its process."""
+    lines = [line for line in Path(CORPUS).read_text(encoding="utf-8").splitlines() if line]
+    pairs = "".join(json.dumps({"prompt": a + "\n", "completion": b + "\n"}) + "\n" for a, b in zip(lines, lines[1:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "pairs.jsonl"
+        big.write_text(pairs * max(1, round(target_mb * 1e6 / len(pairs.encode()))), encoding="utf-8")
+        mb = big.stat().st_size / 1e6
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "prepare.py", "--data.input", str(big), "--data.tokenizer", "bpe",
+                                 "--data.processed_dir", f"{tmp}/prepared"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS (KB on Linux), not another child's
+        proc.returncode, seconds = os.waitstatus_to_exitcode(status), time.perf_counter() - start
+        if proc.returncode != 0:
+            last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]  # its error line
+            raise UserError(f"--what records: prepare.py failed (exit {proc.returncode}): {last}")
+    return [{"bench": "records", "what": f"prepare.py, {mb:.0f} MB of JSONL pairs, bpe", "seconds": seconds,
+             "mb_per_s": mb / seconds, "peak_rss_mb": usage.ru_maxrss / 1024}]
 
 
 def bench_profile(opts: BenchOptions, cfg: Config, device: str, top: int = 12) -> list[dict]:

@@ -8,7 +8,9 @@ import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,3 +151,22 @@ def with_tokenizer_json(folder: Path, tokens: int) -> None:
 def snapshot(*roots: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in root.rglob("*")
             if p.is_file() and p.suffix != ".lock"}
+
+
+def chat_folder(folder: Path, template: str | None) -> Path:
+    """A Hugging Face folder (tests/test_real_models.py's tokenizer and a random model) with `template` as its
+    chat template (None: none), and conversations to prepare with it in folder/../chat.jsonl."""
+    from test_real_models import hf_tokenizer, saved_by_transformers
+    saved_by_transformers(folder, "smollm2", vocab=300)  # a random model with it, for eval.py and chat.py
+    hf_tokenizer(folder)
+    if template is not None:
+        write(folder / "chat_template.jinja", template)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]
+    return write(folder.parent / "chat.jsonl", "".join(json.dumps({"messages": messages}) + "\n" for _ in range(20)))
+
+
+@contextlib.contextmanager
+def without_pyarrow():
+    """pyarrow not installed (an optional dependency), whether or not it is."""
+    with mock.patch.dict(sys.modules, {"pyarrow": None, "pyarrow.parquet": None}):
+        yield

@@ -43,7 +43,7 @@ def test_profile_prints_the_top_operators(capsys):
 
 def test_bad_arguments_are_one_line_errors(capsys):
     assert bench.main(["--what", "train,nope"]) == 2
-    assert "error: --what nope is not one of: train, sample, prepare, profile, speedrun, ablation, lora, peft, memory, gpu" in \
+    assert "error: --what nope is not one of: train, sample, prepare, records, profile, speedrun, ablation, lora, peft, memory, gpu" in \
         capsys.readouterr().err
     assert bench.main(["--what", "train", "--stpes", "3"]) == 2
     assert capsys.readouterr().err == "error: command line: unknown option --stpes (did you mean --steps?); see --help\n"
@@ -152,3 +152,13 @@ def test_memory_fsdp_holds_half_per_process_and_checkpointing_cuts_activations(t
         assert all(0.45 < part[kind] / mb < 0.55 for part in fsdp), kind
     plain, checkpointed = rows["activations, no checkpointing, fp32"], rows["activations, with checkpointing, fp32"]
     assert 0 < checkpointed["peak_mb"] < 0.7 * plain["peak_mb"]
+
+
+def test_records_preparation_is_timed_and_its_memory_measured():
+    """--what records on one copy of the pairs (3 MB; 200 MB in bench.py): prepare.py in a process of its own,
+    timed, its peak RSS."""
+    from benchmarks.speed import bench_records
+
+    [row] = bench_records(None, None, "cpu", target_mb=1)
+    assert row["what"] == "prepare.py, 3 MB of JSONL pairs, bpe" and row["seconds"] > 0
+    assert 50 < row["peak_rss_mb"] < 2000  # torch and tiktoken loaded: tens of MB at least

