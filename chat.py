@@ -8,9 +8,9 @@ transformers' apply_chat_template renders it, with the assistant's turn opened) 
 streams token by token until the end of the assistant's turn, the end of the sequence or
 --max-new-tokens. The answer joins the conversation too. When the conversation no longer fits the
 model's context, its oldest turns are dropped (and it says so). `/reset` starts again, `/system TEXT`
-starts again with that system message, `/quit` (or the end of the input) leaves. With stdin not a terminal, it reads one
-message per line and writes one answer per line (a newline in an answer written as \\n), so that it can
-be scripted.
+starts again with that system message, `/quit` (or the end of the input) leaves. With stdin not a
+terminal, it reads one message per line and writes one answer per line (a newline in an answer written
+as \\n; an empty line gets an empty line, a command none), so that it can be scripted.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if not interactive and not line or line.strip() == "/quit":  # (readline gives "" at the end of the input)
             return 0
         line = line.rstrip("\n")
-        if not line.strip():
+        if not line.strip():  # nothing said: no answer (scripted, an empty line, so that lines still pair up)
+            print("" if interactive else "\n", end="", flush=True)
             continue
         if line.strip() == "/reset" or line.startswith("/system "):
             conversation.messages = []

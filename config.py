@@ -49,8 +49,9 @@ class DataConfig:
                       choices=("bin", "txt"))
     loss_on: str = doc("records of prompt and completion, or conversations: answers trains on the completions and the "
                        "assistant's turns only, all on every token", "answers", choices=("answers", "all"))
-    long_records: str = doc("pairs and conversations longer than model.block_size: cut (trained on their first "
-                            "block_size tokens) or drop (never drawn)", "cut", choices=("cut", "drop"))
+    long_records: str = doc("pairs and conversations longer than model.block_size: cut (their start: trained on "
+                            "their last block_size tokens, where the answer is) or drop (never drawn)", "cut",
+                            choices=("cut", "drop"))
     doc_mask: bool = doc("attend only within a document: text up to an end-of-text token (bpe, hf), or a record of "
                          "prompts or conversations", False)
 

@@ -384,7 +384,8 @@ def to_device(tensors: tuple, device: str | torch.device) -> tuple:
 def trained_windows(mask: np.ndarray | None, block_size: int, what: str, starts: np.ndarray | None = None,
                     n: int = 0, drop_long: bool = False) -> np.ndarray:
     """The window starts to draw batches from: where a record starts (`starts`, with the split's end `n`
-    last; `drop_long`: not a record longer than the window), or anywhere, and only where the window's
+    last; one longer than the window: where its last block_size + 1 tokens start, or with `drop_long`
+    nowhere), or anywhere, and only where the window's
     targets (tokens s+1 .. s+block_size) include one that is trained on (`mask`, or every token): a
     window without any would have no loss (0 / 0) and teach nothing."""
     n = len(mask) if mask is not None else n
@@ -392,8 +393,11 @@ def trained_windows(mask: np.ndarray | None, block_size: int, what: str, starts:
     if starts is None:
         candidates = np.arange(n - block_size, dtype=small)
     else:
-        fits = np.diff(starts) <= block_size + 1 if drop_long else np.ones(len(starts) - 1, dtype=bool)
-        candidates = starts[:-1][(starts[:-1] < n - block_size) & fits].astype(small)
+        # A record longer than a window is cut at its start: its window ends where it ends, since the answers
+        # come last (a conversation's last turn is the assistant's); data.long_records = drop leaves it out.
+        long = np.diff(starts) > block_size + 1
+        begins = np.where(long, starts[1:] - block_size - 1, starts[:-1])
+        candidates = begins[(begins < n - block_size) & ~(long & drop_long)].astype(small)
     if mask is not None:
         seen = np.concatenate([[0], np.cumsum(mask, dtype=small)])  # seen[k]: trained tokens among the first k
         candidates = candidates[seen[candidates + block_size + 1] - seen[candidates + 1] > 0]

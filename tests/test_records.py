@@ -271,10 +271,11 @@ def test_packed_records_do_not_attend_to_each_other(tmp_path):
 
 
 def test_records_longer_than_a_window_are_cut_or_dropped():
-    """Records of 5, 25, 4 and 6 tokens, windows of 8 + 1: the 25 is drawn (and cut) by default, never with
-    data.long_records = drop; a window must start early enough to be whole (before 40 - 8)."""
+    """Records of 5, 25, 4 and 6 tokens, windows of 8 + 1: the 25 is drawn by default, cut at its start (its
+    window ends where it ends, at 30), never with data.long_records = drop; a window must start early enough
+    to be whole (before 40 - 8)."""
     starts = np.array([0, 5, 30, 34, 40])
-    assert trained_windows(None, 8, "split", starts, 40).tolist() == [0, 5, 30]
+    assert trained_windows(None, 8, "split", starts, 40).tolist() == [0, 21, 30]
     assert trained_windows(None, 8, "split", starts, 40, drop_long=True).tolist() == [0, 30]
     with pytest.raises(DataError, match="no token to train on"):
         trained_windows(None, 3, "split", np.array([0, 10, 20]), 20, drop_long=True)
