@@ -26,7 +26,7 @@ import torch
 
 from checkpoint import load_model
 from config import ConfigError, doc
-from generate import TextStream, check_sampling_args, generate_stream
+from generate import check_sampling_args, stream_text
 from model import GPT
 from options import parse
 from records import ChatTemplate, answer_stops, chat_template
@@ -71,16 +71,8 @@ def answer(model: GPT, conversation: Conversation, stops: set[int], opts: ChatOp
               f"({conversation.block_size} tokens); the model sees only its end", file=sys.stderr)
     check_in_vocabulary(ids, model.config.vocab_size, "the conversation")
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
-    stream, pieces = TextStream(conversation.tokenizer), []
-    for token in generate_stream(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
-                                 opts.top_p if opts.top_p < 1 else None, generator):
-        if token.item() in stops:  # the end of the turn (or of the sequence): the answer is complete
-            break
-        pieces.append(stream.feed(token.item()))
-        show(pieces[-1])
-    pieces.append(stream.flush())
-    show(pieces[-1])
-    return "".join(pieces)
+    return stream_text(model, idx, conversation.tokenizer, stops, opts.max_new_tokens, opts.temperature,
+                       opts.top_k or None, opts.top_p if opts.top_p < 1 else None, generator, show)
 
 
 @dataclass

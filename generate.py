@@ -10,7 +10,7 @@ Temperature 0 is greedy: the most likely token every time.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,22 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
     return torch.cat([idx, *new], dim=1)
+
+
+def stream_text(model: GPT, idx: torch.Tensor, tokenizer: Tokenizer, stops, max_new_tokens: int,
+                temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                show: Callable[[str], None]) -> str:
+    """The text generated after idx (1, T), up to a token in `stops` (not included) or max_new_tokens;
+    each piece is given to `show` as soon as its token is sampled (sample.py --stream, chat.py)."""
+    text, pieces = TextStream(tokenizer), []
+    for token in generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        if token.item() in stops:  # end-of-sequence, or a chat's end of turn: the text is complete
+            break
+        pieces.append(text.feed(token.item()))
+        show(pieces[-1])
+    pieces.append(text.flush())
+    show(pieces[-1])
+    return "".join(pieces)
 
 
 # ----------------------------------------------------------------------------- sampling

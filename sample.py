@@ -25,7 +25,7 @@ from config import ConfigError, doc
 from options import parse
 from data import read_text
 from tokenizer import Tokenizer, check_in_vocabulary, start_token, tokenizer_from_meta
-from generate import TextStream, check_sampling_args, generate_stream
+from generate import check_sampling_args, stream_text
 from model import GPT
 from runtime import pick_device, use_threads
 
@@ -70,23 +70,17 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], opts: 
     is printed as soon as its token is sampled; both ways produce the same text."""
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    text = TextStream(tokenizer)
-    pieces = [prompt]
 
     def show(piece: str) -> None:
         if opts.stream:
             print(piece, end="", flush=True)  # flush: show it now, not when the buffer fills
 
     show(prompt)
-    for token in generate_stream(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k or None,
-                                 opts.top_p if opts.top_p < 1 else None, generator):
-        if token.item() in tokenizer.stop_tokens:  # end-of-sequence (a Hugging Face model's): the sample ends
-            break
-        pieces.append(text.feed(token.item()))
-        show(pieces[-1])
-    pieces.append(text.flush())
-    show(pieces[-1] + "\n")
-    return "".join(pieces)
+    # A Hugging Face model's end-of-sequence token ends the sample.
+    new = stream_text(model, idx, tokenizer, tokenizer.stop_tokens, opts.max_new_tokens, opts.temperature,
+                      opts.top_k or None, opts.top_p if opts.top_p < 1 else None, generator, show)
+    show("\n")
+    return prompt + new
 
 
 @dataclass

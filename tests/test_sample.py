@@ -15,7 +15,7 @@ from checkpoint import load_weights, save_checkpoint
 from config import Config
 from options import load_config
 from conftest import CORPUS, ROOT, prepare_text
-from generate import generate
+from generate import TextStream, generate
 from model import GPT
 
 FEW = ["--num-samples", "2", "--max-new-tokens", "40"]
@@ -181,7 +181,7 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     with pytest.raises(sample.DataError, match="token 50256, outside this model's vocabulary of 512"):
         sample.encode_prompt("", gpt2_tokenizer, 32, 512)
     ids = gpt2_tokenizer.encode("naïve café 🙂 日本")
-    stream = sample.TextStream(gpt2_tokenizer)
+    stream = TextStream(gpt2_tokenizer)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "naïve café 🙂 日本" and "\ufffd" not in "".join(pieces)
 
