@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from errors import UserError
 
@@ -30,10 +32,21 @@ def doc(text: str, default, choices: tuple | None = None, within: str | None = N
     return field(default=default, metadata=meta)
 
 
+def inputs_of(input_path: str) -> list[str]:
+    """data.input's inputs: one, or several separated by commas (a mixture: data.weights). A file whose
+    name holds a comma is one input."""
+    if "," not in input_path or Path(input_path).exists():
+        return [input_path]
+    return [p.strip() for p in input_path.split(",") if p.strip()]
+
+
 @dataclass
 class DataConfig:
     input: str = doc("what to train on: a text file, records (.jsonl, .json, .parquet: docs/records.md), or a folder "
-                     "or glob pattern of either", "data/shakespeare/input.txt")
+                     "or glob pattern of either; several, separated by commas: mixed (data.weights)",
+                     "data/shakespeare/input.txt")
+    weights: str = doc("several inputs of records: each one's share of the train split's records, e.g. \"3, 1\" "
+                       "(a smaller input's records repeat); empty: each record once", "")
     processed_dir: str = doc("where prepared data lives; empty: data/processed/<corpus>_<tokenizer>", "")
     tokenizer: str = doc("char: one token per character; bpe: a tiktoken encoding; hf: the tokenizer.json of a "
                          "Hugging Face model (data.tokenizer_path); train-bpe: a byte-level BPE learned from the "
@@ -54,6 +67,23 @@ class DataConfig:
                             choices=("cut", "drop"))
     doc_mask: bool = doc("attend only within a document: text up to an end-of-text token (bpe, hf), or a record of "
                          "prompts or conversations", False)
+
+    def weight_list(self) -> list[float]:
+        """data.weights as numbers ([]: none given); ValueError names one that is not a number."""
+        return [float(w) for w in self.weights.split(",")] if self.weights.strip() else []
+
+    def problems(self) -> list[str]:
+        if not self.weights.strip():
+            return []
+        n_inputs = len(inputs_of(self.input))
+        try:
+            weights = self.weight_list()
+        except ValueError:
+            return [f"data.weights = {self.weights!r} is not a list of numbers; give one per input, e.g. \"3, 1\""]
+        if len(weights) != n_inputs or not all(0 < w < math.inf for w in weights):
+            return [f"data.weights = {self.weights!r} must be {n_inputs} number{'s' * (n_inputs > 1)} greater "
+                    f"than 0, one per input of data.input ({n_inputs} given there, separated by commas)"]
+        return []
 
 
 @dataclass

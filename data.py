@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import inputs_of
 from errors import DataError
 from tokenizer import EOT_TEXT, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
 
@@ -39,7 +40,7 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # files of records (records.p
 
 # The settings that a named data folder (data.processed_dir) gives itself, from its meta.json, unless
 # they are chosen (prepare.ensure_prepared).
-FOLDER_SETTINGS = ("input", "tokenizer", "bpe_encoding", "format", "val_fraction", "loss_on", "vocab_size")
+FOLDER_SETTINGS = ("input", "tokenizer", "bpe_encoding", "format", "val_fraction", "loss_on", "vocab_size", "weights")
 
 
 # ----------------------------------------------------------------------------- text files
@@ -80,6 +81,7 @@ def read_text(path: str | Path, label: str | None = None) -> tuple[str, int]:
 def is_records(input_path: str) -> bool:
     """Whether data.input (or eval.py's --text) names records rather than text (list_documents refuses a mix);
     a file that is not there is what its name says."""
+    input_path = inputs_of(input_path)[0]
     path = Path(input_path)
     if not path.is_dir() and not (any(c in input_path for c in "*?[") and not path.exists()):
         return path.suffix in RECORD_SUFFIXES
@@ -87,8 +89,21 @@ def is_records(input_path: str) -> bool:
 
 
 def list_documents(input_path: str) -> list[Path]:
-    """The files of data.input: a file, a folder (its *.txt files, or else its records files) or a glob,
-    sorted by path; text and records are not mixed."""
+    """The files of data.input, input after input (input_groups)."""
+    return [p for group in input_groups(input_path) for p in group]
+
+
+def input_groups(input_path: str) -> list[list[Path]]:
+    """The files of each of data.input's inputs; text and records are not mixed."""
+    groups = [documents_of(p) for p in inputs_of(input_path)]
+    if len({p.suffix in RECORD_SUFFIXES for group in groups for p in group}) > 1:
+        raise DataError(f"{input_path} mixes text files and records; give one kind (a folder or pattern of each)")
+    return groups
+
+
+def documents_of(input_path: str) -> list[Path]:
+    """The files of one input: a file, a folder (its *.txt files, or else its records files) or a glob,
+    sorted by path."""
     path = Path(input_path)
     if path.is_dir():
         docs = sorted(p for p in path.rglob("*.txt") if p.is_file()) or \
@@ -104,8 +119,6 @@ def list_documents(input_path: str) -> list[Path]:
             raise DataError(f"no file matches data.input = {input_path!r}; give a pattern that matches your files")
     else:
         raise DataError(f"input {path} does not exist; set data.input to a text file or folder")
-    if len({p.suffix in RECORD_SUFFIXES for p in docs}) > 1:
-        raise DataError(f"{input_path} mixes text files and records; give one kind (a folder or pattern of each)")
     if sum(p.stat().st_size for p in docs) == 0:
         raise DataError(f"input {path} is empty; set data.input to a file with text in it")
     return docs
@@ -416,14 +429,17 @@ def document_ids(x: torch.Tensor, eot_token: int) -> torch.Tensor:
 
 def default_processed_dir(input_path: str, tokenizer: str, encoding: str, fmt: str, tokenizer_sha: str = "") -> str:
     """data/processed/<corpus>_<tokenizer>[_<encoding>, _<tokenizer.json's digest> or _<vocab_size>][_txt]: one
-    folder per way of preparing."""
-    path = Path(input_path)
-    while any(c in path.name for c in "*?[") and path.parent != path:  # a glob: named by its folder
-        path = path.parent
-    corpus = path.parent.name if path.stem == "input" else path.stem
+    folder per way of preparing; several inputs: their names joined by "+"."""
+    corpus = "+".join(corpus_name(Path(p)) for p in inputs_of(input_path))
     name = f"{corpus}_{tokenizer}" + (f"_{encoding}" if tokenizer == "bpe" else f"_{tokenizer_sha[:8]}" if
                                       tokenizer in ("hf", "train-bpe") else "")
     return str(Path("data/processed") / (name + ("_txt" if fmt == "txt" else "")))
+
+
+def corpus_name(path: Path) -> str:
+    while any(c in path.name for c in "*?[") and path.parent != path:  # a glob: named by its folder
+        path = path.parent
+    return path.parent.name if path.stem == "input" else path.stem
 
 
 def longer_split(name: str) -> str:

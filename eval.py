@@ -167,7 +167,7 @@ def read_records_for(path: str, flag: str, meta: dict, loss_on: str) -> tuple[st
     if docs[0].suffix not in RECORD_SUFFIXES:
         what = "a text (give it as --text)" if flag == "--task" else "text files (give one of them)"
         raise DataError(f"{flag} {path} is {what}, not records ({', '.join(RECORD_SUFFIXES)})")
-    kind = scan_records(docs, d)["kind"]
+    kind = scan_records([docs], d)["kind"]
     if flag == "--task" and kind == "text":
         raise DataError(f"--task {path} holds texts; a task is prompts with answers: pairs, or conversations that "
                         "end with the assistant's turn")

@@ -22,6 +22,7 @@ from errors import DataError, command
 
 import hashlib
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from config import DataConfig, doc
+from config import DataConfig, doc, inputs_of
 from options import parse
 from data import (FOLDER_SETTINGS, META_VERSION, READ_BYTES, RECORD_SUFFIXES, Progress, default_processed_dir,
-                  list_documents, load_meta, longer_split, resolve_bin_dir, text_chunks, token_dtype)
+                  input_groups, list_documents, load_meta, longer_split, resolve_bin_dir, text_chunks, token_dtype)
 from records import (KINDS, read_records, records_meta, records_summary, records_template, scan_records,
                      write_record_splits)
 from files import FileError, lock, make_folder, others, publish, write_json
@@ -156,8 +157,8 @@ def differences(meta: dict, d: DataConfig, wanted: dict | None, source: dict | N
     else:
         out = tokenizer_differences(meta, wanted or {"tokenizer": d.tokenizer}, "there", "now")
     out += [f"data.{k}: {meta.get(k)!r} there, {v!r} now" for k, v in (("format", d.format),
-            ("val_fraction", d.val_fraction), ("loss_on", d.loss_on))
-            if meta.get(k, v if k == "loss_on" else None) != v]  # no loss_on there: text or documents, any will do
+            ("val_fraction", d.val_fraction), ("loss_on", d.loss_on), ("weights", weights_text(d)))
+            if meta.get(k, {"loss_on": v, "weights": ""}.get(k)) != v]  # no loss_on there: text or documents
     old = meta.get("source") or {}
     if source and old.get("stat") != source["stat"]:  # maybe changed: compare the contents
         if old.get("sha256") != (source.get("sha256") or content_digest(source["docs"])):
@@ -185,7 +186,7 @@ def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: i
         made = {"input": meta.get("source", {}).get("path"), "tokenizer": meta["tokenizer"],
                 "bpe_encoding": meta.get("encoding"), "format": meta["format"],
                 "val_fraction": meta.get("val_fraction"), "loss_on": meta.get("loss_on"),
-                "vocab_size": meta.get("learned_vocab")}
+                "vocab_size": meta.get("learned_vocab"), "weights": meta.get("weights", "")}
         made["tokenizer"] = "train-bpe" if "learned_vocab" in meta else made["tokenizer"]
         assert tuple(made) == FOLDER_SETTINGS
         for key, value in made.items():
@@ -210,13 +211,19 @@ def ensure_prepared(d: DataConfig, model_meta: dict | None = None, min_tokens: i
     return folder, prepare(d, force=True, model_meta=model_meta, min_tokens=min_tokens)
 
 
+def weights_text(d: DataConfig) -> str:
+    """data.weights as meta.json keeps it and compares it: "3, 1" (the same weights however spelt)."""
+    return ", ".join(f"{w:g}" for w in d.weight_list())
+
+
 def prepare_command(d: DataConfig) -> str:
     bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else \
         f" --data.tokenizer_path {d.tokenizer_path}" if d.tokenizer == "hf" else \
         f" --data.vocab_size {d.vocab_size}" if d.tokenizer == "train-bpe" else ""
-    return (f"python prepare.py --data.input {d.input} --data.processed_dir {d.processed_dir} --data.tokenizer "
+    return (f"python prepare.py --data.input {shlex.quote(d.input)} --data.processed_dir {d.processed_dir} --data.tokenizer "
             f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction}"
-            + (f" --data.loss_on {d.loss_on}" if d.loss_on != "answers" else "") + " --force")
+            + (f" --data.loss_on {d.loss_on}" if d.loss_on != "answers" else "")
+            + (f" --data.weights {shlex.quote(d.weights)}" if d.weights else "") + " --force")
 
 
 def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, progress: bool = True,
@@ -226,17 +233,22 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
     A split of fewer than `min_tokens` tokens is refused before anything is replaced."""
     wanted = wanted_tokenizer(d, model_meta)
     out = output_dir(d, wanted)
-    docs = list_documents(d.input)
-    check_owned(out, Path(d.input))
+    groups = input_groups(d.input)
+    docs = [p for group in groups for p in group]
+    for name in inputs_of(d.input):
+        check_owned(out, Path(name))
     total_bytes = sum(p.stat().st_size for p in docs)
 
     # Pass 1: hash the source, count characters or check records, and (char) collect the vocabulary.
     is_records = docs[0].suffix in RECORD_SUFFIXES
-    scan = scan_records(docs, d) | {"sha256": content_digest(docs)} if is_records else \
+    if d.weights and not is_records:
+        raise DataError(f"data.weights mixes inputs of records, and {d.input} is text; leave data.weights empty (the "
+                        "texts follow one another), or give the texts as records ({\"text\": ...} per line)")
+    scan = scan_records(groups, d) | {"sha256": content_digest(docs)} if is_records else \
         scan_text(docs, d, total_bytes, progress)
     if wanted is None or wanted["tokenizer"] == "char":
         wanted = {"tokenizer": "char", "chars": char_vocabulary(wanted, scan["chars"], d)}
-    records = records_meta(scan, d) if is_records else {}  # (before learning a tokenizer: its checks are quick)
+    records = records_meta(scan, d, inputs_of(d.input)) if is_records else {}  # (before learning a tokenizer: its checks are quick)
     if wanted["tokenizer"] == "train-bpe":
         wanted = learned_tokenizer(docs, d, scan.get("kind")) | {"learned_from": scan["sha256"]}
     template = records_template(scan["kind"], wanted, d) if is_records else None
@@ -251,6 +263,7 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         "val_fraction": d.val_fraction, "source": source,
     }
     meta |= {k: wanted[k] for k in ("learned_vocab", "learned_from") if k in wanted} | records
+    meta |= {"weights": weights_text(d)} if d.weights else {}
     before = None if force else check_not_otherwise(out, d, meta, source)
 
     # Pass 2, in a folder locked against a second prepare.py (which waits): encode, check, then publish.

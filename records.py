@@ -138,21 +138,21 @@ def has_answer(record: dict, kind: str, loss_on: str) -> bool:
     return kind != "messages" or loss_on == "all" or any(m["role"] == "assistant" for m in record["messages"])
 
 
-def scan_records(docs: list[Path], d: DataConfig) -> dict:
-    """Pass 1 over records (prepare.py): each checked, so that a bad one is named by file and line before
-    anything is written; the kind (the first record's); how many are kept, and dropped (a conversation
-    without an assistant turn has nothing to train on with data.loss_on = answers); (char) the characters
-    of their texts."""
-    kind, kept, dropped, chars = None, 0, 0, set()
-    for document in docs:
-        for where, record in read_records(document):
+def scan_records(groups: list[list[Path]], d: DataConfig) -> dict:
+    """Pass 1 over records (prepare.py), input after input (`groups`: each input's files): each record
+    checked, so that a bad one is named by file and line before anything is written; the kind (the first
+    record's); how many of each input are kept, and how many dropped (a conversation without an assistant
+    turn has nothing to train on with data.loss_on = answers); (char) the characters of their texts."""
+    kind, kept, dropped, chars = None, [0] * len(groups), 0, set()
+    for i, group in enumerate(groups):
+        for where, record in (item for document in group for item in read_records(document)):
             kind = kind or record_kind(record, where)
             if problem := record_problem(record, kind):
                 raise DataError(f"{where}: {problem}")
             if not has_answer(record, kind, d.loss_on):
                 dropped += 1
                 continue
-            kept += 1
+            kept[i] += 1
             if d.tokenizer == "char" and kind != "messages":  # (conversations need a chat template: not char)
                 chars.update(*(record[k] for k in KINDS[kind]))
     if kind is None:
@@ -239,6 +239,8 @@ def records_summary(meta: dict) -> str:
     """One line on prepared records: how many in each split, dropped, and trained on (prepare.py, train.py)."""
     r, trained = meta["records"], meta.get("trained")
     return (f"records ({r['kind']}): {r['train']:,} train, {r['val']:,} val"
+            + "".join(f"; {i['input']}: {i['train']:,} train" + (f" drawn as {i['train_copies']:,}" if
+                      i["train_copies"] != i["train"] else "") + f", {i['val']:,} val" for i in r.get("inputs", []))
             + (f"; {r['dropped']:,} conversations without an assistant turn dropped" if r["dropped"] else "")
             + (f"; loss on the answers: {trained['train']:,} of {meta['tokens']['train']:,} train tokens"
                if trained else ""))
@@ -362,19 +364,42 @@ def tokens_and_mask(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]
 
 # ----------------------------------------------------------------------------- prepared records
 
-def records_meta(scan: dict, d: DataConfig) -> dict:
+def records_meta(scan: dict, d: DataConfig, inputs: list[str]) -> dict:
     """meta.json's account of records: their kind, how many went to each split (the last val_fraction of
-    them to val) and how many were dropped; data.loss_on for the kinds it applies to."""
+    each input's to val) and how many were dropped; data.loss_on for the kinds it applies to. With
+    several inputs, each one's records and copies of them in the train split (mixture)."""
     if d.format != "bin":
         raise DataError(f"{d.input} holds records, which are prepared as tokens: set data.format = bin")
-    kept = scan["kept"]
-    n_train = int(kept * (1 - d.val_fraction))
-    if not 0 < n_train < kept:
-        fix = "" if kept < 2 else f", or {longer_split('val' if n_train == kept else 'train')}"
-        raise DataError(f"{d.input} has {kept} record{'s' * (kept != 1)} to train on, too few for both a train and "
-                        f"a val split; give more records{fix}")
-    out = {"records": {"kind": scan["kind"], "train": n_train, "val": kept - n_train, "dropped": scan["dropped"]}}
+    train, val = [], []
+    for name, kept in zip(inputs, scan["kept"]):
+        n_train = int(kept * (1 - d.val_fraction))
+        if not 0 < n_train < kept:
+            fix = "" if kept < 2 else f", or {longer_split('val' if n_train == kept else 'train')}"
+            raise DataError(f"{name} has {kept} record{'s' * (kept != 1)} to train on, too few for both a train "
+                            f"and a val split; give more records{fix}")
+        train, val = train + [n_train], val + [kept - n_train]
+    copies = mixture(train, d.weight_list())
+    out = {"records": {"kind": scan["kind"], "train": sum(copies), "val": sum(val), "dropped": scan["dropped"]}}
+    if len(inputs) > 1:
+        out["records"]["inputs"] = [{"input": name, "train": t, "val": v, "train_copies": c}
+                                    for name, t, v, c in zip(inputs, train, val, copies)]
     return out | ({"loss_on": d.loss_on} if scan["kind"] != "text" else {})
+
+
+def mixture(train: list[int], weights: list[float]) -> list[int]:
+    """How many records of each input the train split holds, given each input's train records and weights
+    (its share of the split; none: each record once). The input with the most records for its weight is
+    taken once; the others are repeated up to their share, so that no record is left out."""
+    if not weights:
+        return train
+    most = max(n / w for n, w in zip(train, weights))
+    return [max(n, round(w * most)) for n, w in zip(train, weights)]
+
+
+def copies_of(j: int, n: int, total: int) -> int:
+    """How many times record j of an input's n train records goes into the train split, for `total` in all:
+    spread evenly (weight 2.5: records twice or three times, alternately)."""
+    return (j + 1) * total // n - j * total // n
 
 
 def records_template(kind: str, wanted: dict, d: DataConfig) -> ChatTemplate | None:
@@ -392,28 +417,32 @@ def records_template(kind: str, wanted: dict, d: DataConfig) -> ChatTemplate | N
 def write_record_splits(out: Path, docs: list[Path], d: DataConfig, tok: Tokenizer, meta: dict,
                         template: ChatTemplate | None,
                         min_tokens: int, progress: bool, split_files: tuple[str, ...]) -> dict:
-    """Records in order, each a document (followed by the end-of-text token): the first records.train of
-    them are train, the rest val. For pairs and conversations, `{split}.starts` holds where each record
-    starts (int64), and with data.loss_on = answers, `{split}.mask` one byte per token: 1 when the token
-    is trained on (as a target), 0 when not."""
-    kind, n_train = meta["records"]["kind"], meta["records"]["train"]
+    """Records in order, each a document (followed by the end-of-text token): of each input, the first
+    of them go to train (as many times as the mixture says: records.inputs), the rest to val. For pairs
+    and conversations, `{split}.starts` holds where each record starts (int64), and with data.loss_on =
+    answers, `{split}.mask` one byte per token: 1 when the token is trained on (as a target), 0 when not."""
+    kind, r = meta["records"]["kind"], meta["records"]
     masked = kind != "text" and d.loss_on == "answers"
     exts = ("bin",) + (("starts",) if kind != "text" else ()) + (("mask",) if masked else ())
     names = [f"{s}.{ext}" for s in ("train", "val") for ext in exts]
     files = {name: open(out / f"{name}.tmp", "wb") for name in names}
     counts = {s: {"tokens": 0, "bytes": 0, "trained": 0} for s in ("train", "val")}
-    encoding = Progress(n_train + meta["records"]["val"], "prepare: encoding", "records", PROGRESS_RECORDS, progress)
+    plan = r.get("inputs") or [{"train": r["train"], "val": r["val"], "train_copies": r["train"]}]
+    places = ((split, copies_of(j, p["train"], p["train_copies"]) if split == "train" else 1)
+              for p in plan for split in ("train", "val") for j in range(p[split]))
+    encoding = Progress(sum(p["train"] + p["val"] for p in plan), "prepare: encoding", "records", PROGRESS_RECORDS,
+                        progress)
     try:
-        for n, (ids, mask, n_bytes) in enumerate(encoded_records(docs, kind, template, d.loss_on, tok)):
-            split = "train" if n < n_train else "val"
-            if kind != "text":  # where the record starts, for batches that keep records whole
-                files[f"{split}.starts"].write(np.int64(counts[split]["tokens"]).tobytes())
-            files[f"{split}.bin"].write(ids.astype(meta["dtype"]).tobytes())
-            if masked:
-                files[f"{split}.mask"].write(mask.tobytes())
-            c = counts[split]
-            c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(mask.sum()),
-                                                     c["bytes"] + n_bytes)
+        for (split, copies), (ids, mask, n_bytes) in zip(places, encoded_records(docs, kind, template, d.loss_on, tok)):
+            for _ in range(copies):
+                if kind != "text":  # where the record starts, for batches that keep records whole
+                    files[f"{split}.starts"].write(np.int64(counts[split]["tokens"]).tobytes())
+                files[f"{split}.bin"].write(ids.astype(meta["dtype"]).tobytes())
+                if masked:
+                    files[f"{split}.mask"].write(mask.tobytes())
+                c = counts[split]
+                c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(mask.sum()),
+                                                         c["bytes"] + n_bytes)
             encoding.add(1)
         for split, c in counts.items():
             if c["tokens"] < min_tokens or c["trained"] == 0:
