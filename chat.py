@@ -4,7 +4,8 @@
     python chat.py --ckpt checkpoints/smollm2_arithmetic --temperature 0 < questions.txt   # an answer a line
 
 Each message you write joins the conversation, which is rendered with the tokenizer's chat template (as
-transformers' apply_chat_template renders it, with the assistant's turn opened) and tokenized; the answer
+transformers' apply_chat_template renders it, with the assistant's turn opened; ChatML for a model trained
+here on conversations) and tokenized; the answer
 streams token by token until the end of the assistant's turn, the end of the sequence or
 --max-new-tokens. The answer joins the conversation too. When the conversation no longer fits the
 model's context, its oldest turns are dropped (and it says so). `/reset` starts again, `/system TEXT`
@@ -29,16 +30,16 @@ from config import ConfigError, doc
 from generate import check_sampling_args, stream_text
 from model import GPT
 from options import parse
-from records import ChatTemplate, answer_stops, chat_template
+from templates import ChatML, ChatTemplate, answer_stops, chat_template
 from runtime import pick_device, use_threads
-from tokenizer import HFTokenizer, check_in_vocabulary, tokenizer_from_meta
+from tokenizer import Tokenizer, check_in_vocabulary, tokenizer_from_meta
 
 
 class Conversation:
     """The messages so far and how to turn them into the model's input: the chat template, the
     tokenizer, and the context the prompt and the answer must share."""
 
-    def __init__(self, template: ChatTemplate, tokenizer: HFTokenizer, block_size: int, reserve: int):
+    def __init__(self, template: ChatTemplate | ChatML, tokenizer: Tokenizer, block_size: int, reserve: int):
         self.template, self.tokenizer = template, tokenizer
         self.block_size, self.reserve = block_size, reserve  # reserve: context kept free for the answer
         self.system: str | None = None
@@ -50,8 +51,8 @@ class Conversation:
         dropped = 0
         while True:
             system = [{"role": "system", "content": self.system}] if self.system is not None else []
-            text = self.template.render(system + self.messages, add_generation_prompt=True)
-            ids = self.tokenizer.tok.encode(text, add_special_tokens=False).ids  # as transformers tokenizes a chat
+            ids = self.template.encode(self.tokenizer, system + self.messages, add_generation_prompt=True,
+                                       answers=False)[0].tolist()
             if len(ids) + self.reserve <= self.block_size or len(self.messages) <= 1:
                 return ids, dropped
             # The oldest exchange goes: a user message and the answer to it.
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     device, threads = pick_device(opts.device, "--device"), use_threads(opts.threads)
     model, src = load_model(opts.ckpt, device)
     tokenizer = tokenizer_from_meta(src.meta)
-    template = chat_template(src.meta) if tokenizer.kind == "hf" else None
+    template = chat_template(src.meta)
     if template is None:
         raise DataError(f"{src.path} has no chat template, so it cannot be talked to; chat.py talks to a model "
                         "fine-tuned on conversations (docs/records.md), or a chat model's Hugging Face folder or GGUF "
@@ -134,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             print("model> ", end="", flush=True)
         show = (lambda piece: print(piece, end="", flush=True)) if interactive else \
             (lambda piece: print(piece.replace("\\", "\\\\").replace("\n", "\\n"), end="", flush=True))
-        text = answer(model, conversation, stops, opts, generator, show)
+        try:
+            text = answer(model, conversation, stops, opts, generator, show)
+        except DataError as e:  # a message this tokenizer cannot read (a char model, an unknown character)
+            conversation.messages.pop()
+            print(flush=True)  # an empty answer (scripted: so that lines still pair up)
+            print(f"notice: {e}", file=sys.stderr, flush=True)
+            continue
         print(flush=True)
         conversation.messages.append({"role": "assistant", "content": text})
 

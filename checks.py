@@ -82,9 +82,9 @@ def optimizer_problems(state, optimizer: torch.optim.Optimizer) -> list[str]:
 # train_log.json (monitor.py writes it; plot.py and a resume read it): each record's fields that are read.
 # A value that was not a finite number is written as null.
 LOG_RECORDS = {"evals": {"step": INT, "train_loss": NUMBER, "val_loss": NUMBER, "lr": NUMBER, "tokens": INT,
-                         "val_bpb": NUMBER},
+                         "val_bpb": NUMBER, "task_accuracy": NUMBER},
                "train": {"step": INT, "loss": NUMBER, "lr": NUMBER, "tokens": INT, "grad_norm": NUMBER}}
-LOG_OPTIONAL = {"val_bpb", "grad_norm"}  # absent from logs written before they existed
+LOG_OPTIONAL = {"val_bpb", "grad_norm", "task_accuracy"}  # absent from logs written before they existed (or no task)
 
 
 # config.json keys that hf.py reads, of any architecture, and what each must be; a key set to null

@@ -235,6 +235,9 @@ class TrainingConfig:
     sample_tokens: int = doc("at each evaluation, sample this many tokens from sample_prompt, printed and "
                              "logged; 0: no samples", 0, within="[0, inf)")
     sample_prompt: str = doc("the text those samples continue; empty: the start of a text", "")
+    task: str = doc("records of prompts and answers (as for eval.py --task): at each evaluation, the share of them "
+                    "answered exactly, printed, logged and plotted; empty: none", "")
+    task_examples: int = doc("training.task: check its first N examples; 0: all of them", 100, within="[0, inf)")
     profile_start_step: int = doc("torch.profiler records the optimizer steps from this step on", 0,
                                   within="[0, inf)")
     profile_end_step: int = doc("... up to this step (0 and 0: no profiling)", 0, within="[0, inf)")

@@ -30,7 +30,7 @@ import torch
 
 from config import inputs_of
 from errors import DataError
-from tokenizer import EOT_TEXT, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
+from tokenizer import EOT_TEXT, MARKERS, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
 
 META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
@@ -204,7 +204,7 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
         out.append(f"format_version is {meta['format_version']}, expected 1 to {META_VERSION}")
     if prepared:  # written by prepare.py since it records how the data was made: absent from older folders
         optional = {"source": dict, "bytes": dict, "tokens": dict, "val_fraction": float, "records": dict,
-                    "trained": dict, "loss_on": str, "learned_vocab": int, "learned_from": str}
+                    "trained": dict, "loss_on": str, "learned_vocab": int, "learned_from": str, "weights": str}
         out += [f"{k} is not a {t.__name__}" for k, t in optional.items() if k in meta and type(meta[k]) is not t]
         out += [f"{k} does not give train and val as positive whole numbers" for k in ("bytes", "tokens", "trained")
                 if type(meta.get(k)) is dict and not all(type(meta[k].get(s)) is int and meta[k][s] > 0
@@ -215,8 +215,12 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
             out.append(f"loss_on = {meta['loss_on']!r} is not one of answers, all")
         if "bytes" in meta and "tokens" not in meta:  # bits per byte needs both; older folders lack bytes only
             out.append("bytes is there without tokens")
-    if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]):
-        out.append("vocab_size is not the number of chars")
+    if "markers" in meta and (meta["markers"] != list(MARKERS) or meta.get("tokenizer") not in ("char", "bpe")):
+        out.append(f"markers is {json.dumps(meta['markers'])}, and only a char or bpe tokenizer has any: "
+                   f"{json.dumps(list(MARKERS))}")
+    n_markers = len(meta["markers"]) if not out and "markers" in meta else 0
+    if not out and meta["tokenizer"] == "char" and meta["vocab_size"] != len(meta["chars"]) + n_markers:
+        out.append("vocab_size is not the number of chars (and markers)")
     if not out and meta["tokenizer"] == "char" and len(set(meta["chars"])) != len(meta["chars"]):
         out.append("chars repeats a character (two ids for one character)")
     if not out and meta["tokenizer"] == "hf" and not isinstance(meta["files"].get("tokenizer.json"), str):

@@ -2,8 +2,8 @@
 
     python eval.py --ckpt checkpoints/small --text data/shakespeare/input.txt
     python eval.py --ckpt exports/bpe_hf --text notes.txt --stride 64 --json
-    python eval.py --ckpt checkpoints/arithmetic --text data/arithmetic/val.jsonl    # the loss on the answers
-    python eval.py --ckpt checkpoints/arithmetic --task data/arithmetic/val.jsonl    # answers exactly right
+    python eval.py --ckpt checkpoints/arithmetic --text data/arithmetic/test_pairs.jsonl  # the loss on the answers
+    python eval.py --ckpt checkpoints/arithmetic --task data/arithmetic/test_pairs.jsonl  # answers exactly right
 
 Bits per byte is the loss summed over the text's tokens, in bits, divided by the text's UTF-8
 bytes: it does not depend on the tokenizer, so a char model and a BPE model compare on the same
@@ -32,7 +32,6 @@ from __future__ import annotations
 # Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
 from errors import DataError, command
 
-import itertools
 import json
 import math
 import sys
@@ -44,15 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from config import ConfigError, DataConfig, doc
+from config import ConfigError, doc
 from options import parse
-from data import RECORD_SUFFIXES, Progress, bits_per_byte, is_records, list_documents, read_text
+from data import Progress, bits_per_byte, is_records, read_text
 from tokenizer import Tokenizer, check_in_vocabulary, encode_chunks, split_safely, start_token, tokenizer_from_meta
 from files import finite
-from generate import generate_stream
 from model import GPT
-from records import (ChatTemplate, answer_stops, chat_template, encoded_records, read_records, scan_records,
-                     tokens_and_mask)
+from records import encoded_records
+from tasks import MAX_NEW_TOKENS, load_task, read_records_for
 from runtime import pick_device, use_threads
 
 
@@ -63,7 +61,7 @@ class EvalOptions:
     task: str = doc("records of prompts and answers: report the share answered exactly right", "")
     loss_on: str = doc("records: answers scores the completions and the assistant's turns, all every token",
                        "answers", choices=("answers", "all"))
-    max_new_tokens: int = doc("--task: the longest answer generated, in tokens", 64, within="[1, inf)")
+    max_new_tokens: int = doc("--task: the longest answer generated, in tokens", MAX_NEW_TOKENS, within="[1, inf)")
     limit: int = doc("--task: check the first N examples only; 0: all of them", 0, within="[0, inf)")
     stride: int = doc("tokens each window moves on; 0: half the model's context", 0, within="[0, inf)")
     batch_size: int = doc("windows per forward pass; 0: as many as fit in 16,384 tokens and 256 MB of logits",
@@ -160,24 +158,6 @@ def evaluate_text(model: GPT, tokenizer, ids: np.ndarray, n_bytes: int, stride: 
 
 # ----------------------------------------------------------------------------- records and tasks
 
-def read_records_for(path: str, flag: str, meta: dict, loss_on: str) -> tuple[str, list, ChatTemplate | None]:
-    """(kind, files, chat template) of records given as --text or --task, checked as prepare.py checks them."""
-    d = DataConfig(input=path, tokenizer=meta["tokenizer"], loss_on=loss_on)
-    docs = list_documents(path)
-    if docs[0].suffix not in RECORD_SUFFIXES:
-        what = "a text (give it as --text)" if flag == "--task" else "text files (give one of them)"
-        raise DataError(f"{flag} {path} is {what}, not records ({', '.join(RECORD_SUFFIXES)})")
-    kind = scan_records([docs], d)["kind"]
-    if flag == "--task" and kind == "text":
-        raise DataError(f"--task {path} holds texts; a task is prompts with answers: pairs, or conversations that "
-                        "end with the assistant's turn")
-    template = chat_template(meta) if kind == "messages" and meta["tokenizer"] == "hf" else None
-    if kind == "messages" and template is None:
-        raise DataError(f"{flag} {path} holds conversations, and this model's tokenizer has no chat template to "
-                        "render them with; give prompts and completions, or a model that has one")
-    return kind, docs, template
-
-
 def records_to_score(found: tuple, tokenizer: Tokenizer, vocab_size: int, path: str, loss_on: str
                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Records (`found`: read_records_for's) as prepare.py writes them: each one's (token ids, mask of the
@@ -209,44 +189,7 @@ def score_records(model: GPT, parts: list[tuple[np.ndarray, np.ndarray]], n_byte
             "loss_sum": total, "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": None}
 
 
-def task_examples(found: tuple, tokenizer: Tokenizer, vocab_size: int, limit: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, expected answer) of each example of a task (the first `limit`, if > 0): a pair's prompt,
-    or the conversation before its last turn rendered with the assistant's turn opened."""
-    kind, docs, template = found
-    examples, records = [], (r for document in docs for r in read_records(document))
-    for where, record in itertools.islice(records, limit or None):
-        if kind == "messages" and record["messages"][-1]["role"] != "assistant":
-            raise DataError(f"{where}: the conversation does not end with the assistant's turn, the answer to "
-                            "check; end each with one")
-        if kind == "messages":
-            prompt = template.render(record["messages"][:-1], add_generation_prompt=True)
-            expected = record["messages"][-1]["content"]
-        else:
-            prompt, expected = record["prompt"], record["completion"]
-        try:
-            ids = (tokenizer.prefix if kind != "messages" else []) + tokens_and_mask(tokenizer, prompt, [])[0].tolist()
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from None
-        check_in_vocabulary(ids, vocab_size, where)
-        examples.append((ids, expected))
-    return examples
 
-
-@torch.no_grad()
-def exact_match(model: GPT, tokenizer: Tokenizer, examples: list[tuple[list[int], str]], stops: set[int],
-                max_new_tokens: int) -> dict:
-    """The share of the examples whose greedy continuation, up to a stop token, is the expected answer
-    (whitespace around it aside). Without stop tokens (char), as many tokens as the answer has."""
-    device, correct = next(model.parameters()).device, 0
-    for ids, expected in examples:
-        budget = max_new_tokens if stops else len(tokenizer.encode(expected))
-        out = []
-        for token in generate_stream(model, torch.tensor([ids], device=device), budget, temperature=0):
-            if token.item() in stops:
-                break
-            out.append(token.item())
-        correct += tokenizer.decode(out).strip() == expected.strip()
-    return {"examples": len(examples), "correct": correct, "accuracy": correct / len(examples)}
 
 
 @command
@@ -263,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"windows would skip tokens; use at most {block_size} (0: half of it)")
     tokenizer, n_records = tokenizer_from_meta(src.meta), 0
     if opts.task:  # everything read and checked before the first line on stderr: an error is one line
-        found = read_records_for(opts.task, "--task", src.meta, "answers")
-        examples = task_examples(found, tokenizer, vocab_size, opts.limit)
+        task = load_task(opts.task, "--task", src.meta, vocab_size, opts.limit, opts.max_new_tokens)
     elif records:
         found = read_records_for(opts.text, "--text", src.meta, opts.loss_on)
         if found[0] == "text":  # documents: one text, as prepare.py writes them
@@ -280,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{tokenizer.kind} tokenizer) on {device}" + (f", threads {threads}" if device == "cpu" else ""),
           file=sys.stderr)
     if opts.task:
-        result = {"task": opts.task, "kind": found[0],
-                  **exact_match(model, tokenizer, examples, answer_stops(tokenizer, found[2]), opts.max_new_tokens)}
+        result = {"task": opts.task, "kind": task.kind, **task.score(model)}
     elif records and found[0] != "text":
         result = {"text": opts.text, "records": n_records, "kind": found[0],
                   **score_records(model, parts, n_bytes, opts.stride, opts.batch_size)}

@@ -43,7 +43,7 @@ import gguf_format
 import hf
 from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weights
 from config import doc
-from tokenizer import load_tiktoken
+from tokenizer import CHATML, load_tiktoken
 from options import parse
 from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
@@ -91,8 +91,12 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
         vocab, merges = hf.gpt2_tokenizer_files(load_tiktoken("gpt2"))
         write_json(out / "vocab.json", vocab)
         atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        markers = {str(len(vocab) + i): {"content": m, "special": True, "lstrip": False, "rstrip": False,
+                                    "normalized": False, "single_word": False}
+                   for i, m in enumerate(src.meta.get("markers", []))}  # ids after GPT-2's, as tokenizer.py has them
         write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer",
-                                                   "model_max_length": src.model.block_size})
+                                                   "model_max_length": src.model.block_size}
+                   | ({"added_tokens_decoder": markers, "chat_template": CHATML} if markers else {}))
 
 
 # ----------------------------------------------------------------------------- LoRA adapters for PEFT

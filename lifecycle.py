@@ -35,6 +35,7 @@ from monitor import Board, print_header, tensorboard_writer, write_log
 from options import resume_command, to_toml
 from runtime import (Process, Stopped, all_reduce, available_memory, end_process, format_duration, load_optimizer_state,
                      message_stream, parallel_problems, set_rng_state, step_memory)
+from tasks import Task
 
 
 class TrainError(UserError):
@@ -57,6 +58,7 @@ class Run:
     lora_base: dict | None = None  # a LoRA run's base weights, {"path", "digest"}, saved in its checkpoints
     board: Board | None = None    # training.tensorboard's event writer (rank 0)
     saved_step: int | None = None  # the step ckpt_last.pt holds, once there is one
+    task: Task | None = None      # training.task's examples, checked at every evaluation
 
     @property
     def out_dir(self) -> Path:

@@ -32,6 +32,7 @@ from model import GPT
 from records import records_summary
 from options import config_changes
 from runtime import Process, format_duration, gathered, is_sharded, peak_flops, usable_cores
+from tasks import Task
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
 ESTIMATE_EVAL_ABOVE_S = 10  # a first evaluation expected to take longer says how long, before it ends
@@ -113,7 +114,7 @@ class Board:
     """train_log.json's records also as TensorBoard events in <out_dir>/tensorboard (training.tensorboard):
     the same values at the same steps. train_log.json stays the record that plot.py and resume read."""
     SCALARS = {"train": ("loss", "lr", "grad_norm", "clipped", "tokens_per_s", "mfu"),
-               "evals": ("train_loss", "val_loss", "val_bpb", "lr")}
+               "evals": ("train_loss", "val_loss", "val_bpb", "task_accuracy", "lr")}
 
     def __init__(self, out_dir: Path, resumed_step: int | None):
         # A resumed run's events past its checkpoint (a kill came after them) are dropped, as in the log.
@@ -163,12 +164,13 @@ def eval_estimate(seconds: float) -> None:
 
 
 def record_eval(log: dict, board: Board | None, state: LoopState, losses: dict[str, float], lr: float, meta: dict,
-                sample: str | None) -> float | None:
+                sample: str | None, accuracy: float | None) -> float | None:
     """Add an evaluation to the log; returns the val loss in bits per byte (None: unknown for the data)."""
     val_bpb = split_bits_per_byte(meta, "val", losses["val"])
     record(log, board, "evals", {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"],
                                  "val_bpb": val_bpb, "lr": lr, "tokens": state.tokens,
                                  "elapsed_s": round(state.elapsed_s, 2),
+                                 **({"task_accuracy": accuracy} if accuracy is not None else {}),
                                  **({"sample": sample} if sample is not None else {})})
     log["best"] = {"step": state.best_step, "val_loss": state.best_val_loss}
     return val_bpb
@@ -182,10 +184,12 @@ def record(log: dict, board: Board | None, kind: str, values: dict) -> None:
 
 
 def report_eval(losses: dict[str, float], val_bpb: float | None, improved: bool, saved_best: bool,
-                step: int, sample: str | None) -> None:
-    """The rest of the line "eval step N: " (train and val loss, bits per byte, best), and the sample."""
+                step: int, sample: str | None, accuracy: float | None) -> None:
+    """The rest of the line "eval step N: " (train and val loss, bits per byte, task accuracy, best), and the
+    sample."""
     print(f"train {losses['train']:.4f}, val {losses['val']:.4f}"
           + (f" = {val_bpb:.4f} bits/byte" if val_bpb is not None else "")
+          + (f", task {accuracy:.4f}" if accuracy is not None else "")
           + (" (best" + (", saved ckpt_best.pt)" if saved_best else ")") if improved else ""))
     if sample is not None:
         print(f"sample at step {step}:\n{sample}\n")
@@ -225,6 +229,21 @@ def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process,
     model.train()
     text = tokenizer_from_meta(meta).decode(torch.cat(new, dim=1)[0].tolist() if new else [])
     return training.sample_prompt + text
+
+
+@torch.no_grad()
+def eval_task(model: GPT, task: Task | None, proc: Process, stopping: Callable[[], bool] = lambda: False
+              ) -> float | None:
+    """training.task's accuracy: the share of its examples answered exactly (greedy, so the same weights
+    always score the same); None without a task, or when `stopping()` cuts it short. Rank 0 tests, or under
+    FSDP every process (as eval_sample samples)."""
+    if task is None or not (proc.is_main or is_sharded(model)):
+        return None
+    model.eval()
+    with gathered(model):
+        result = task.score(model, (lambda: False) if is_sharded(model) else stopping)
+    model.train()
+    return None if result is None else result["accuracy"]
 
 
 # ----------------------------------------------------------------------------- each step

@@ -108,6 +108,7 @@ def x_at_step(log: dict, step: int, x: str) -> float:
 STYLES = {"train loss, each step": dict(alpha=0.25, linewidth=0.8),
           "train loss, evaluations": dict(linestyle="--", marker="o", markersize=3),
           "val loss": dict(marker="s", markersize=3),
+          "task accuracy (exact answers)": dict(marker="^", markersize=4),
           "best checkpoint": dict(marker="*", markersize=14, markeredgecolor="black", linestyle="none"),
           "early stop": dict(linestyle=":", linewidth=1.5),
           "resumed": dict(linestyle="--", linewidth=0.8, alpha=0.6),
@@ -129,8 +130,9 @@ def run_label(name: str, log: dict) -> str:
         (f", best {best['val_loss']:.3f} @ step {best['step']}" if best else "")
 
 
-def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, ax_grad=None) -> None:
-    """Draw one run on the panels (bits per byte and gradient norm when those axes are given), in one color.
+def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, ax_grad=None, ax_task=None) -> None:
+    """Draw one run on the panels (bits per byte, gradient norm and task accuracy when those axes are given),
+    in one color.
     Each line's label (not shown: the legend is by run and by style) says which run and curve it is."""
     evals, train = dedupe_by_step(log["evals"]), dedupe_by_step(log["train"])
     status = log["run"].get("status", "")
@@ -167,6 +169,10 @@ def plot_run(ax_loss, ax_lr, name: str, log: dict, x: str, color, ax_bpb=None, a
     bpb = [r for r in evals if r.get("val_bpb") is not None]
     if ax_bpb is not None and bpb:
         curve(ax_bpb, xs(bpb), [r["val_bpb"] for r in bpb], color, f"{name} val", **STYLES["val loss"])
+    task = [r for r in evals if r.get("task_accuracy") is not None]
+    if ax_task is not None and task:
+        curve(ax_task, xs(task), [r["task_accuracy"] for r in task], color, f"{name} task",
+              **STYLES["task accuracy (exact answers)"])
     grad = [r for r in train if r.get("grad_norm") is not None]
     if ax_grad is not None and grad:
         curve(ax_grad, xs(grad), [r["grad_norm"] for r in grad], color, name, linewidth=1)
@@ -197,24 +203,29 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
     # Imported here, not at the top, so that main() can choose the backend first.
     import matplotlib.pyplot as plt
 
-    # A panel for bits per byte and one for the gradient norm, when some log has them.
+    # A panel for bits per byte, one for the task's accuracy and one for the gradient norm, when some log has them.
     has_bpb = any(r.get("val_bpb") is not None for log in logs.values() for r in log["evals"])
+    has_task = any(r.get("task_accuracy") is not None for log in logs.values() for r in log["evals"])
     has_grad = any(r.get("grad_norm") is not None for log in logs.values() for r in log["train"])
-    heights = (3,) + (1.2,) * has_bpb + (1.2,) * has_grad + (1,)
+    heights = (3,) + (1.2,) * has_bpb + (1.2,) * has_task + (1.2,) * has_grad + (1,)
     fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=FIGSIZE, dpi=DPI,
                              height_ratios=heights, layout="constrained")
     ax_loss, ax_lr = axes[0], axes[-1]
     ax_bpb = axes[1] if has_bpb else None
-    ax_grad = axes[1 + has_bpb] if has_grad else None
+    ax_task = axes[1 + has_bpb] if has_task else None
+    ax_grad = axes[1 + has_bpb + has_task] if has_grad else None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, log) in enumerate(logs.items()):
-        plot_run(ax_loss, ax_lr, name, log, x, colors[i % len(colors)], ax_bpb, ax_grad)
+        plot_run(ax_loss, ax_lr, name, log, x, colors[i % len(colors)], ax_bpb, ax_grad, ax_task)
 
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title or "training curves")
     legend(fig, logs, colors)
     if ax_bpb is not None:
         ax_bpb.set_ylabel("val bits/byte")
+    if ax_task is not None:
+        ax_task.set_ylabel("task accuracy")
+        ax_task.set_ylim(-0.05, 1.05)
     if ax_grad is not None:
         ax_grad.set_ylabel("grad norm")
     ax_lr.set_ylabel("learning rate")

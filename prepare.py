@@ -34,8 +34,8 @@ from config import DataConfig, doc, inputs_of
 from options import parse
 from data import (FOLDER_SETTINGS, META_VERSION, READ_BYTES, RECORD_SUFFIXES, Progress, default_processed_dir,
                   input_groups, list_documents, load_meta, longer_split, resolve_bin_dir, text_chunks, token_dtype)
-from records import (KINDS, read_records, records_meta, records_summary, records_template, scan_records,
-                     write_record_splits)
+from records import (read_records, record_texts, records_meta, records_summary, records_template, scan_records,
+                     with_markers, write_record_splits)
 from files import FileError, lock, make_folder, others, publish, write_json
 from tokenizer import (encode_chunks, hf_tokenizer_meta, learn_bpe, safe_cut, split_safely, tokenizer_differences,
                        tokenizer_from_meta)
@@ -241,14 +241,12 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
 
     # Pass 1: hash the source, count characters or check records, and (char) collect the vocabulary.
     is_records = docs[0].suffix in RECORD_SUFFIXES
-    if d.weights and not is_records:
-        raise DataError(f"data.weights mixes inputs of records, and {d.input} is text; leave data.weights empty (the "
-                        "texts follow one another), or give the texts as records ({\"text\": ...} per line)")
     scan = scan_records(groups, d) | {"sha256": content_digest(docs)} if is_records else \
         scan_text(docs, d, total_bytes, progress)
-    if wanted is None or wanted["tokenizer"] == "char":
-        wanted = {"tokenizer": "char", "chars": char_vocabulary(wanted, scan["chars"], d)}
-    records = records_meta(scan, d, inputs_of(d.input)) if is_records else {}  # (before learning a tokenizer: its checks are quick)
+    wanted = with_markers(scan.get("kind"), wanted or {"tokenizer": "char"}, model_meta is not None, d)
+    if wanted["tokenizer"] == "char":  # the model's characters, or the text's
+        wanted = wanted | {"chars": char_vocabulary(wanted.get("chars"), scan["chars"], d)}
+    records = records_meta(scan, d, inputs_of(d.input)) if is_records else {}  # quick checks before learning a BPE
     if wanted["tokenizer"] == "train-bpe":
         wanted = learned_tokenizer(docs, d, scan.get("kind")) | {"learned_from": scan["sha256"]}
     template = records_template(scan["kind"], wanted, d) if is_records else None
@@ -262,7 +260,7 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         **{k: getattr(tok, k) if k in ("chars", "eot_token") else wanted[k] for k in own[wanted["tokenizer"]]},
         "val_fraction": d.val_fraction, "source": source,
     }
-    meta |= {k: wanted[k] for k in ("learned_vocab", "learned_from") if k in wanted} | records
+    meta |= {k: wanted[k] for k in ("learned_vocab", "learned_from", "markers") if k in wanted} | records
     meta |= {"weights": weights_text(d)} if d.weights else {}
     before = None if force else check_not_otherwise(out, d, meta, source)
 
@@ -290,6 +288,9 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
 
 def scan_text(docs: list[Path], d: DataConfig, total_bytes: int, progress: bool) -> dict:
     """Pass 1 over a text: its digest, its number of characters and (char) the characters themselves."""
+    if d.weights:
+        raise DataError(f"data.weights mixes inputs of records, and {d.input} is text; leave data.weights empty (the "
+                        "texts follow one another), or give the texts as records ({\"text\": ...} per line)")
     hasher, n_chars, seen_chars = hashlib.sha256(), 0, set()
     reading = Progress(total_bytes, "prepare: reading", f"{total_bytes / 1e6:.0f} MB", PROGRESS_BYTES, progress)
     for document in docs:
@@ -307,16 +308,15 @@ def learned_tokenizer(docs: list[Path], d: DataConfig, kind: str | None) -> dict
     if kind is None:
         texts = (text for document in docs for text in text_chunks(document))
     else:
-        texts = (text for document in docs for _, record in read_records(document) for text in
-                 ([m["content"] for m in record["messages"]] if kind == "messages" else
-                  [record[k] for k in KINDS[kind]]))
+        texts = (text for document in docs for _, record in read_records(document)
+                 for text in record_texts(record, kind))
     print(f"learning a BPE of {d.vocab_size:,} tokens from {d.input}", file=sys.stderr, flush=True)
     return learn_bpe(texts, d.vocab_size) | {"learned_vocab": d.vocab_size}
 
 
-def char_vocabulary(wanted: dict | None, seen_chars: set, d: DataConfig) -> str:
-    """A char model's characters: the model's own (`wanted`), which must hold the text's, or the text's."""
-    chars = wanted["chars"] if wanted else "".join(sorted(seen_chars))
+def char_vocabulary(own: str | None, seen_chars: set, d: DataConfig) -> str:
+    """A char model's characters: the model's own (`own`), which must hold the text's, or the text's."""
+    chars = own if own is not None else "".join(sorted(seen_chars))
     missing = sorted(seen_chars - set(chars))
     if missing:
         shown = ", ".join(map(repr, missing[:20])) + (f" and {len(missing) - 20} more" if missing[20:] else "")

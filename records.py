@@ -1,17 +1,17 @@
-"""Records: training data as JSON records rather than plain text, and the chat templates that turn
-conversations into text. Three kinds, told apart by the first record's keys:
+"""Records: training data as JSON records rather than plain text. Three kinds, told apart by the first
+record's keys:
 
     {"text": "..."}                                   a document, trained on whole
     {"prompt": "...", "completion": "..."}            a pair: the loss on the completion
     {"messages": [{"role": "user", "content": "..."},  a conversation, rendered with the tokenizer's chat
-                  {"role": "assistant", ...}, ...]}    template: the loss on the assistant's turns
+                  {"role": "assistant", ...}, ...]}    template (templates.py): the loss on the assistant's turns
 
 in `.jsonl` files (one record per line), `.json` files (an array of records) or `.parquet` files (read with
-pyarrow). prepare.py turns each record into pieces of text and the character spans of them that are
-trained on (`record_text`), then into token ids and a mask of the ids trained on (`tokens_and_mask`),
-which it stores beside the tokens, with where each record starts: with data.loss_on = "answers", a pair
-trains on its completion and a conversation on each assistant turn's content and the end-of-turn token
-after it, nothing of the template around them.
+pyarrow); several inputs may be mixed (`mixture`). prepare.py turns each record into token ids and a mask
+of the ids trained on (`encoded_records`: a text or a pair by `record_text` and `tokens_and_mask`, a
+conversation by its template), which it stores beside the tokens, with where each record starts: with
+data.loss_on = "answers", a pair trains on its completion and a conversation on each assistant turn's
+content and the end-of-turn token after it, nothing of the template around them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,13 @@ from config import DataConfig
 from data import Progress, longer_split
 from errors import DataError
 from files import publish
-from tokenizer import Tokenizer
+from templates import ChatML, ChatTemplate, chat_template, tokens_and_mask
+from tokenizer import MARKERS, Tokenizer
 
 PROGRESS_RECORDS = 50_000  # show progress for over 50,000 records
 KINDS = {"text": ("text",), "pair": ("prompt", "completion"), "messages": ("messages",)}
 ROLES = ("system", "user", "assistant")
 SHAPES = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}'
-# Put in place of an answer to see where the template puts the answer's content: no text holds it.
-MARK = "\ue000tinygpt-answer\ue001"
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -132,6 +130,14 @@ def record_problem(record: object, kind: str) -> str | None:
     return None
 
 
+def record_texts(record: dict, kind: str) -> list[str]:
+    """The texts a record holds: its text, its prompt and completion, or each message's role and content
+    (a char tokenizer's characters, and what a BPE is learned from)."""
+    if kind == "messages":
+        return [m["role"] + "\n" + m["content"] for m in record["messages"]] + ["assistant\n"]
+    return [record[k] for k in KINDS[kind]]
+
+
 def has_answer(record: dict, kind: str, loss_on: str) -> bool:
     """Whether a record has anything to train on: a conversation without an assistant turn has not (with the
     loss on the answers), and is dropped."""
@@ -153,86 +159,11 @@ def scan_records(groups: list[list[Path]], d: DataConfig) -> dict:
                 dropped += 1
                 continue
             kept[i] += 1
-            if d.tokenizer == "char" and kind != "messages":  # (conversations need a chat template: not char)
-                chars.update(*(record[k] for k in KINDS[kind]))
+            if d.tokenizer == "char":
+                chars.update(*record_texts(record, kind))
     if kind is None:
         raise DataError(f"{d.input} holds no records; give a file with records in it, each {SHAPES}")
     return {"kind": kind, "kept": kept, "dropped": dropped, "chars": chars}
-
-
-# ----------------------------------------------------------------------------- chat templates
-
-class ChatTemplate:
-    """A tokenizer's Jinja chat template, rendered in jinja2's sandbox the way transformers'
-    apply_chat_template renders it (same environment settings, filters and globals; the tokenizer's
-    special tokens as variables), so the text is byte for byte the one transformers would train on."""
-
-    def __init__(self, source: str, variables: dict[str, str], end_of_turn: list[str]):
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols, generation_blocks()])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # no HTML escapes
-        env.globals["raise_exception"] = template_failure
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise DataError(f"the chat template cannot be read ({type(e).__name__}: {e}); fix the template "
-                            "(chat_template.jinja, or chat_template in tokenizer_config.json)") from None
-        self.variables = variables  # bos_token, eos_token, ...: what templates read besides the messages
-        self.end_of_turn = sorted(end_of_turn, key=len, reverse=True)  # special tokens, the longest first
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        from jinja2.exceptions import SecurityError
-        try:
-            return self.template.render(messages=messages, tools=None, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self.variables)
-        except SecurityError as e:
-            raise DataError(f"the chat template tried to reach outside its sandbox ({e}); use a template that only "
-                            "formats the messages") from None
-        except Exception as e:  # the template is data, not our code: whatever it raises is a problem with it
-            raise DataError(f"the chat template fails on a conversation ({type(e).__name__}: {e}); fix the template, "
-                            "or the conversation") from None
-
-    def answers(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of its assistant turns: each turn's content and
-        the end-of-turn token the template puts right after it. Where a turn's content lands is found by
-        rendering the conversation up to that turn with a mark in place of the content."""
-        text, spans = self.render(messages), []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            head, _, tail = self.render(messages[:i] + [{**message, "content": MARK}]).partition(MARK)
-            content = message["content"]
-            if not text.startswith(head + content):
-                content = content.strip()  # templates that trim the content (many do)
-            if not text.startswith(head + content):
-                raise DataError("the chat template renders an assistant turn differently once later turns follow "
-                                "(or changes its text), so its answers cannot be found; set data.loss_on = all")
-            end = len(head) + len(content)
-            marker = next((m for m in self.end_of_turn if tail.startswith(m) and text.startswith(m, end)), "")
-            spans.append((len(head), end + len(marker)))
-        return text, spans
-
-
-def end_of_turn_after_answer(template: ChatTemplate) -> str | None:
-    """The special token the template puts right after an assistant's message (ChatML's <|im_end|>), which
-    ends an answer in chat.py; None when it puts none."""
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
-    tail = template.render(probe).partition(MARK)[2]
-    return next((m for m in template.end_of_turn if tail.startswith(m)), None)
-
-
-def answer_stops(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
-    """The tokens that end a generated answer (chat.py, eval.py --task): the tokenizer's end-of-text and
-    end-of-sequence tokens, and the end-of-turn token the template puts after an assistant's message."""
-    stops = set(tokenizer.stop_tokens) | ({tokenizer.eot_token} - {None})
-    ending = end_of_turn_after_answer(template) if template else None
-    turn = tokenizer.tok.token_to_id(ending) if ending and tokenizer.kind == "hf" else None
-    return stops | ({turn} if turn is not None else set())
 
 
 def records_summary(meta: dict) -> str:
@@ -246,120 +177,47 @@ def records_summary(meta: dict) -> str:
                if trained else ""))
 
 
-def generation_blocks() -> type:
-    """{% generation %}...{% endgeneration %}, which some templates put around the assistant's text (for
-    transformers' assistant masks): rendered as its body. The answers are found by rendering (answers)."""
-    from jinja2.ext import Extension
-    from jinja2.nodes import CallBlock
-
-    class Generation(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    return Generation
-
-
-def template_failure(message: str) -> None:
-    """raise_exception(...) in a template: the template refuses the conversation."""
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(message)
-
-
-def chat_template(meta: dict) -> ChatTemplate | None:
-    """The chat template of a tokenizer meta (a Hugging Face tokenizer's chat_template.jinja, or the
-    chat_template of its tokenizer_config.json), or None when it has none."""
-    files = meta.get("files") or {}
-    config = json.loads(files.get("tokenizer_config.json", "{}"))
-    source = files.get("chat_template.jinja") or config.get("chat_template")
-    if isinstance(source, list):  # named templates: the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    if not source:
-        return None
-    variables = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            variables[key] = value
-    added = json.loads(files["tokenizer.json"]).get("added_tokens") or []
-    special = [t["content"] for t in added
-               if isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)]
-    return ChatTemplate(source, variables, special)
-
-
 # ----------------------------------------------------------------------------- records to tokens
 
-def record_text(record: dict, kind: str, template: ChatTemplate | None, loss_on: str
-                ) -> list[tuple[str, list[tuple[int, int]]]]:
-    """A record as pieces of text to tokenize one after the other, each with the character spans of it
-    that are trained on. A pair is two pieces, its prompt and its completion, so that no token straddles
-    them (the completion's first token is one the model learns to give after the prompt, as in eval.py
-    --task); a conversation is its rendered text with each answer's span."""
+def record_text(record: dict, kind: str, loss_on: str) -> list[tuple[str, list[tuple[int, int]]]]:
+    """A document or a pair as pieces of text to tokenize one after the other, each with the character spans
+    of it that are trained on. A pair is two pieces, its prompt and its completion, so that no token
+    straddles them (the completion's first token is one the model learns to give after the prompt, as in
+    eval.py --task). (Conversations: their template's encode.)"""
     if kind == "text":
         return [(record["text"], [(0, len(record["text"]))])]
-    if kind == "pair":
-        prompt, completion = record["prompt"], record["completion"]
-        return [(prompt, [(0, len(prompt))] if loss_on == "all" else []), (completion, [(0, len(completion))])]
-    assert template is not None, "prepare.py refuses conversations without a chat template"
-    if loss_on == "all":
-        text = template.render(record["messages"])
-        return [(text, [(0, len(text))])]
-    return [template.answers(record["messages"])]
+    prompt, completion = record["prompt"], record["completion"]
+    return [(prompt, [(0, len(prompt))] if loss_on == "all" else []), (completion, [(0, len(completion))])]
 
 
-def encoded_records(docs: list[Path], kind: str, template: ChatTemplate | None, loss_on: str, tokenizer: Tokenizer
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+def encoded_records(docs: list[Path], kind: str, template: ChatTemplate | ChatML | None, loss_on: str,
+                    tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Each record's (token ids, mask of those trained on, UTF-8 bytes of its text), in order, as a
     document: the tokenizer's prefix before it (a template writes its own), its end-of-text token after
-    it, trained on when the record's end is (so that the model learns to stop there). The records must
-    have passed scan_records; a conversation without an answer is left out (has_answer)."""
+    it, trained on when the record's last token is (so that the model learns to stop there). The records
+    must have passed scan_records; a conversation without an answer is left out (has_answer)."""
     for document in docs:
         for where, record in read_records(document):
             if not has_answer(record, kind, loss_on):
                 continue
             try:
-                pieces = record_text(record, kind, template, loss_on)
-                parts = [tokens_and_mask(tokenizer, text, spans) for text, spans in pieces]
+                if kind == "messages":
+                    assert template is not None, "prepare.py refuses conversations without a chat template"
+                    ids, mask, n_bytes = template.encode(tokenizer, record["messages"], answers=loss_on == "answers")
+                    parts = [(ids, mask if loss_on == "answers" else np.ones_like(mask))]
+                else:
+                    pieces = record_text(record, kind, loss_on)
+                    parts = [tokens_and_mask(tokenizer, text, spans) for text, spans in pieces]
+                    n_bytes = sum(len(text.encode("utf-8")) for text, _ in pieces)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if kind != "messages" and tokenizer.prefix:
                 parts.insert(0, (np.array(tokenizer.prefix), np.zeros(len(tokenizer.prefix), np.uint8)))
             if tokenizer.eot_token is not None:
-                text, spans = pieces[-1]
-                trained = bool(spans) and spans[-1][1] == len(text)
-                parts.append((np.array([tokenizer.eot_token]), np.array([trained], np.uint8)))
+                last = parts[-1][1]
+                parts.append((np.array([tokenizer.eot_token]), np.array([bool(len(last) and last[-1])], np.uint8)))
             yield (np.concatenate([ids for ids, _ in parts]).astype(np.int64), np.concatenate([m for _, m in parts]),
-                   sum(len(text.encode("utf-8")) for text, _ in pieces))
-
-
-def tokens_and_mask(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """A text's token ids (no prefix; special tokens in a rendered template are read as special tokens, as
-    transformers reads them) and the mask of those trained on: 1 for a token that starts inside a span."""
-    if not spans or spans == [(0, len(text))]:  # none or all of it (a prompt, a completion): no offsets needed
-        ids = np.array(tokenizer.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64) \
-            if tokenizer.kind == "hf" else tokenizer.encode_array(text)
-        return ids, np.full(len(ids), 1 if spans else 0, dtype=np.uint8)
-    if tokenizer.kind == "hf":
-        encoding = tokenizer.tok.encode(text, add_special_tokens=False)
-        ids, starts = encoding.ids, [start for start, _ in encoding.offsets]
-    elif tokenizer.kind == "bpe":
-        ids = tokenizer.encode(text)
-        starts = tokenizer.enc.decode_with_offsets(ids)[1]  # the character where each token's text starts
-    else:
-        ids = tokenizer.encode(text)
-        starts = range(len(ids))
-    starts = np.asarray(starts, dtype=np.int64)
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    for a, b in spans:
-        mask[(starts >= a) & (starts < b)] = 1
-    return np.asarray(ids, dtype=np.int64), mask
+                   n_bytes)
 
 
 # ----------------------------------------------------------------------------- prepared records
@@ -402,20 +260,32 @@ def copies_of(j: int, n: int, total: int) -> int:
     return (j + 1) * total // n - j * total // n
 
 
-def records_template(kind: str, wanted: dict, d: DataConfig) -> ChatTemplate | None:
-    """The chat template conversations are rendered with: the Hugging Face tokenizer's own."""
+def records_template(kind: str, wanted: dict, d: DataConfig) -> ChatTemplate | ChatML | None:
+    """How conversations are rendered: a Hugging Face tokenizer's own template, or ChatML (with_markers)."""
     if kind != "messages":
         return None
-    template = chat_template(wanted) if wanted["tokenizer"] == "hf" else None
+    template = chat_template(wanted)
     if template is None:
-        raise DataError(f"{d.input} holds conversations, which need a tokenizer with a chat template: set "
-                        "data.tokenizer = hf and data.tokenizer_path to a Hugging Face model's folder that has one "
-                        "(or start from such a model: training.init_from)")
+        raise DataError(f"{d.input} holds conversations, and the tokenizer of data.tokenizer_path has no chat "
+                        "template to render them with; give a Hugging Face model's folder that has one, or set "
+                        "data.tokenizer = char, bpe or train-bpe (ChatML)")
     return template
 
 
+def with_markers(kind: str, wanted: dict, from_model: bool, d: DataConfig) -> dict:
+    """A char or bpe tokenizer for conversations: with ChatML's two markers as two more ids. A model whose
+    tokenizer has none (trained on text) has no rows for them."""
+    if kind != "messages" or wanted["tokenizer"] not in ("char", "bpe") or wanted.get("markers"):
+        return wanted
+    if from_model:
+        raise DataError(f"{d.input} holds conversations, and the model's {wanted['tokenizer']} tokenizer has no "
+                        "chat markers (the model was trained on text); train a model on the conversations from the "
+                        "start (without training.init_from), or start from a model that has a chat template")
+    return wanted | {"markers": list(MARKERS)}
+
+
 def write_record_splits(out: Path, docs: list[Path], d: DataConfig, tok: Tokenizer, meta: dict,
-                        template: ChatTemplate | None,
+                        template: ChatTemplate | ChatML | None,
                         min_tokens: int, progress: bool, split_files: tuple[str, ...]) -> dict:
     """Records in order, each a document (followed by the end-of-text token): of each input, the first
     of them go to train (as many times as the mixture says: records.inputs), the rest to val. For pairs

@@ -4,6 +4,7 @@ weights):
 
     char   one token per character of the corpus          {"tokenizer": "char", "chars": ...}
     bpe    a tiktoken byte-pair encoding (GPT-2's)         {"tokenizer": "bpe", "encoding": "gpt2", ...}
+           (either, prepared from conversations: ChatML's two markers as two more ids, "markers": [...])
     hf     a Hugging Face tokenizer.json, as models on     {"tokenizer": "hf", "files": {"tokenizer.json":
            the hub ship it (read with `tokenizers`)          ..., ...}, "eot_token": ..., "stop_tokens": ...}
 
@@ -28,6 +29,9 @@ from errors import DataError
 # r50k_base file means one cached file serves both names offline.
 ENCODING_FILES = {"gpt2": "r50k_base"}
 EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
+# ChatML's markers around each message of a conversation: two ids more for char and bpe tokenizers prepared
+# from conversations (after their own), special tokens in a learned BPE's.
+MARKERS = ("<|im_start|>", "<|im_end|>")
 # A Hugging Face tokenizer's files, carried in its meta and written back into exports.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                       "generation_config.json")
@@ -42,9 +46,9 @@ class CharTokenizer:
     prefix: list[int] = []  # nothing before a text
     stop_tokens: list[int] = []  # nothing ends a sample before its length
 
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.vocab_size = len(chars)
+    def __init__(self, chars: str, markers: tuple[str, ...] = ()):
+        self.chars, self.markers = chars, {m: len(chars) + i for i, m in enumerate(markers)}
+        self.vocab_size = len(chars) + len(markers)
         # Lookup table from code point to token id (-1: not in the vocabulary), so that
         # encoding a large text is one numpy indexing operation instead of a Python loop.
         codes = np.array([ord(c) for c in chars], dtype=np.int64)
@@ -69,7 +73,8 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
+        names = list(self.markers)
+        return "".join(self.chars[i] if i < len(self.chars) else names[i - len(self.chars)] for i in ids)
 
 
 class BPETokenizer:
@@ -80,10 +85,11 @@ class BPETokenizer:
     prefix: list[int] = []
     stop_tokens: list[int] = []
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, markers: tuple[str, ...] = ()):
         self.name = name
         self.enc = load_tiktoken(name)
-        self.vocab_size = self.enc.n_vocab
+        self.markers = {m: self.enc.n_vocab + i for i, m in enumerate(markers)}
+        self.vocab_size = self.enc.n_vocab + len(markers)
         self.eot_token = self.enc.eot_token
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -98,7 +104,14 @@ class BPETokenizer:
         return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
+        names, pieces, run = list(self.markers), [], []
+        for i in list(ids) + [None]:  # tiktoken knows nothing of the markers: decoded between them
+            if i is None or i >= self.enc.n_vocab:
+                pieces.append(self.enc.decode(run) + (names[i - self.enc.n_vocab] if i is not None else ""))
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces)
 
 
 def load_tiktoken(name: str):
@@ -129,6 +142,7 @@ class HFTokenizer:
         self.tok = Tokenizer.from_str(meta["files"]["tokenizer.json"])
         self.vocab_size, self.eot_token, self.stop_tokens = meta["vocab_size"], meta["eot_token"], meta["stop_tokens"]
         self.eot_text = None if self.eot_token is None else self.tok.id_to_token(self.eot_token)
+        self.markers = {m: i for m in MARKERS if (i := self.tok.token_to_id(m)) is not None}
         with_special, plain = self.tok.encode("a").ids, self.tok.encode("a", add_special_tokens=False).ids
         self.prefix = with_special[:with_special.index(plain[0])] if plain[0] in with_special else []
 
@@ -225,7 +239,7 @@ def meta_disagreements(meta: dict) -> list[str]:
             enc = load_tiktoken(meta["encoding"])
         except DataError:  # offline without its cache: said where the tokenizer is used, not here
             return []
-        own = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
+        own = {"vocab_size": enc.n_vocab + len(meta.get("markers", [])), "eot_token": enc.eot_token}
     else:
         try:
             own = hf_meta(meta["files"])
@@ -247,22 +261,25 @@ def start_token(tokenizer) -> int:
 
 def tokenizer_from_meta(meta: dict):
     if meta["tokenizer"] == "char":
-        return CharTokenizer(meta["chars"])
+        return CharTokenizer(meta["chars"], tuple(meta.get("markers", ())))
     if meta["tokenizer"] == "hf":
         return HFTokenizer(meta)
-    return BPETokenizer(meta["encoding"])
+    return BPETokenizer(meta["encoding"], tuple(meta.get("markers", ())))
 
 
 def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[str]:
     """How two tokenizer metas differ (empty: the same ids mean the same text in both); a `b` without
-    "chars" accepts any characters. The one place that decides whether two sides share tokens."""
+    "chars", "encoding", "markers" or "sha256" (a data folder's own tokenizer, whichever it is) accepts any.
+    The one place that decides whether two sides share tokens."""
     if a.get("tokenizer") != b.get("tokenizer"):
         return [f"data.tokenizer: {a.get('tokenizer')!r} {a_name}, {b.get('tokenizer')!r} {b_name}"]
-    if a["tokenizer"] == "bpe" and a.get("encoding") != b.get("encoding"):
+    if a["tokenizer"] == "bpe" and "encoding" in b and a.get("encoding") != b["encoding"]:
         return [f"data.bpe_encoding: {a.get('encoding')!r} {a_name}, {b.get('encoding')!r} {b_name}"]
     if a["tokenizer"] == "char" and b.get("chars") is not None and a.get("chars") != b["chars"]:
         return [f"other characters ({len(a.get('chars') or '')} {a_name}, {len(b['chars'])} {b_name})"]
-    if a["tokenizer"] == "hf" and a.get("sha256") != b.get("sha256"):
+    if a["tokenizer"] in ("char", "bpe") and "markers" in b and a.get("markers") != b["markers"]:
+        return [f"chat markers: {a.get('markers', 'none')} {a_name}, {b['markers'] or 'none'} {b_name}"]
+    if a["tokenizer"] == "hf" and "sha256" in b and a.get("sha256") != b["sha256"]:
         return [f"another tokenizer.json {a_name} than {b_name}"]
     return []
 

@@ -42,6 +42,7 @@ from lora import add_adapters, load_adapters
 from model import GPT
 from muon import make_optimizer
 from options import parse
+from tasks import MAX_NEW_TOKENS, load_task
 from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce, autocast, checkpoint_activations,
                      full_state, pick_device, pick_precision, rng_state, set_rng_state, shard, start_process, whole)
 
@@ -223,17 +224,18 @@ def after_evaluation(run: Run, losses: dict[str, float], signals: StopSignals) -
     state.last_eval_step = state.step
     state.start_val_loss = losses["val"] if state.start_val_loss is None else state.start_val_loss
     sample = monitor.eval_sample(run.model, run.data.meta, t, run.proc, lambda: bool(signals.received))
+    accuracy = monitor.eval_task(run.model, run.task, run.proc, lambda: bool(signals.received))
     if run.proc.is_main:
         # The log goes first: a kill before the checkpoint leaves a log ahead of it, which a resume trims.
         lr = get_lr(min(state.step, t.max_iters - 1), t)  # the last pass makes no step: its rate is the last one's
-        val_bpb = monitor.record_eval(run.log, run.board, state, losses, lr, run.data.meta, sample)
+        val_bpb = monitor.record_eval(run.log, run.board, state, losses, lr, run.data.meta, sample, accuracy)
         if stop_early:
             lifecycle.early_stopped(run)
         monitor.write_log(run.out_dir, run.log)
     save(run, losses["val"], best=improved and t.save_best)
     if run.proc.is_main:
         saved_best = improved and t.save_best and run.saved_step == state.step
-        monitor.report_eval(losses, val_bpb, improved, saved_best, state.step, sample)
+        monitor.report_eval(losses, val_bpb, improved, saved_best, state.step, sample, accuracy)
     return stop_early
 
 
@@ -345,7 +347,9 @@ def build_run(cfg: Config, proc: Process, start: Weights | None, data: Data, mod
                state=state, precision=precision,
                saved_step=state.step if t.resuming and start.path.name == "ckpt_last.pt" else None,  # not a fallback
                log=monitor.start_log(cfg, Path(t.out_dir), model, proc, precision, state if t.resuming else None),
-               lora_base=base_reference(start, t.resuming) if cfg.lora.rank else None)
+               lora_base=base_reference(start, t.resuming) if cfg.lora.rank else None,
+               task=load_task(t.task, "training.task", data.meta, model.config.vocab_size, t.task_examples,
+                              MAX_NEW_TOKENS) if t.task else None)
 
 
 @command

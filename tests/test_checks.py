@@ -21,7 +21,10 @@ OPTIONAL = {"best_step", "bad_evals", "elapsed_s", "last_eval_step", "start_val_
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, char_data):
     out = tmp_path_factory.mktemp("checks") / "run"
-    assert train.cli(tiny_argv(out, char_data, "--max-iters", "4", "--training.eval_interval", "2")) == 0
+    task = out.parent / "task.jsonl"  # so that the log has every field, task_accuracy too
+    task.write_text('{"prompt": "ROMEO:", "completion": " ay"}\n' * 3, encoding="utf-8")
+    assert train.cli(tiny_argv(out, char_data, "--max-iters", "4", "--training.eval_interval", "2",
+                               "--training.task", str(task))) == 0
     return out
 
 

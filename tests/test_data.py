@@ -320,6 +320,16 @@ def test_ensure_prepared_never_uses_a_split_the_config_does_not_describe(tmp_pat
     assert prepare.ensure_prepared(DataConfig(input=str(text), val_fraction=0.2))[0] == folder
 
 
+def test_a_named_folder_of_bpe_tokens_is_used_without_naming_its_tokenizer_again(tmp_path):
+    """data.processed_dir alone names the data: its tokenizer (GPT-2's BPE, with its encoding) comes from
+    the folder, as its other settings do (it was refused for want of data.bpe_encoding)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT[:20_000], encoding="utf-8")
+    prepare.prepare(DataConfig(input=str(text), tokenizer="bpe", processed_dir=str(tmp_path / "p")), progress=False)
+    named = DataConfig(input=str(text), processed_dir=str(tmp_path / "p"))
+    assert prepare.ensure_prepared(named)[1]["encoding"] == "gpt2" and named.tokenizer == "bpe"
+
+
 def test_a_second_preparation_of_a_folder_in_use_waits_and_uses_what_the_first_made(tmp_path):
     """Two trainings that prepare the same default data at once: the second waits (saying so) instead of
     failing, and finds the data the first prepared from the same text, which it leaves as it is."""

@@ -18,7 +18,7 @@ from config import DataConfig, ModelConfig
 from conftest import ROOT
 from data import Data, load_meta, trained_windows
 from errors import DataError
-from records import ChatTemplate, chat_template, record_text, tokens_and_mask
+from templates import ChatTemplate, chat_template
 from test_real_models import hf_tokenizer, ours, saved_by_transformers
 from tokenizer import hf_tokenizer_meta, tokenizer_from_meta
 
@@ -101,8 +101,7 @@ def test_answers_mask_is_transformers_assistant_mask(tmp_path):
     folder = tokenizer_folder(tmp_path, MARKED)
     theirs, meta = AutoTokenizer.from_pretrained(folder), hf_tokenizer_meta(folder)
     for messages in CONVERSATIONS:
-        [(text, spans)] = record_text({"messages": messages}, "messages", chat_template(meta), "answers")
-        ids, mask = tokens_and_mask(tokenizer_from_meta(meta), text, spans)
+        ids, mask, _ = chat_template(meta).encode(tokenizer_from_meta(meta), messages)
         out = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert ids.tolist() == out["input_ids"]
         assert mask.tolist() == out["assistant_masks"]
