@@ -45,6 +45,13 @@ class Conversation:
         self.system: str | None = None
         self.messages: list[dict] = []
 
+    def start_again(self, system: str | None) -> None:
+        """A new conversation, with the system message `system` (None: none); DataError, and the conversation
+        as it was, when the tokenizer cannot read that message (a char model's unknown character)."""
+        if system is not None:
+            self.template.encode(self.tokenizer, [{"role": "system", "content": system}], answers=False)
+        self.system, self.messages = system, []
+
     def prompt_ids(self) -> tuple[list[int], int]:
         """The ids of the conversation with the assistant's turn opened, and how many of the oldest
         messages had to be dropped so that it leaves `reserve` tokens of the context for the answer."""
@@ -109,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                         "file")
     conversation = Conversation(template, tokenizer, model.config.block_size, min(opts.max_new_tokens,
                                                                                  model.config.block_size // 2))
-    conversation.system = opts.system or None
+    try:
+        conversation.start_again(opts.system or None)
+    except DataError as e:
+        raise DataError(f"--system: {e}") from None
     stops, generator = answer_stops(tokenizer, template), torch.Generator(device).manual_seed(opts.seed)
     interactive = sys.stdin.isatty()
     print(f"chatting with {src.path} on {device}" + (f", threads {threads}" if device == "cpu" else "")
@@ -126,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             print("" if interactive else "\n", end="", flush=True)
             continue
         if line.strip() == "/reset" or line.startswith("/system "):
-            conversation.messages = []
-            conversation.system = line[len("/system "):] if line.startswith("/system ") else opts.system or None
-            print("(a new conversation)", file=sys.stderr)
+            try:
+                conversation.start_again(line[len("/system "):] if line.startswith("/system ") else opts.system or None)
+                print("(a new conversation)", file=sys.stderr)
+            except DataError as e:
+                print(f"notice: /system: {e}", file=sys.stderr)
             continue
         conversation.messages.append({"role": "user", "content": line})
         if interactive:

@@ -37,7 +37,7 @@ def inputs_of(input_path: str) -> list[str]:
     name holds a comma is one input."""
     if "," not in input_path or Path(input_path).exists():
         return [input_path]
-    return [p.strip() for p in input_path.split(",") if p.strip()]
+    return [p.strip() for p in input_path.split(",") if p.strip()] or [input_path]
 
 
 @dataclass
@@ -80,6 +80,9 @@ class DataConfig:
             weights = self.weight_list()
         except ValueError:
             return [f"data.weights = {self.weights!r} is not a list of numbers; give one per input, e.g. \"3, 1\""]
+        if n_inputs == 1:
+            return [f"data.weights = {self.weights!r} mixes several inputs, and data.input names one; leave it empty, "
+                    "or give data.input several, separated by commas"]
         if len(weights) != n_inputs or not all(0 < w < math.inf for w in weights):
             return [f"data.weights = {self.weights!r} must be {n_inputs} number{'s' * (n_inputs > 1)} greater "
                     f"than 0, one per input of data.input ({n_inputs} given there, separated by commas)"]

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import inputs_of
+from config import DataConfig, inputs_of
 from errors import DataError
-from tokenizer import EOT_TEXT, MARKERS, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
+from tokenizer import EOT_TEXT, MARKED, MARKERS, encode_chunks, meta_disagreements, split_safely, tokenizer_from_meta
 
 META_VERSION = 1
 # GPT-2's BPE ("gpt2") has exactly the tokens of "r50k_base"; loading it from the
@@ -211,11 +211,14 @@ def meta_problems(meta, prepared: bool = False) -> list[str]:
                                                          for s in ("train", "val"))]
         if type(meta.get("val_fraction")) is float and not 0 < meta["val_fraction"] < 1:
             out.append(f"val_fraction is {meta['val_fraction']}, expected a number between 0 and 1")
+        path = str(meta["source"].get("path")) if isinstance(meta.get("source"), dict) else ""
+        if isinstance(meta.get("weights"), str) and DataConfig(input=path, weights=meta["weights"]).problems():
+            out.append(f"weights = {meta['weights']!r} is not one number greater than 0 per input")
         if meta.get("loss_on", "all") not in ("answers", "all"):
             out.append(f"loss_on = {meta['loss_on']!r} is not one of answers, all")
         if "bytes" in meta and "tokens" not in meta:  # bits per byte needs both; older folders lack bytes only
             out.append("bytes is there without tokens")
-    if "markers" in meta and (meta["markers"] != list(MARKERS) or meta.get("tokenizer") not in ("char", "bpe")):
+    if "markers" in meta and (meta["markers"] != list(MARKERS) or meta.get("tokenizer") not in MARKED):
         out.append(f"markers is {json.dumps(meta['markers'])}, and only a char or bpe tokenizer has any: "
                    f"{json.dumps(list(MARKERS))}")
     n_markers = len(meta["markers"]) if not out and "markers" in meta else 0

@@ -189,9 +189,6 @@ def score_records(model: GPT, parts: list[tuple[np.ndarray, np.ndarray]], n_byte
             "loss_sum": total, "mean_loss": mean, "perplexity": math.exp(mean), "bits_per_byte": None}
 
 
-
-
-
 @command
 def main(argv: list[str] | None = None) -> int:
     opts, _ = parse(argv, EvalOptions, sections=(), program="eval.py", about=__doc__)

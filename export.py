@@ -43,7 +43,8 @@ import gguf_format
 import hf
 from checkpoint import META_FILE, NATIVE, Weights, digest, is_export, load_weights
 from config import doc
-from tokenizer import CHATML, load_tiktoken
+from templates import ChatML, answer_stops
+from tokenizer import CHATML, load_tiktoken, tokenizer_from_meta
 from options import parse
 from files import atomic_file, atomic_write_text, lock, make_folder, staging_folder, sync_folder, write_json
 from lora import is_adapter
@@ -87,16 +88,19 @@ def write_export(src: Weights, out: Path, fmt: str, dtype: str) -> None:
         write_json(out / META_FILE, src.meta)
     for name, text in (src.meta or {}).get("files", {}).items():  # a Hugging Face tokenizer's own files
         atomic_write_text(out / name, text)
+    tokenizer = tokenizer_from_meta(src.meta) if fmt == "hf" and (src.meta or {}).get("markers") else None
+    markers = tokenizer.markers if tokenizer else {}
+    if markers:  # a model trained on conversations (ChatML): transformers' generate ends an answer where we do
+        write_json(out / "generation_config.json", {"eos_token_id": sorted(answer_stops(tokenizer, ChatML()))})
     if fmt == "hf" and (src.meta or {}).get("encoding") in ("gpt2", "r50k_base"):
         vocab, merges = hf.gpt2_tokenizer_files(load_tiktoken("gpt2"))
         write_json(out / "vocab.json", vocab)
         atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-        markers = {str(len(vocab) + i): {"content": m, "special": True, "lstrip": False, "rstrip": False,
-                                    "normalized": False, "single_word": False}
-                   for i, m in enumerate(src.meta.get("markers", []))}  # ids after GPT-2's, as tokenizer.py has them
+        added = {str(i): {"content": m, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                          "single_word": False} for m, i in markers.items()}
         write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer",
                                                    "model_max_length": src.model.block_size}
-                   | ({"added_tokens_decoder": markers, "chat_template": CHATML} if markers else {}))
+                   | ({"added_tokens_decoder": added, "chat_template": CHATML} if added else {}))
 
 
 # ----------------------------------------------------------------------------- LoRA adapters for PEFT

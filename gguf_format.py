@@ -322,9 +322,9 @@ def tokenizer_parts(meta: dict) -> tuple[list[str], list[str], set[str], dict, s
         spell = byte_to_char()
         vocab, merges, special, config, template = {spell[ord(c)]: i for i, c in enumerate(meta["chars"])}, [], set(), \
             {}, None
-    if meta.get("markers"):  # ChatML's, as tokenizer.py numbers them: after the tokenizer's own
-        from tokenizer import CHATML
-        vocab |= {m: len(vocab) + i for i, m in enumerate(meta["markers"])}
+    if meta.get("markers"):  # ChatML's, as the tokenizer numbers them (after its own ids)
+        from tokenizer import CHATML, tokenizer_from_meta
+        vocab |= tokenizer_from_meta(meta).markers
         special, template = special | set(meta["markers"]), CHATML
     tokens = [""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():

@@ -9,6 +9,7 @@ take, and MFU (model FLOPs utilisation).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from lora import trainable
 from model import GPT
 from records import records_summary
 from options import config_changes
-from runtime import Process, format_duration, gathered, is_sharded, peak_flops, usable_cores
+from runtime import Process, all_reduce, format_duration, gathered, is_sharded, peak_flops, usable_cores
 from tasks import Task
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples at each evaluation (training.sample_tokens)
@@ -235,15 +236,22 @@ def eval_sample(model: GPT, meta: dict, training: TrainingConfig, proc: Process,
 def eval_task(model: GPT, task: Task | None, proc: Process, stopping: Callable[[], bool] = lambda: False
               ) -> float | None:
     """training.task's accuracy: the share of its examples answered exactly (greedy, so the same weights
-    always score the same); None without a task, or when `stopping()` cuts it short. Rank 0 tests, or under
-    FSDP every process (as eval_sample samples)."""
-    if task is None or not (proc.is_main or is_sharded(model)):
+    always score the same); None without a task, or when `stopping()` cuts it short. Each process answers
+    its share of the examples and the counts are summed; under FSDP every process answers all of them, to
+    the end of every budget (each forward gathers weights from all of them: all make the same calls)."""
+    if task is None:
         return None
+    sharded = is_sharded(model)
+    mine = task if sharded else dataclasses.replace(task, examples=task.examples[proc.rank::proc.world_size])
     model.eval()
     with gathered(model):
-        result = task.score(model, (lambda: False) if is_sharded(model) else stopping)
+        result = mine.score(model, (lambda: False) if sharded else stopping, whole=sharded)
     model.train()
-    return None if result is None else result["accuracy"]
+    if sharded:
+        return result["accuracy"]
+    counts = torch.tensor([result["correct"] if result else 0, result is None], dtype=torch.float64, device=proc.device)
+    correct, stopped = all_reduce(counts, proc, "sum").tolist()
+    return None if stopped else correct / len(task.examples)
 
 
 # ----------------------------------------------------------------------------- each step

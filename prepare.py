@@ -273,7 +273,7 @@ def prepare(d: DataConfig, force: bool = False, model_meta: dict | None = None, 
         try:
             # "bytes": each split's UTF-8 text bytes (end-of-text tokens not counted), for bits per byte.
             if is_records:
-                meta |= write_record_splits(out, docs, d, tok, meta, template, min_tokens, progress, SPLIT_FILES)
+                meta |= write_record_splits(out, groups, d, tok, meta, template, min_tokens, progress, SPLIT_FILES)
             else:
                 meta["tokens"], meta["bytes"] = write_splits(out, docs, d, tok, meta["dtype"], scan["n_chars"],
                                                              min_tokens, Progress(total_bytes, "prepare: encoding",

@@ -27,10 +27,11 @@ from config import DataConfig
 from data import Progress, longer_split
 from errors import DataError
 from files import publish
-from templates import ChatML, ChatTemplate, chat_template, tokens_and_mask
-from tokenizer import MARKERS, Tokenizer
+from templates import ChatML, ChatTemplate, required_template, tokens_and_mask
+from tokenizer import MARKED, MARKERS, Tokenizer
 
 PROGRESS_RECORDS = 50_000  # show progress for over 50,000 records
+MAX_REPEATS = 100  # a mixture repeats an input's records at most this many times each
 KINDS = {"text": ("text",), "pair": ("prompt", "completion"), "messages": ("messages",)}
 ROLES = ("system", "user", "assistant")
 SHAPES = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}'
@@ -134,7 +135,7 @@ def record_texts(record: dict, kind: str) -> list[str]:
     """The texts a record holds: its text, its prompt and completion, or each message's role and content
     (a char tokenizer's characters, and what a BPE is learned from)."""
     if kind == "messages":
-        return [m["role"] + "\n" + m["content"] for m in record["messages"]] + ["assistant\n"]
+        return [m["role"] + "\n" + m["content"] for m in record["messages"]] + [role + "\n" for role in ROLES]
     return [record[k] for k in KINDS[kind]]
 
 
@@ -205,17 +206,18 @@ def encoded_records(docs: list[Path], kind: str, template: ChatTemplate | ChatML
                     assert template is not None, "prepare.py refuses conversations without a chat template"
                     ids, mask, n_bytes = template.encode(tokenizer, record["messages"], answers=loss_on == "answers")
                     parts = [(ids, mask if loss_on == "answers" else np.ones_like(mask))]
+                    trained_end = bool(len(mask) and parts[0][1][-1])  # the template's text ends with an answer
                 else:
                     pieces = record_text(record, kind, loss_on)
                     parts = [tokens_and_mask(tokenizer, text, spans) for text, spans in pieces]
                     n_bytes = sum(len(text.encode("utf-8")) for text, _ in pieces)
+                    trained_end = bool(pieces[-1][1])  # the completion, or the text: even an empty one
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if kind != "messages" and tokenizer.prefix:
                 parts.insert(0, (np.array(tokenizer.prefix), np.zeros(len(tokenizer.prefix), np.uint8)))
             if tokenizer.eot_token is not None:
-                last = parts[-1][1]
-                parts.append((np.array([tokenizer.eot_token]), np.array([bool(len(last) and last[-1])], np.uint8)))
+                parts.append((np.array([tokenizer.eot_token]), np.array([trained_end], np.uint8)))
             yield (np.concatenate([ids for ids, _ in parts]).astype(np.int64), np.concatenate([m for _, m in parts]),
                    n_bytes)
 
@@ -237,6 +239,10 @@ def records_meta(scan: dict, d: DataConfig, inputs: list[str]) -> dict:
                             f"and a val split; give more records{fix}")
         train, val = train + [n_train], val + [kept - n_train]
     copies = mixture(train, d.weight_list())
+    for name, n, c in zip(inputs, train, copies):  # a weight far from the others would fill the disk
+        if c > MAX_REPEATS * n:
+            raise DataError(f"data.weights = {d.weights!r} would repeat each record of {name} {c / n:.0f} times "
+                            f"(at most {MAX_REPEATS}); give weights closer to the inputs' sizes, or more records")
     out = {"records": {"kind": scan["kind"], "train": sum(copies), "val": sum(val), "dropped": scan["dropped"]}}
     if len(inputs) > 1:
         out["records"]["inputs"] = [{"input": name, "train": t, "val": v, "train_copies": c}
@@ -260,22 +266,35 @@ def copies_of(j: int, n: int, total: int) -> int:
     return (j + 1) * total // n - j * total // n
 
 
+def records_in_order(groups: list[list[Path]], plan: list[dict], encode) -> Iterator[tuple[str, tuple, bool]]:
+    """(split, encoded record, whether it is the record's first time) as the splits hold them: input after
+    input, its first plan["train"] records to train, the rest to val. An input repeated in the train split
+    (a mixture) is read again for each round of copies, so that a record's copies never sit side by side
+    (a window would hold the answer twice): a0 a1 a2 a0 a1 a2 a0 ..., each record as often as copies_of says."""
+    for docs, p in zip(groups, plan):
+        for round_ in range(-(-p["train_copies"] // p["train"])):  # ceil: the most copies of one record
+            for j, record in enumerate(encode(docs)):
+                if j >= p["train"] and round_:
+                    break
+                if j >= p["train"]:
+                    yield "val", record, True
+                elif copies_of(j, p["train"], p["train_copies"]) > round_:
+                    yield "train", record, round_ == 0
+
+
 def records_template(kind: str, wanted: dict, d: DataConfig) -> ChatTemplate | ChatML | None:
     """How conversations are rendered: a Hugging Face tokenizer's own template, or ChatML (with_markers)."""
     if kind != "messages":
         return None
-    template = chat_template(wanted)
-    if template is None:
-        raise DataError(f"{d.input} holds conversations, and the tokenizer of data.tokenizer_path has no chat "
-                        "template to render them with; give a Hugging Face model's folder that has one, or set "
-                        "data.tokenizer = char, bpe or train-bpe (ChatML)")
-    return template
+    return required_template(wanted, str(d.input), "use a model (or data.tokenizer_path) whose tokenizer has one, "
+                             "or for a new model a tokenizer made here: data.tokenizer = char, bpe or train-bpe "
+                             "(ChatML)")
 
 
 def with_markers(kind: str, wanted: dict, from_model: bool, d: DataConfig) -> dict:
     """A char or bpe tokenizer for conversations: with ChatML's two markers as two more ids. A model whose
     tokenizer has none (trained on text) has no rows for them."""
-    if kind != "messages" or wanted["tokenizer"] not in ("char", "bpe") or wanted.get("markers"):
+    if kind != "messages" or wanted["tokenizer"] not in MARKED or wanted.get("markers"):
         return wanted
     if from_model:
         raise DataError(f"{d.input} holds conversations, and the model's {wanted['tokenizer']} tokenizer has no "
@@ -284,13 +303,13 @@ def with_markers(kind: str, wanted: dict, from_model: bool, d: DataConfig) -> di
     return wanted | {"markers": list(MARKERS)}
 
 
-def write_record_splits(out: Path, docs: list[Path], d: DataConfig, tok: Tokenizer, meta: dict,
+def write_record_splits(out: Path, groups: list[list[Path]], d: DataConfig, tok: Tokenizer, meta: dict,
                         template: ChatTemplate | ChatML | None,
                         min_tokens: int, progress: bool, split_files: tuple[str, ...]) -> dict:
-    """Records in order, each a document (followed by the end-of-text token): of each input, the first
-    of them go to train (as many times as the mixture says: records.inputs), the rest to val. For pairs
-    and conversations, `{split}.starts` holds where each record starts (int64), and with data.loss_on =
-    answers, `{split}.mask` one byte per token: 1 when the token is trained on (as a target), 0 when not."""
+    """Records, each a document (followed by the end-of-text token), input after input (`groups`: each
+    input's files) in the order of records_in_order. For pairs and conversations, `{split}.starts` holds
+    where each record starts (int64), and with data.loss_on = answers, `{split}.mask` one byte per token:
+    1 when the token is trained on (as a target), 0 when not."""
     kind, r = meta["records"]["kind"], meta["records"]
     masked = kind != "text" and d.loss_on == "answers"
     exts = ("bin",) + (("starts",) if kind != "text" else ()) + (("mask",) if masked else ())
@@ -298,22 +317,20 @@ def write_record_splits(out: Path, docs: list[Path], d: DataConfig, tok: Tokeniz
     files = {name: open(out / f"{name}.tmp", "wb") for name in names}
     counts = {s: {"tokens": 0, "bytes": 0, "trained": 0} for s in ("train", "val")}
     plan = r.get("inputs") or [{"train": r["train"], "val": r["val"], "train_copies": r["train"]}]
-    places = ((split, copies_of(j, p["train"], p["train_copies"]) if split == "train" else 1)
-              for p in plan for split in ("train", "val") for j in range(p[split]))
     encoding = Progress(sum(p["train"] + p["val"] for p in plan), "prepare: encoding", "records", PROGRESS_RECORDS,
                         progress)
     try:
-        for (split, copies), (ids, mask, n_bytes) in zip(places, encoded_records(docs, kind, template, d.loss_on, tok)):
-            for _ in range(copies):
-                if kind != "text":  # where the record starts, for batches that keep records whole
-                    files[f"{split}.starts"].write(np.int64(counts[split]["tokens"]).tobytes())
-                files[f"{split}.bin"].write(ids.astype(meta["dtype"]).tobytes())
-                if masked:
-                    files[f"{split}.mask"].write(mask.tobytes())
-                c = counts[split]
-                c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(mask.sum()),
-                                                         c["bytes"] + n_bytes)
-            encoding.add(1)
+        for split, (ids, mask, n_bytes), first in records_in_order(
+                groups, plan, lambda docs: encoded_records(docs, kind, template, d.loss_on, tok)):
+            if kind != "text":  # where the record starts, for batches that keep records whole
+                files[f"{split}.starts"].write(np.int64(counts[split]["tokens"]).tobytes())
+            files[f"{split}.bin"].write(ids.astype(meta["dtype"]).tobytes())
+            if masked:
+                files[f"{split}.mask"].write(mask.tobytes())
+            c = counts[split]
+            c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(mask.sum()),
+                                                     c["bytes"] + n_bytes)
+            encoding.add(first)
         for split, c in counts.items():
             if c["tokens"] < min_tokens or c["trained"] == 0:
                 raise DataError(f"the {split} split of {d.input} would have {c['tokens']} tokens ({c['trained']} to "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,7 @@ from errors import DataError
 from generate import generate_stream
 from model import GPT
 from records import read_records, scan_records
-from templates import ChatML, ChatTemplate, answer_stops, chat_template, tokens_and_mask
+from templates import ChatML, ChatTemplate, answer_stops, required_template, tokens_and_mask
 from tokenizer import Tokenizer, check_in_vocabulary, tokenizer_from_meta
 
 MAX_NEW_TOKENS = 64  # the longest answer generated, in tokens, by default
@@ -28,15 +29,14 @@ MAX_NEW_TOKENS = 64  # the longest answer generated, in tokens, by default
 
 @dataclass
 class Task:
-    kind: str                                # pair or messages
+    kind: str                                     # pair or messages
     tokenizer: Tokenizer
-    examples: list[tuple[list[int], str]]    # (prompt ids, expected answer) of each
-    stops: set[int]                          # the tokens that end an answer
-    max_new_tokens: int
+    examples: list[tuple[list[int], str, int]]    # (prompt ids, expected answer, tokens to generate at most)
+    stops: set[int]                               # the tokens that end an answer
 
     @torch.no_grad()
-    def score(self, model: GPT, stopping: Callable[[], bool] = lambda: False) -> dict | None:
-        return exact_match(model, self.tokenizer, self.examples, self.stops, self.max_new_tokens, stopping)
+    def score(self, model: GPT, stopping: Callable[[], bool] = lambda: False, whole: bool = False) -> dict | None:
+        return exact_match(model, self.tokenizer, self.examples, self.stops, stopping, whole)
 
 
 def load_task(path: str, flag: str, meta: dict, vocab_size: int, limit: int, max_new_tokens: int) -> Task:
@@ -44,14 +44,16 @@ def load_task(path: str, flag: str, meta: dict, vocab_size: int, limit: int, max
     read and checked now: a mistake in it is one line before anything runs."""
     found = read_records_for(path, flag, meta, "answers")
     tokenizer = tokenizer_from_meta(meta)
-    return Task(found[0], tokenizer, task_examples(found, tokenizer, vocab_size, limit),
-                answer_stops(tokenizer, found[2]), max_new_tokens)
+    stops = answer_stops(tokenizer, found[2])
+    return Task(found[0], tokenizer, task_examples(found, tokenizer, vocab_size, limit, max_new_tokens, stops), stops)
 
 
 def read_records_for(path: str, flag: str, meta: dict, loss_on: str
                      ) -> tuple[str, list, ChatTemplate | ChatML | None]:
     """(kind, files, chat template) of records given as --text or --task, checked as prepare.py checks them."""
     d = DataConfig(input=path, tokenizer=meta["tokenizer"], loss_on=loss_on)
+    if not Path(path).exists() and not any(c in path for c in "*?["):
+        raise DataError(f"{flag} {path} does not exist; give a file of records ({', '.join(RECORD_SUFFIXES)})")
     docs = list_documents(path)
     if docs[0].suffix not in RECORD_SUFFIXES:
         what = "text files (give one of them)" if flag == "--text" else \
@@ -61,16 +63,16 @@ def read_records_for(path: str, flag: str, meta: dict, loss_on: str
     if flag != "--text" and kind == "text":
         raise DataError(f"{flag} {path} holds texts; a task is prompts with answers: pairs, or conversations that "
                         "end with the assistant's turn")
-    template = chat_template(meta) if kind == "messages" else None
-    if kind == "messages" and template is None:
-        raise DataError(f"{flag} {path} holds conversations, and this model's tokenizer has no chat template to "
-                        "render them with; give prompts and completions, or a model that has one")
+    template = required_template(meta, f"{flag} {path}", "give prompts and completions, or a model that has one") \
+        if kind == "messages" else None
     return kind, docs, template
 
 
-def task_examples(found: tuple, tokenizer: Tokenizer, vocab_size: int, limit: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, expected answer) of each example of a task (the first `limit`, if > 0): a pair's prompt,
-    or the conversation before its last turn rendered with the assistant's turn opened."""
+def task_examples(found: tuple, tokenizer: Tokenizer, vocab_size: int, limit: int, max_new_tokens: int,
+                  stops: set[int]) -> list[tuple[list[int], str, int]]:
+    """(prompt ids, expected answer, tokens to generate at most) of each example of a task (the first `limit`,
+    if > 0): a pair's prompt, or the conversation before its last turn rendered with the assistant's turn
+    opened. Without stop tokens (char), as many tokens as the answer has."""
     kind, docs, template = found
     examples, records = [], (r for document in docs for r in read_records(document))
     for where, record in itertools.islice(records, limit or None):
@@ -85,28 +87,30 @@ def task_examples(found: tuple, tokenizer: Tokenizer, vocab_size: int, limit: in
             else:
                 ids = tokenizer.prefix + tokens_and_mask(tokenizer, record["prompt"], [])[0].tolist()
                 expected = record["completion"]
+            budget = max_new_tokens if stops else len(tokenizer.encode(expected))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         check_in_vocabulary(ids, vocab_size, where)
-        examples.append((ids, expected))
+        examples.append((ids, expected, budget))
     return examples
 
 
 @torch.no_grad()
-def exact_match(model: GPT, tokenizer: Tokenizer, examples: list[tuple[list[int], str]], stops: set[int],
-                max_new_tokens: int, stopping: Callable[[], bool] = lambda: False) -> dict | None:
+def exact_match(model: GPT, tokenizer: Tokenizer, examples: list[tuple[list[int], str, int]], stops: set[int],
+                stopping: Callable[[], bool] = lambda: False, whole: bool = False) -> dict | None:
     """The share of the examples whose greedy continuation, up to a stop token, is the expected answer
-    (whitespace around it aside). Without stop tokens (char), as many tokens as the answer has. None when
-    `stopping()` (Ctrl-C during a run's evaluation) comes first."""
+    (whitespace around it aside); a token the tokenizer does not have (a model with more rows than it)
+    makes the answer wrong. `whole`: generate every example's whole budget, cut at the stop afterwards (under
+    FSDP every process must make the same forward passes). None when `stopping()` (Ctrl-C) comes first."""
     device, correct = next(model.parameters()).device, 0
-    for ids, expected in examples:
+    for ids, expected, budget in examples:
         if stopping():
             return None
-        budget = max_new_tokens if stops else len(tokenizer.encode(expected))
         out = []
         for token in generate_stream(model, torch.tensor([ids], device=device), budget, temperature=0):
-            if token.item() in stops:
-                break
             out.append(token.item())
-        correct += tokenizer.decode(out).strip() == expected.strip()
-    return {"examples": len(examples), "correct": correct, "accuracy": correct / len(examples)}
+            if out[-1] in stops and not whole:
+                break
+        out = out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+        correct += max(out, default=0) < tokenizer.vocab_size and tokenizer.decode(out).strip() == expected.strip()
+    return {"examples": len(examples), "correct": correct, "accuracy": correct / max(len(examples), 1)}

@@ -18,7 +18,7 @@ from datetime import datetime
 import numpy as np
 
 from errors import DataError
-from tokenizer import CHATML, MARKERS, Tokenizer
+from tokenizer import CHATML, MARKED, MARKERS, Tokenizer
 
 # Put in place of an answer to see where the template puts the answer's content: no text holds it.
 MARK = "\ue000tinygpt-answer\ue001"
@@ -86,21 +86,21 @@ class ChatTemplate:
         text, spans = self.answers(messages) if answers else (self.render(messages, add_generation_prompt), [])
         return (*tokens_and_mask(tokenizer, text, spans), len(text.encode("utf-8")))
 
-    def end_of_turn_id(self, tokenizer: Tokenizer) -> int | None:
+    def answer_ends(self, tokenizer: Tokenizer) -> set[int]:
         """The special token the template puts right after an assistant's message (ChatML's <|im_end|>), which
-        ends an answer; None when it puts none."""
+        ends an answer; none when it puts none."""
         probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
         tail = self.render(probe).partition(MARK)[2]
         ending = next((m for m in self.end_of_turn if tail.startswith(m)), None)
-        return tokenizer.tok.token_to_id(ending) if ending else None
+        turn = tokenizer.tok.token_to_id(ending) if ending else None
+        return set() if turn is None else {turn}
 
 
 def answer_stops(tokenizer: Tokenizer, template: ChatTemplate | ChatML | None) -> set[int]:
     """The tokens that end a generated answer (chat.py, eval.py --task): the tokenizer's end-of-text and
     end-of-sequence tokens, and the end-of-turn token the template puts after an assistant's message."""
     stops = set(tokenizer.stop_tokens) | ({tokenizer.eot_token} - {None})
-    turn = template.end_of_turn_id(tokenizer) if template else None
-    return stops | ({turn} if turn is not None else set())
+    return stops | (template.answer_ends(tokenizer) if template else set())
 
 
 class ChatML:
@@ -129,8 +129,9 @@ class ChatML:
         return (np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]),
                 np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in parts]), n_bytes)
 
-    def end_of_turn_id(self, tokenizer: Tokenizer) -> int:
-        return tokenizer.markers[MARKERS[1]]
+    def answer_ends(self, tokenizer: Tokenizer) -> set[int]:
+        """<|im_end|>, and <|im_start|>: a model that opens another turn has ended its own."""
+        return {tokenizer.markers[m] for m in MARKERS}
 
 
 def generation_blocks() -> type:
@@ -164,7 +165,7 @@ def chat_template(meta: dict) -> ChatTemplate | ChatML | None:
     ChatML's markers: char and bpe prepared from conversations, a learned BPE), else a Hugging Face
     tokenizer's Jinja template (its chat_template.jinja, or the chat_template of its tokenizer_config.json);
     None when it has none."""
-    if meta["tokenizer"] in ("char", "bpe"):
+    if meta["tokenizer"] in MARKED:
         return ChatML() if meta.get("markers") else None
     files = meta.get("files") or {}
     config = json.loads(files.get("tokenizer_config.json", "{}"))
@@ -187,6 +188,16 @@ def chat_template(meta: dict) -> ChatTemplate | ChatML | None:
     return ChatTemplate(source, variables, special)
 
 
+def required_template(meta: dict, what: str, fix: str) -> ChatTemplate | ChatML:
+    """The chat template of a tokenizer meta, for the conversations in `what`; refused, with `fix`, when it has
+    none."""
+    template = chat_template(meta)
+    if template is None:
+        raise DataError(f"{what} holds conversations, and the tokenizer has no chat template to render them with; "
+                        f"{fix}")
+    return template
+
+
 def tokens_and_mask(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]], literal: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
     """A text's token ids (no prefix) and the mask of those trained on: 1 for a token that starts inside a
@@ -194,11 +205,11 @@ def tokens_and_mask(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]
     reads a rendered template), unless `literal`; char and bpe tokenizers read any text as text."""
     whole = not spans or spans == [(0, len(text))]  # none or all of it (a prompt, a completion)
     if tokenizer.kind == "hf":
-        tokenizer.tok.encode_special_tokens = literal
+        before, tokenizer.tok.encode_special_tokens = tokenizer.tok.encode_special_tokens, literal
         try:
             encoding = tokenizer.tok.encode(text, add_special_tokens=False)
         finally:
-            tokenizer.tok.encode_special_tokens = False
+            tokenizer.tok.encode_special_tokens = before
         ids, starts = encoding.ids, [start for start, _ in encoding.offsets]
     elif whole:
         ids, starts = tokenizer.encode_array(text), []  # no offsets needed

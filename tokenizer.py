@@ -32,6 +32,7 @@ EOT_TEXT = "<|endoftext|>"  # how the txt format marks a document end for bpe
 # ChatML's markers around each message of a conversation: two ids more for char and bpe tokenizers prepared
 # from conversations (after their own), special tokens in a learned BPE's.
 MARKERS = ("<|im_start|>", "<|im_end|>")
+MARKED = ("char", "bpe")  # the tokenizers that take them as ids of their own
 # A Hugging Face tokenizer's files, carried in its meta and written back into exports.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                       "generation_config.json")
@@ -104,6 +105,8 @@ class BPETokenizer:
         return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids) -> str:
+        if not self.markers:
+            return self.enc.decode(list(ids))
         names, pieces, run = list(self.markers), [], []
         for i in list(ids) + [None]:  # tiktoken knows nothing of the markers: decoded between them
             if i is None or i >= self.enc.n_vocab:
@@ -208,8 +211,8 @@ def learn_bpe(texts: Iterator[str], vocab_size: int) -> dict:
     """A byte-level BPE learned from `texts` (an iterator of strings) with the `tokenizers` library, as a
     Hugging Face tokenizer's meta (its tokenizer.json and tokenizer_config.json, so that checkpoints and
     exports carry it and AutoTokenizer loads it): "<|endoftext|>" ends documents, and ChatML's markers are
-    special tokens, with ChatML as its chat template, so that it can be trained on conversations (as with
-    any Hugging Face tokenizer, a text that holds a marker reads as that marker, as transformers reads it).
+    special tokens, with ChatML as its chat template, so that it can be trained on conversations (built
+    from tokens by templates.ChatML: a message that holds a marker's text keeps it as text).
     bpe.py shows how the merges are learned."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -277,8 +280,9 @@ def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[st
         return [f"data.bpe_encoding: {a.get('encoding')!r} {a_name}, {b.get('encoding')!r} {b_name}"]
     if a["tokenizer"] == "char" and b.get("chars") is not None and a.get("chars") != b["chars"]:
         return [f"other characters ({len(a.get('chars') or '')} {a_name}, {len(b['chars'])} {b_name})"]
-    if a["tokenizer"] in ("char", "bpe") and "markers" in b and a.get("markers") != b["markers"]:
-        return [f"chat markers: {a.get('markers', 'none')} {a_name}, {b['markers'] or 'none'} {b_name}"]
+    # A whole meta (a model's, with its vocab_size) has markers or none; settings leave them to the data.
+    if a["tokenizer"] in MARKED and ("markers" in b or "vocab_size" in b) and a.get("markers") != b.get("markers"):
+        return [f"chat markers: {a.get('markers', 'none')} {a_name}, {b.get('markers', 'none')} {b_name}"]
     if a["tokenizer"] == "hf" and "sha256" in b and a.get("sha256") != b["sha256"]:
         return [f"another tokenizer.json {a_name} than {b_name}"]
     return []

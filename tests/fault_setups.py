@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -17,6 +18,16 @@ from safetensors.torch import load_file, save_file
 
 import files
 import train
+
+
+@dataclass
+class Case:
+    """One fault of tests/test_faults.py: a script's command line, and what its one error line must name."""
+    id: str
+    script: str
+    argv: list[str]
+    names: str  # what the one error line must mention: the file or setting at fault
+    setup: object = None  # setup(world, case_dir) -> None: makes the bad file, holds a lock...
 
 
 def tiny(out_dir, data_dir, *extra) -> list[str]:

@@ -5,6 +5,7 @@ transformers' apply_chat_template's, and chat.py answers as transformers' genera
 
 from __future__ import annotations
 
+import io
 import re
 
 import jinja2
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import chat
 import export
 import prepare
 import train
@@ -83,7 +85,8 @@ def test_a_gpt2_bpe_export_tokenizes_conversations_as_transformers_and_chat_answ
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     lines, _ = scripted(monkeypatch, capsys, ["--ckpt", str(tmp_path / "run"), "--temperature", "0",
                                               "--max-new-tokens", "6", "--device", "cpu"], ["Hi", "2+2?"])
-    expected = transformers_answers(model, theirs, ["Hi", "2+2?"], 6, [50258, 50256])
+    assert model.generation_config.eos_token_id == [50256, 50257, 50258]  # end of text, of turn, a new turn
+    expected = transformers_answers(model, theirs, ["Hi", "2+2?"], 6, model.generation_config.eos_token_id)
     assert lines == [a.replace("\\", "\\\\").replace("\n", "\\n") for a in expected]
 
 
@@ -102,12 +105,23 @@ def test_chat_with_a_char_model_answers_as_transformers_generates(tmp_path, monk
     ids = [i for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", rendered([{"role": "user", "content": "Hi"}],
                                                                               True))
            for i in spell.get(piece, [chars.index(c) for c in piece])]
-    out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=end,
+    stops = model.generation_config.eos_token_id  # the export's: either marker ends an answer
+    assert stops == [len(chars), end]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=stops,
                          pad_token_id=end)[0, len(ids):].tolist()
-    expected = "".join(chars[i] for i in (out[:out.index(end)] if end in out else out))
-    lines, _ = scripted(monkeypatch, capsys, ["--ckpt", str(tmp_path / "run"), "--temperature", "0",
-                                              "--max-new-tokens", "6", "--device", "cpu"], ["Hi"])
+    expected = "".join(chars[i] for i in out[:next((k for k, i in enumerate(out) if i in stops), len(out))])
+    argv = ["--ckpt", str(tmp_path / "run"), "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+    lines, _ = scripted(monkeypatch, capsys, argv, ["Hi"])
     assert lines == [expected.replace("\\", "\\\\").replace("\n", "\\n")]
+    # What a char model cannot read: a message gets a notice and an empty answer, a system message a notice
+    # (and the conversation goes on as it was); one given with --system ends chat.py in one line.
+    lines, err = scripted(monkeypatch, capsys, argv, ["Hi ¤", "/system ¤", "Hi"])
+    assert lines == ["", lines[1]] and lines[1] == lines[1].strip() and err.count("notice: ") == 2
+    assert "notice: /system: characters not in the vocabulary: '¤'" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert chat.main([*argv, "--system", "¤"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --system: characters not in the vocabulary")
 
 
 def test_a_model_trained_on_text_has_no_markers_for_conversations(tmp_path):

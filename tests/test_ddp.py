@@ -92,3 +92,29 @@ def test_a_lora_run_on_two_processes_equals_one_process(tmp_path, char_data):
     for k in single:
         assert torch.allclose(single[k], ddp[k], atol=1e-5), k
     assert any(v.abs().max() > 1e-3 for k, v in single.items() if k.endswith("lora_B"))  # the adapters trained
+
+
+@pytest.mark.slow
+def test_conversations_with_the_loss_on_the_answers_and_a_task_on_two_processes_equal_one(tmp_path):
+    """Records keep the promise of text: the masks, the windows at record starts and the documents of a
+    packed window are a pure function of the data, so two processes train exactly as one; the task is
+    checked by rank 0 alone, on the same weights."""
+    import prepare
+    from config import DataConfig
+
+    chats = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+             for a in range(9) for b in range(9)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats[:8]))
+    prepare.prepare(DataConfig(input=str(tmp_path / "chat.jsonl"), processed_dir=str(tmp_path / "p")), progress=False)
+    extra = ("--data.doc_mask", "true", "--model.block_size", "32", "--training.task", str(tmp_path / "task.jsonl"))
+    train.main(load_config(args(tmp_path / "single", str(tmp_path / "p"), *extra)))
+    r = torchrun(*args(tmp_path / "ddp", str(tmp_path / "p"), *extra))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for k in single:
+        assert torch.allclose(single[k], ddp[k], atol=1e-5), k
+    s_log, d_log = (json.loads((tmp_path / run / "train_log.json").read_text())["evals"] for run in ("single", "ddp"))
+    assert [e["task_accuracy"] for e in s_log] == [e["task_accuracy"] for e in d_log]
+    assert [e["val_loss"] for e in s_log] == pytest.approx([e["val_loss"] for e in d_log], abs=1e-5)
+    assert r.stdout.count("eval step 6:") == 1 and ", task " in r.stdout

@@ -14,7 +14,6 @@ import os
 import re
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -31,23 +30,14 @@ import prepare
 import sample
 import train
 from conftest import ROOT, prepare_text
-from fault_setups import (chat_folder, change_weights, copy, drop_tensor, edit_json, held_lock, lora_run, non_finite,
-                          offline_tiktoken, poke_token, quiet_train, resave, shard_outside, shard_with_one_missing,
-                          snapshot, tiny, with_huge_weight, with_tokenizer_json, without_pyarrow,
-                          write)
+from fault_setups import (Case, chat_folder, change_weights, copy, drop_tensor, edit_json, held_lock, lora_run,
+                          non_finite, offline_tiktoken, poke_token, quiet_train, resave, shard_outside,
+                          shard_with_one_missing, snapshot, tiny, with_huge_weight, with_tokenizer_json,
+                          without_pyarrow, write)
 
 SCRIPTS = {"prepare": prepare.main, "train": train.cli, "sample": sample.main, "export": export.main,
            "plot": plot.main, "bench": bench.main, "eval": evaluate.main, "chat": chat.main}
 NOT_A_FOLDER = "/dev/null/x"  # a path under a file: no folder can be made there, even by root
-
-
-@dataclass
-class Case:
-    id: str
-    script: str
-    argv: list[str]
-    names: str  # what the one error line must mention: the file or setting at fault
-    setup: object = None  # setup(world, case_dir) -> None: makes the bad file, holds a lock...
 
 
 def cases(w: Path) -> list[Case]:
@@ -98,8 +88,9 @@ def cases(w: Path) -> list[Case]:
                                                             "--data.processed_dir", str(d / "o")], "pyarrow",
              lambda w, d: (write(d / "r.parquet", b"PAR1"), without_pyarrow())[1]),
         Case("train-conversations-on-a-model-of-text", "train",
-             tiny(d / "o", d / "p", "--data.input", str(d / "chat.jsonl"), "--training.init_from",
-                  str(run / "ckpt_best.pt")), "training.init_from", lambda w, d: chat_folder(d / "hf", None)),
+             tiny(d / "o", d / "p", "--data.input", str(d / "c.jsonl"), "--training.init_from", str(run)),
+             "training.init_from", lambda w, d: write(d / "c.jsonl", '{"messages": [{"role": "user", "content": "x"}, '
+                                                      '{"role": "assistant", "content": "y"}]}\n' * 9)),
         Case("train-task-of-texts", "train", tiny(d / "o", data, "--training.task", str(d / "t.jsonl")),
              "training.task", lambda w, d: write(d / "t.jsonl", '{"text": "2+2=4"}\n' * 3)),
         Case("prepare-conversations-and-a-tokenizer-without-a-template", "prepare",
@@ -116,12 +107,9 @@ def cases(w: Path) -> list[Case]:
         Case("prepare-parquet-damaged", "prepare", ["--data.input", str(d / "r.parquet"), "--data.processed_dir",
                                                     str(d / "o")], "r.parquet",
              lambda w, d: write(d / "r.parquet", b"PAR1 not really parquet PAR1")),
-        Case("prepare-mixture-weight-not-positive", "prepare", ["--data.input", f"{d / 'a.jsonl'}, {d / 'b.jsonl'}",
-                                                                "--data.weights", "3, 0", "--data.processed_dir",
-                                                                str(d / "o")], "data.weights"),
-        Case("prepare-mixture-weights-miscounted", "prepare", ["--data.input", f"{d / 'a.jsonl'}, {d / 'b.jsonl'}",
-                                                               "--data.weights", "1", "--data.processed_dir",
-                                                               str(d / "o")], "data.weights"),
+        *(Case(f"prepare-mixture-weights-{name}", "prepare", ["--data.input", f"{d / 'a.jsonl'}, {d / 'b.jsonl'}",
+              "--data.weights", weights, "--data.processed_dir", str(d / "o")], "data.weights")
+          for name, weights in (("not-positive", "3, 0"), ("miscounted", "1"))),
         Case("prepare-mixture-of-texts", "prepare", ["--data.input", f"{d / 'a.txt'}, {d / 'b.txt'}", "--data.weights",
                                                      "1, 2", "--data.processed_dir", str(d / "o")], "data.weights",
              lambda w, d: (write(d / "a.txt", "some text\n" * 50), write(d / "b.txt", "more text\n" * 50))),

@@ -60,9 +60,14 @@ SAMPLES = ("--training.sample_tokens", "8")  # drawn from a generator of their o
 def runs(tmp_path_factory, char_data):
     """test_ddp.args's run in one process, and by DDP and FSDP in 2 processes each."""
     d = tmp_path_factory.mktemp("runs")
-    train.main(load_config(args(d / "single", char_data, *SAMPLES)))
-    ok(torchrun(*args(d / "ddp", char_data, *SAMPLES)))
-    r = torchrun(*args(d / "fsdp", char_data, *SAMPLES, *FSDP))
+    # A task too: DDP shares its examples out, FSDP answers all of them on every process, to the end of
+    # every budget (each forward gathers the weights: the processes must make the same calls).
+    (d / "task.jsonl").write_text("".join(f'{{"prompt": "{w}:", "completion": " {w.lower()}"}}\n'
+                                          for w in ("ROMEO", "JULIET", "KING", "QUEEN", "FIRST")))
+    extra = (*SAMPLES, "--training.task", str(d / "task.jsonl"))
+    train.main(load_config(args(d / "single", char_data, *extra)))
+    ok(torchrun(*args(d / "ddp", char_data, *extra)))
+    r = torchrun(*args(d / "fsdp", char_data, *extra, *FSDP))
     ok(r)
     (d / "fsdp_stdout.txt").write_text(r.stdout)
     return d
@@ -84,6 +89,8 @@ def test_two_sharded_processes_equal_one_process_and_ddp(runs, tmp_path, char_da
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
         assert len(b["sample"]) == 8  # every process generates it, gathering the weights together
     assert s_log["evals"][0]["sample"] == f_log["evals"][0]["sample"]  # from the same weights at step 0
+    tasks = [[e["task_accuracy"] for e in log(runs / name)["evals"]] for name in ("single", "ddp", "fsdp")]
+    assert tasks[0] == tasks[1] == tasks[2] and len(tasks[0]) == 3
     # The checkpoint is an ordinary one: the optimizer state of one process, by parameter index.
     single_opt, fsdp_opt = (torch.load(runs / n / "ckpt_last.pt", weights_only=True)["optimizer"]
                             for n in ("single", "fsdp"))

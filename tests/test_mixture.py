@@ -52,6 +52,22 @@ def test_weights_set_each_inputs_share_and_no_record_is_left_out(two_inputs):
     assert sum(copies) == round(54 * 1.5 / 2) == 40 and set(copies) == {2, 3} and not set(b[18:]) & set(train)
     assert meta["records"]["train"] == 94 and meta["records"]["inputs"][1] == {
         "input": str(tmp / "b.jsonl"), "train": 18, "val": 2, "train_copies": 40}
+    # Copies come in rounds (b0..b17, b0..b17, then every third or so): never two of one record side by side,
+    # where a window would hold the answer just before the same question.
+    order = records_of(tmp / "out", "train")
+    assert order[54:72] == b[:18] == order[72:90] and all(x != y for x, y in zip(order, order[1:]))
+
+
+@pytest.mark.parametrize("weights, message", [("2", "data.input names one"), ("1, 1000", "repeat each record"),
+                                              ("1, x", "not a list of numbers")])
+def test_weights_that_mix_nothing_or_would_fill_the_disk_are_refused(two_inputs, weights, message, capsys):
+    tmp, _, _ = two_inputs
+    inputs = str(tmp / "a.jsonl") if weights == "2" else f"{tmp / 'a.jsonl'}, {tmp / 'b.jsonl'}"
+    assert prepare.main(["--data.input", inputs, "--data.weights", weights, "--data.processed_dir",
+                         str(tmp / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: data.weights") and message in err, err
+    assert not (tmp / "out" / "meta.json").exists()
 
 
 def test_copies_are_spread_evenly():

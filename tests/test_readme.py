@@ -204,9 +204,10 @@ def run_readme_command(cmd: str, repo: Path, max_iters: MaxIters) -> bool:
             return True
         argv = [*argv, "--device", "cuda"]  # outranks the device of BENCH_SHORT's preset (smoke: cpu)
     if argv[1] == "prepare.py" and "--data.input" in argv:
-        source = repo / argv[argv.index("--data.input") + 1]
-        if not source.exists():  # "your own text": a stand-in made from the shipped corpus
-            source.write_text(CORPUS.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+        for name in config.inputs_of(argv[argv.index("--data.input") + 1]):
+            source = repo / name
+            if not source.exists() and source.suffix == ".txt":  # "your own text": a stand-in from the corpus
+                source.write_text(CORPUS.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
     script_args = shortened(argv[1:], max_iters(argv))
     check_run([sys.executable, *script_args], repo, cmd, stdin="What is 12 + 30?\n" if argv[1] == "chat.py" else None)
     return True

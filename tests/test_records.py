@@ -341,3 +341,13 @@ def test_eval_task_counts_exact_answers(tmp_path, capsys):
                           "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["examples"], result["correct"], result["accuracy"]) == (4, 3, 0.75)
+
+
+def test_an_empty_completion_trains_the_end_of_text_after_it(tmp_path):
+    """A pair whose answer is nothing: the model learns to stop at once (the end-of-text token is its target)."""
+    d = DataConfig(input=write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say nothing:", "completion": ""}] * 10),
+                   tokenizer="bpe", processed_dir=str(tmp_path / "out"))
+    meta = prepare.prepare(d, progress=False)
+    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    mask = np.fromfile(tmp_path / "out" / "train.mask", dtype=np.uint8)
+    assert meta["trained"]["train"] == 9 and mask[tokens == meta["eot_token"]].tolist() == [1] * 9

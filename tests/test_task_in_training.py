@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import eval as evaluate
 import plot
 import prepare
 import train
+from checkpoint import load_weights
 from config import DataConfig
 from errors import DataError
+from model import GPT
 from test_records import write_jsonl
 from test_train_metrics import read_log, tiny
 
@@ -43,9 +46,32 @@ def test_the_task_is_checked_at_each_evaluation_as_eval_py_checks_it(sums, tmp_p
         assert evaluate.main(["--ckpt", str(tmp_path / "run" / ckpt), "--task", str(sums / "test.jsonl"),
                               "--limit", "20", "--json", "--device", "cpu"]) == 0
         assert json.loads(capsys.readouterr().out)["accuracy"] == logged["task_accuracy"]
+        assert by_hand(tmp_path / "run" / ckpt, ECHO[150:170]) == logged["task_accuracy"]
+    # The task reads the weights and nothing else: the run trains exactly as without it.
+    train.main(tiny(tmp_path / "plain", sums / "p", "--training.save_best", "false", "--training.max_iters", "200",
+                    "--training.eval_interval", "100", "--training.learning_rate", "1e-2"))
+    plain = load_weights(tmp_path / "plain" / "ckpt_last.pt").state_dict
+    assert all(torch.equal(v, plain[k]) for k, v in load_weights(tmp_path / "run" / "ckpt_last.pt").state_dict.items())
+    assert [e["val_loss"] for e in read_log(tmp_path / "plain")["evals"]] == [e["val_loss"] for e in evals]
     fig = plot.plot_logs({"run": plot.load_log(tmp_path / "run" / "train_log.json")}, None)
     (panel,) = [ax for ax in fig.axes if ax.get_ylabel() == "task accuracy"]
     assert list(panel.get_lines()[0].get_ydata()) == [e["task_accuracy"] for e in evals]
+
+
+def by_hand(ckpt, examples: list[dict]) -> float:
+    """The accuracy computed another way: the whole prompt through the model at each step (no KV cache, no
+    generate.py), the most likely character appended, as many characters as the answer has."""
+    weights = load_weights(ckpt)
+    model = GPT.from_state_dict(weights.model, weights.state_dict).eval()
+    chars, right = weights.meta["chars"], 0
+    for example in examples:
+        ids = [chars.index(c) for c in example["prompt"]]
+        for _ in example["completion"]:
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        answer = "".join(chars[i] for i in ids[len(example["prompt"]):])
+        right += answer.strip() == example["completion"].strip()
+    return right / len(examples)
 
 
 def test_a_task_of_texts_is_refused_before_the_run_starts(sums, tmp_path):
