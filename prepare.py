@@ -220,8 +220,8 @@ def prepare_command(d: DataConfig) -> str:
     bpe = f" --data.bpe_encoding {d.bpe_encoding}" if d.tokenizer == "bpe" else \
         f" --data.tokenizer_path {d.tokenizer_path}" if d.tokenizer == "hf" else \
         f" --data.vocab_size {d.vocab_size}" if d.tokenizer == "train-bpe" else ""
-    return (f"python prepare.py --data.input {shlex.quote(d.input)} --data.processed_dir {d.processed_dir} --data.tokenizer "
-            f"{d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction}"
+    return (f"python prepare.py --data.input {shlex.quote(d.input)} --data.processed_dir {d.processed_dir} "
+            f"--data.tokenizer {d.tokenizer}{bpe} --data.format {d.format} --data.val_fraction {d.val_fraction}"
             + (f" --data.loss_on {d.loss_on}" if d.loss_on != "answers" else "")
             + (f" --data.weights {shlex.quote(d.weights)}" if d.weights else "") + " --force")
 
