@@ -8,7 +8,7 @@ record's keys:
 
 in `.jsonl` files (one record per line), `.json` files (an array of records) or `.parquet` files (read with
 pyarrow); several inputs may be mixed (`mixture`). prepare.py turns each record into token ids and a mask
-of the ids trained on (`encoded_records`: a text or a pair by `record_text` and `tokens_and_mask`, a
+of the ids trained on (`encoded_records`: a text or a pair by `record_pieces` and `tokens_and_mask`, a
 conversation by its template), which it stores beside the tokens, with where each record starts: with
 data.loss_on = "answers", a pair trains on its completion and a conversation on each assistant turn's
 content and the end-of-turn token after it, nothing of the template around them.
@@ -180,7 +180,7 @@ def records_summary(meta: dict) -> str:
 
 # ----------------------------------------------------------------------------- records to tokens
 
-def record_text(record: dict, kind: str, loss_on: str) -> list[tuple[str, list[tuple[int, int]]]]:
+def record_pieces(record: dict, kind: str, loss_on: str) -> list[tuple[str, list[tuple[int, int]]]]:
     """A document or a pair as pieces of text to tokenize one after the other, each with the character spans
     of it that are trained on. A pair is two pieces, its prompt and its completion, so that no token
     straddles them (the completion's first token is one the model learns to give after the prompt, as in
@@ -208,7 +208,7 @@ def encoded_records(docs: list[Path], kind: str, template: ChatTemplate | ChatML
                     parts = [(ids, mask if loss_on == "answers" else np.ones_like(mask))]
                     trained_end = bool(len(mask) and parts[0][1][-1])  # the template's text ends with an answer
                 else:
-                    pieces = record_text(record, kind, loss_on)
+                    pieces = record_pieces(record, kind, loss_on)
                     parts = [tokens_and_mask(tokenizer, text, spans) for text, spans in pieces]
                     n_bytes = sum(len(text.encode("utf-8")) for text, _ in pieces)
                     trained_end = bool(pieces[-1][1])  # the completion, or the text: even an empty one
