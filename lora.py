@@ -60,17 +60,20 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., P r) -> (..., out): thin matmuls, never the (out, in) matrix B A.
         h = F.linear(self.dropout(x), self.lora_A)
-        if len(self.parts) == 1:
-            update = F.linear(h, self.lora_B)
-        else:  # projection i: its r columns of h through its rows of B
-            update = torch.cat([F.linear(hi, Bi) for hi, Bi in zip(h.split(self.rank, -1),
-                                                                    self.lora_B.split(self.parts))], dim=-1)
-        return F.linear(x, self.weight, self.bias) + self.scale * update
+        y = F.linear(x, self.weight, self.bias)  # (..., out): the frozen layer
+        # addmm adds h (scale B)^T to y inside the one matmul: no separate passes over the (..., out)
+        # output to scale the update and add it (the scale multiplies B's out x P r numbers instead).
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.scaled_B().t()).view(y.shape)
+
+    def scaled_B(self) -> torch.Tensor:
+        """(alpha / r) B as one (out, P r) matrix: projection i's rows hold its B_i in its r columns and zeros
+        elsewhere (block-diagonal), so that each projection sees only its own A_i x, in one contiguous matmul."""
+        blocks = self.lora_B.split(self.parts)  # (rows_i, r) each
+        return self.scale * (blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks))
 
     def delta(self) -> torch.Tensor:
         """The update as a matrix, (alpha / r) B A (out, in): each projection's B_i A_i, stacked."""
-        return self.scale * torch.cat([Bi @ Ai for Ai, Bi in zip(self.lora_A.split(self.rank),
-                                                                  self.lora_B.split(self.parts))])
+        return self.scaled_B() @ self.lora_A
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:

@@ -31,7 +31,7 @@ class BenchOptions:
     what: str = doc("comma-separated names of benchmarks (see above)", "train,sample,prepare")
     steps: int = doc("timed training steps per precision", 5, within="[1, inf)")
     warmup: int = doc("untimed training steps first", 2, within="[0, inf)")
-    repeats: int = doc("repeats for sample and prepare", 3, within="[1, inf)")
+    repeats: int = doc("repeats for sample and prepare; turns of each side for peft", 3, within="[1, inf)")
     json: str = doc("also write the results to this file; empty: do not", "")
 
 

@@ -1,7 +1,7 @@
 """Against what people would use otherwise, on the same real model: LoRA fine-tuning with a plain
 transformers + PEFT loop, and generation with transformers' generate. The same weights (a Hugging Face
 folder), batches, length, LoRA rank and targets, and precision on both sides; each side's training in a
-fresh process of its own, which reports its ms per step and its peak memory:
+fresh process of its own, which reports its ms per step and its peak memory, the two sides taking turns:
 
     python bench.py --what peft --config configs/finetune/smollm2_lora.toml
     python bench.py --what peft --config configs/finetune/smollm2_lora.toml --training.compile true
@@ -40,33 +40,46 @@ GENERATED = 256  # tokens per greedy generation
 
 def bench_peft(opts: BenchOptions, cfg: Config, device: str) -> list[dict]:
     """ms per LoRA step (median after the warm-up steps) and peak RSS, ours against transformers + PEFT, at
-    each precision the device has; then greedy generation of 256 tokens with the KV cache, ms per token."""
+    each precision the device has, the two sides' processes taking turns --repeats times; then greedy
+    generation of 256 tokens with the KV cache, ms per token."""
     if cfg.lora.rank == 0 or not cfg.training.init_from:
         raise ConfigError("--what peft compares LoRA on a pretrained model: give a config with lora.rank > 0 and "
                           "training.init_from, e.g. --config configs/finetune/smollm2_lora.toml")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = export.export(cfg.training.init_from, Path(tmp) / "hf", "hf")  # both sides read the same folder
+        ours_name = "tinygpt" + (", compiled" if cfg.training.compile else "")
+        names = {"ours": ours_name, "peft": "transformers + PEFT"}
         for precision in precisions(torch.device(device).type):
-            sides, ours_name = {}, "tinygpt" + (", compiled" if cfg.training.compile else "")
-            for side, name in (("ours", ours_name), ("peft", "transformers + PEFT")):
-                argv = preset_argv(cfg, "--device", device, "--training.precision", precision,
-                                   "--training.init_from", str(folder),
-                                   "--max-iters", str(opts.warmup + opts.steps), "--training.log_interval", "1",
-                                   "--training.eval_interval", str(10**9), "--training.eval_batches", "1",
-                                   "--training.out_dir", f"{tmp}/{len(sides)}_{precision}")
-                r = subprocess.run([sys.executable, "-m", "benchmarks.peers", side, str(opts.warmup), *argv], cwd=ROOT,
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    print(r.stderr[-3000:], file=sys.stderr)
-                    raise UserError(f"--what peft: the {name} run failed (exit {r.returncode}); its output is above")
-                sides[name] = json.loads(r.stdout.rsplit("result: ", 1)[1])
+            runs = {side: [] for side in names}
+            for turn in range(opts.repeats):  # A B A B ...: a slower spell of the machine hits both sides
+                for side in names:
+                    argv = preset_argv(cfg, "--device", device, "--training.precision", precision,
+                                       "--training.init_from", str(folder),
+                                       "--max-iters", str(opts.warmup + opts.steps), "--training.log_interval", "1",
+                                       "--training.eval_interval", str(10**9), "--training.eval_batches", "1",
+                                       "--training.out_dir", f"{tmp}/{side}_{precision}_{turn}")
+                    runs[side].append(one_side(side, names[side], opts.warmup, argv))
+            for side, name in names.items():
                 rows.append({"bench": "peft", "what": f"LoRA {name}, {precision}",
-                             "ms_per_step": sides[name]["ms_per_step"], "peak_rss_mb": sides[name]["peak_rss"] / 2**20})
+                             "ms_per_step": statistics.median(r["ms_per_step"] for r in runs[side]),
+                             "peak_rss_mb": max(r["peak_rss"] for r in runs[side]) / 2**20})
+            pairs = [theirs["ms_per_step"] / ours["ms_per_step"] for ours, theirs in zip(runs["ours"], runs["peft"])]
+            turns = ", ".join(f"{r:.2f}x" for r in pairs)
             rows.append({"bench": "peft", "what": f"LoRA speed: {ours_name} / transformers + PEFT, {precision}",
-                         "ratio": sides["transformers + PEFT"]["ms_per_step"] / sides[ours_name]["ms_per_step"]})
+                         "ratio": statistics.median(pairs), "result": f"each turn: {turns}"})
         rows += generation(opts, folder, device)
     return rows
+
+
+def one_side(side: str, name: str, warmup: int, argv: list[str]) -> dict:
+    """One side's training in a fresh process (this module run as a script): its ms per step and peak RSS."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.peers", side, str(warmup), *argv], cwd=ROOT,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        raise UserError(f"--what peft: the {name} run failed (exit {r.returncode}); its output is above")
+    return json.loads(r.stdout.rsplit("result: ", 1)[1])
 
 
 def generation(opts: BenchOptions, folder: Path, device: str) -> list[dict]:

@@ -21,15 +21,18 @@ from config import Config, DataConfig
 from errors import DataError, UserError
 from tokenizer import BPETokenizer, split_safely
 from generate import generate
+from lora import add_adapters
 from monitor import estimate_mfu
 from runtime import autocast, peak_flops, profile_table, profiler
 
 
 def plain_loop(cfg: Config, device: str, precision: str = "fp32"):
-    """The plainest eager PyTorch training step over the same model and batch size: a function
-    that runs one step. fp32, or bf16 autocast for the profile."""
+    """The plainest eager PyTorch training step over the same model and batch size (and LoRA adapters, with
+    lora.rank > 0): a function that runs one step. fp32, or bf16 autocast for the profile."""
     model = model_for(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if cfg.lora.rank:  # random weights of init_from's shape: the same work per step as its fine-tune
+        add_adapters(model, cfg.lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t = cfg.training
     x = torch.randint(model.config.vocab_size, (t.batch_size, model.config.block_size), device=device)
 

@@ -6,7 +6,8 @@ import pytest
 
 import bench
 import train
-from benchmarks import common, gpu
+from benchmarks import common, gpu, speed
+from lora import add_adapters
 from options import load_config
 from conftest import ROOT
 
@@ -39,6 +40,16 @@ def test_profile_prints_the_top_operators(capsys):
     out = capsys.readouterr().out
     assert "profile: 1 steps, fp32," in out
     assert "aten::mm" in out and "Self CPU time total" in out
+
+
+def test_the_profile_of_a_lora_config_has_its_adapters(tmp_path, char_data, capsys, monkeypatch):
+    adapted = []
+    monkeypatch.setattr(speed, "add_adapters", lambda model, cfg: adapted.append(cfg.rank) or add_adapters(model, cfg))
+    base = ["--data.processed_dir", char_data, "--model.block_size", "16"]
+    train.main(load_config([*TINY[:4], *TINY[8:], *base, "--max-iters", "1", "--training.out_dir", str(tmp_path)]))
+    lora = ["--training.init_from", str(tmp_path), "--lora.rank", "2"]
+    assert bench.main(["--what", "profile", *TINY, *base, *lora]) == 0
+    assert adapted == [2] and "profile: 1 steps, fp32," in capsys.readouterr().out
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
@@ -162,3 +173,28 @@ def test_records_preparation_is_timed_and_its_memory_measured():
     [row] = bench_records(None, None, "cpu", target_mb=1)
     assert row["what"] == "prepare.py, 3 MB of JSONL pairs, bpe" and row["seconds"] > 0
     assert 50 < row["peak_rss_mb"] < 2000  # torch and tiktoken loaded: tens of MB at least
+
+
+def test_peft_sides_take_turns_and_each_turn_is_a_ratio(monkeypatch, tmp_path):
+    """The two sides' processes alternate (A B A B A B), and the speed-up is the median of the turns' ratios,
+    so that a slow spell of the machine, which slows both sides of a turn, cancels out."""
+    from benchmarks import peers
+
+    calls = []
+    times = {"ours": [100, 200, 300], "peft": [150, 200, 390]}  # turns: 1.5x, 1.0x, 1.3x
+
+    def one_side(side, name, warmup, argv):
+        calls.append(side)
+        return {"ms_per_step": times[side][calls.count(side) - 1], "peak_rss": 2**20 * len(calls)}
+
+    monkeypatch.setattr(peers, "one_side", one_side)
+    monkeypatch.setattr(peers.export, "export", lambda *args: tmp_path)
+    monkeypatch.setattr(peers, "generation", lambda opts, folder, device: [])
+    monkeypatch.setattr(peers, "precisions", lambda device_type: ["fp32"])
+    opts, cfg = bench.parse(["--lora.rank", "2", "--training.init_from", str(tmp_path)], common.BenchOptions,
+                            program="bench.py", preset="configs/finetune/smollm2_lora.toml")
+    ours, theirs, speed_up = peers.bench_peft(opts, cfg, "cpu")
+    assert calls == ["ours", "peft"] * 3
+    assert (ours["ms_per_step"], theirs["ms_per_step"]) == (200, 200)  # medians: 1.0x between them
+    assert (ours["peak_rss_mb"], theirs["peak_rss_mb"]) == (5, 6)  # the largest of each side's turns
+    assert speed_up["ratio"] == 1.3 and speed_up["result"] == "each turn: 1.50x, 1.00x, 1.30x"

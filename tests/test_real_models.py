@@ -19,7 +19,9 @@ import sample
 import train
 from checkpoint import CheckpointError, load_weights
 from conftest import CORPUS
+from config import LoraConfig
 from generate import generate
+from lora import LoRALinear, add_adapters
 from model import GPT
 from options import load_config
 from tokenizer import hf_tokenizer_meta, tokenizer_from_meta
@@ -168,6 +170,44 @@ def test_lora_adapters_load_in_peft_onto_the_original_folder(tmp_path, char_data
     with torch.no_grad():  # the model scores 96 ids, the 65 characters are all a char model can spell (load_model)
         logits = peft(tokens).logits[0, :-1, :65]
     assert abs(torch.nn.functional.cross_entropy(logits, tokens[0, 1:]).item() - loss) < 1e-4
+
+
+@pytest.mark.parametrize("shape", ["smollm2", "qwen2.5"])
+def test_lora_loss_and_gradients_equal_peft(tmp_path, shape):
+    """Our adapters (one LoRALinear per stacked layer: c_attn holds q, k and v, c_fc gate and up) and
+    PEFT's (one per projection), holding the same numbers, give the same loss and the same gradients."""
+    import peft
+    import hf
+
+    theirs = saved_by_transformers(tmp_path / "hf", shape)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=2, lora_alpha=6, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    mine = ours(load_weights(tmp_path / "hf"))
+    add_adapters(mine, LoraConfig(rank=2, alpha=6, targets="all"))
+    pairs = []  # (our adapter slice, PEFT's adapter matrix)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, layer in mine.named_modules():
+            if not isinstance(layer, LoRALinear):
+                continue
+            layer.lora_B.normal_(0, 0.1)  # B = 0 at the start would hide a wrong B
+            for module, i, rows in zip(hf.module_names(mine.config, name), range(len(layer.parts)), layer.parts):
+                peft_layer = theirs.base_model.model.get_submodule(module)
+                a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+                start = sum(layer.parts[:i])
+                a.copy_(layer.lora_A[2 * i:2 * i + 2]), b.copy_(layer.lora_B[start:start + rows])
+                pairs += [(("lora_A", slice(2 * i, 2 * i + 2)), layer, a),
+                          (("lora_B", slice(start, start + rows)), layer, b)]
+    x, y = ids(VOCAB, 24), ids(VOCAB, 24, seed=2)
+    mine.train()
+    _, loss = mine(x, y)
+    loss.backward()
+    their_loss = torch.nn.functional.cross_entropy(theirs(input_ids=x).logits.flatten(0, 1), y.flatten())
+    their_loss.backward()
+    assert abs(loss.item() - their_loss.item()) < 1e-5
+    for (param, rows), layer, theirs_param in pairs:
+        assert torch.allclose(getattr(layer, param).grad[rows], theirs_param.grad, atol=1e-6, rtol=1e-4)
+    assert len(pairs) == 2 * 7 * 2  # two matrices for each of the 7 projections of the 2 blocks
 
 
 # ----------------------------------------------------------------------------- fitting the machine
