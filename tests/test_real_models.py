@@ -184,20 +184,16 @@ def test_lora_loss_and_gradients_equal_peft(tmp_path, shape):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     mine = ours(load_weights(tmp_path / "hf"))
     add_adapters(mine, LoraConfig(rank=2, alpha=6, targets="all"))
-    pairs = []  # (our adapter slice, PEFT's adapter matrix)
+    pairs = []  # (our adapted layer, PEFT's layers of the projections it stacks)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, layer in mine.named_modules():
-            if not isinstance(layer, LoRALinear):
-                continue
-            layer.lora_B.normal_(0, 0.1)  # B = 0 at the start would hide a wrong B
-            for module, i, rows in zip(hf.module_names(mine.config, name), range(len(layer.parts)), layer.parts):
-                peft_layer = theirs.base_model.model.get_submodule(module)
-                a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-                start = sum(layer.parts[:i])
-                a.copy_(layer.lora_A[2 * i:2 * i + 2]), b.copy_(layer.lora_B[start:start + rows])
-                pairs += [(("lora_A", slice(2 * i, 2 * i + 2)), layer, a),
-                          (("lora_B", slice(start, start + rows)), layer, b)]
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.normal_(0, 0.1)  # B = 0 at the start would hide a wrong B
+                peft_layers = [theirs.base_model.model.get_submodule(m) for m in hf.module_names(mine.config, name)]
+                for peft_layer, A, B in zip(peft_layers, layer.lora_A.split(2), layer.lora_B.split(layer.parts)):
+                    peft_layer.lora_A["default"].weight.copy_(A), peft_layer.lora_B["default"].weight.copy_(B)
+                pairs.append((layer, peft_layers))
     x, y = ids(VOCAB, 24), ids(VOCAB, 24, seed=2)
     mine.train()
     _, loss = mine(x, y)
@@ -205,9 +201,12 @@ def test_lora_loss_and_gradients_equal_peft(tmp_path, shape):
     their_loss = torch.nn.functional.cross_entropy(theirs(input_ids=x).logits.flatten(0, 1), y.flatten())
     their_loss.backward()
     assert abs(loss.item() - their_loss.item()) < 1e-5
-    for (param, rows), layer, theirs_param in pairs:
-        assert torch.allclose(getattr(layer, param).grad[rows], theirs_param.grad, atol=1e-6, rtol=1e-4)
-    assert len(pairs) == 2 * 7 * 2  # two matrices for each of the 7 projections of the 2 blocks
+    for layer, peft_layers in pairs:
+        grads = zip(peft_layers, layer.lora_A.grad.split(2), layer.lora_B.grad.split(layer.parts), strict=True)
+        for peft_layer, grad_A, grad_B in grads:
+            assert torch.allclose(grad_A, peft_layer.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
+            assert torch.allclose(grad_B, peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=1e-4)
+    assert sum(len(peft_layers) for _, peft_layers in pairs) == 2 * 7  # the 7 projections of the 2 blocks
 
 
 # ----------------------------------------------------------------------------- fitting the machine
