@@ -8,7 +8,7 @@ record's keys:
 
 in `.jsonl` files (one record per line), `.json` files (an array of records) or `.parquet` files (read with
 pyarrow); several inputs may be mixed (`mixture`). prepare.py turns each record into token ids and a mask
-of the ids trained on (`encoded_records`: a text or a pair by `record_pieces` and `tokens_and_mask`, a
+of the ids trained on (`encoded_records`: a text or a pair by `record_pieces`, a
 conversation by its template), which it stores beside the tokens, with where each record starts: with
 data.loss_on = "answers", a pair trains on its completion and a conversation on each assistant turn's
 content and the end-of-turn token after it, nothing of the template around them.
@@ -27,10 +27,11 @@ from config import DataConfig
 from data import Progress, longer_split
 from errors import DataError
 from files import publish
-from templates import ChatML, ChatTemplate, required_template, tokens_and_mask
+from templates import ChatML, ChatTemplate, required_template
 from tokenizer import MARKED, MARKERS, Tokenizer
 
 PROGRESS_RECORDS = 50_000  # show progress for over 50,000 records
+BATCH_RECORDS = 512  # records tokenized together
 MAX_REPEATS = 100  # a mixture repeats an input's records at most this many times each
 KINDS = {"text": ("text",), "pair": ("prompt", "completion"), "messages": ("messages",)}
 ROLES = ("system", "user", "assistant")
@@ -196,30 +197,58 @@ def encoded_records(docs: list[Path], kind: str, template: ChatTemplate | ChatML
     """Each record's (token ids, mask of those trained on, UTF-8 bytes of its text), in order, as a
     document: the tokenizer's prefix before it (a template writes its own), its end-of-text token after
     it, trained on when the record's last token is (so that the model learns to stop there). The records
-    must have passed scan_records; a conversation without an answer is left out (has_answer)."""
+    must have passed scan_records; a conversation without an answer is left out (has_answer). Records are
+    read BATCH_RECORDS at a time, so that a BPE tokenizes their texts in one call, on several threads."""
     for document in docs:
+        batch = []
         for where, record in read_records(document):
-            if not has_answer(record, kind, loss_on):
-                continue
+            if has_answer(record, kind, loss_on):
+                batch.append((where, record))
+            if len(batch) == BATCH_RECORDS:
+                yield from encoded_batch(batch, kind, template, loss_on, tokenizer)
+                batch = []
+        yield from encoded_batch(batch, kind, template, loss_on, tokenizer)
+
+
+def encoded_batch(batch: list[tuple[str, dict]], kind: str, template: ChatTemplate | ChatML | None, loss_on: str,
+                  tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """encoded_records of a batch of (where, record). A text or a pair is pieces trained on whole or not at
+    all (record_pieces), so its mask is each piece's flag repeated over its tokens."""
+    eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+    if kind == "messages":
+        assert template is not None, "prepare.py refuses conversations without a chat template"
+        for where, record in batch:
             try:
-                if kind == "messages":
-                    assert template is not None, "prepare.py refuses conversations without a chat template"
-                    ids, mask, n_bytes = template.encode(tokenizer, record["messages"], answers=loss_on == "answers")
-                    parts = [(ids, mask if loss_on == "answers" else np.ones_like(mask))]
-                    trained_end = bool(len(mask) and parts[0][1][-1])  # the template's text ends with an answer
-                else:
-                    pieces = record_pieces(record, kind, loss_on)
-                    parts = [tokens_and_mask(tokenizer, text, spans) for text, spans in pieces]
-                    n_bytes = sum(len(text.encode("utf-8")) for text, _ in pieces)
-                    trained_end = bool(pieces[-1][1])  # the completion, or the text: even an empty one
+                ids, mask, n_bytes = template.encode(tokenizer, record["messages"], answers=loss_on == "answers")
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
-            if kind != "messages" and tokenizer.prefix:
-                parts.insert(0, (np.array(tokenizer.prefix), np.zeros(len(tokenizer.prefix), np.uint8)))
-            if tokenizer.eot_token is not None:
-                parts.append((np.array([tokenizer.eot_token]), np.array([trained_end], np.uint8)))
-            yield (np.concatenate([ids for ids, _ in parts]).astype(np.int64), np.concatenate([m for _, m in parts]),
-                   n_bytes)
+            mask = mask if loss_on == "answers" else np.ones_like(mask)
+            trained_end = bool(len(mask) and mask[-1])  # the template's text ends with an answer
+            yield (np.concatenate([ids, eot]).astype(np.int64),
+                   np.concatenate([mask, np.full(len(eot), trained_end, np.uint8)]), n_bytes)
+        return
+    pieces = [record_pieces(record, kind, loss_on) for _, record in batch]
+    encoded = iter(encoded_texts(tokenizer, [[text for text, _ in p] for p in pieces], [w for w, _ in batch]))
+    for record in pieces:
+        texts_ids = [next(encoded) for _ in record]
+        flags = [0] + [1 if spans else 0 for _, spans in record] + [1 if record[-1][1] else 0]
+        lengths = [len(tokenizer.prefix)] + [len(ids) for ids in texts_ids] + [len(eot)]
+        ids = tokenizer.prefix + [i for piece in texts_ids for i in piece] + eot
+        yield (np.array(ids, dtype=np.int64), np.repeat(np.array(flags, dtype=np.uint8), lengths),
+               sum(len(text.encode("utf-8")) for text, _ in record))
+
+
+def encoded_texts(tokenizer: Tokenizer, texts: list[list[str]], wheres: list[str]) -> list[list[int]]:
+    """The token ids of each record's texts, one list after another (texts: each record's; no prefix)."""
+    if tokenizer.kind != "char":  # bpe and hf read any text (hf its special tokens as special, as transformers)
+        return tokenizer.encode_batch([text for record in texts for text in record])
+    encoded = []
+    for where, record in zip(wheres, texts):
+        try:  # a character the vocabulary lacks (a char model fine-tuned on new records) is named with its record
+            encoded += [tokenizer.encode(text) for text in record]
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+    return encoded
 
 
 # ----------------------------------------------------------------------------- prepared records
@@ -328,7 +357,7 @@ def write_record_splits(out: Path, groups: list[list[Path]], d: DataConfig, tok:
             if masked:
                 files[f"{split}.mask"].write(mask.tobytes())
             c = counts[split]
-            c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(mask.sum()),
+            c["tokens"], c["trained"], c["bytes"] = (c["tokens"] + len(ids), c["trained"] + int(np.count_nonzero(mask)),
                                                      c["bytes"] + n_bytes)
             encoding.add(first)
         for split, c in counts.items():

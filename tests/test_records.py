@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +352,54 @@ def test_an_empty_completion_trains_the_end_of_text_after_it(tmp_path):
     tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
     mask = np.fromfile(tmp_path / "out" / "train.mask", dtype=np.uint8)
     assert meta["trained"]["train"] == 9 and mask[tokens == meta["eot_token"]].tolist() == [1] * 9
+
+
+@pytest.mark.parametrize("kind", ["bpe", "hf"])
+def test_records_encode_in_batches_as_their_tokenizer_encodes_each(tmp_path, kind):
+    """Records are tokenized BATCH_RECORDS at a time; across the batches' edges every record's tokens, mask
+    and start are those of its tokenizer's own encoding of its prompt and completion, one record at a time:
+    tiktoken's for GPT-2 BPE; transformers' AutoTokenizer for a Hugging Face tokenizer that puts a token
+    before every text, with a special token inside the prompts."""
+    from records import BATCH_RECORDS
+
+    n = 2 * BATCH_RECORDS + 250  # the train split (90%) crosses two edges
+    pairs = [{"prompt": f"Q{i}: héllo  wörld 🙂<|im_end|>{'x' * (i % 7)}\n", "completion": f" {i % 13}日本\n\n"}
+             for i in range(n)]
+    d = DataConfig(input=write_jsonl(tmp_path / "p.jsonl", pairs), tokenizer=kind, processed_dir=str(tmp_path / "out"))
+    if kind == "bpe":
+        import tiktoken
+
+        enc = tiktoken.get_encoding("r50k_base")  # GPT-2's tokens (the file the offline cache holds)
+        first, encode, end = [], enc.encode_ordinary, enc.eot_token
+    else:
+        from transformers import AutoTokenizer
+
+        hf_tokenizer(tmp_path / "hf", prefix=True)
+        d.tokenizer_path = str(tmp_path / "hf")
+        auto = AutoTokenizer.from_pretrained(tmp_path / "hf")
+        first = auto("a").input_ids[:-len(auto("a", add_special_tokens=False).input_ids)]
+        encode, end = (lambda text: auto(text, add_special_tokens=False).input_ids), auto.eos_token_id
+        assert first == [auto.bos_token_id]
+    meta = prepare.prepare(d, progress=False)
+    tokens, mask, starts = [], [], []
+    for p in pairs[:meta["records"]["train"]]:
+        prompt, completion = first + encode(p["prompt"]), encode(p["completion"])
+        starts.append(len(tokens))
+        tokens += prompt + completion + [end]
+        mask += [0] * len(prompt) + [1] * (len(completion) + 1)
+    assert len(starts) > 2 * BATCH_RECORDS
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"]).tolist() == tokens
+    assert np.fromfile(tmp_path / "out" / "train.mask", dtype=np.uint8).tolist() == mask
+    assert np.fromfile(tmp_path / "out" / "train.starts", dtype=np.int64).tolist() == starts
+
+
+def test_a_character_outside_the_vocabulary_is_named_with_its_record(tmp_path):
+    """A char model's vocabulary lacks a character of record 600 (in the second batch): the error names that
+    line, not the batch."""
+    from records import encoded_records
+    from tokenizer import CharTokenizer
+
+    texts = [{"text": "abc"}] * 599 + [{"text": "abz"}] + [{"text": "cab"}] * 100
+    path = write_jsonl(tmp_path / "t.jsonl", texts)
+    with pytest.raises(DataError, match=r"t\.jsonl:600: characters not in the vocabulary: 'z'"):
+        list(encoded_records([Path(path)], "text", None, "all", CharTokenizer("abc")))
