@@ -224,18 +224,19 @@ def encoded_batch(batch: list[tuple[str, dict]], kind: str, template: ChatTempla
                 raise DataError(f"{where}: {e}") from None
             mask = mask if loss_on == "answers" else np.ones_like(mask)
             trained_end = bool(len(mask) and mask[-1])  # the template's text ends with an answer
-            yield (np.concatenate([ids, eot]).astype(np.int64),
+            yield (np.concatenate([ids, np.array(eot, dtype=np.int64)]),
                    np.concatenate([mask, np.full(len(eot), trained_end, np.uint8)]), n_bytes)
         return
     pieces = [record_pieces(record, kind, loss_on) for _, record in batch]
     encoded = iter(encoded_texts(tokenizer, [[text for text, _ in p] for p in pieces], [w for w, _ in batch]))
-    for record in pieces:
-        texts_ids = [next(encoded) for _ in record]
-        flags = [0] + [1 if spans else 0 for _, spans in record] + [1 if record[-1][1] else 0]
+    for parts in pieces:  # (text, spans) of one record
+        texts_ids = [next(encoded) for _ in parts]
+        # Not trained: the prefix; each piece as record_pieces says; the end-of-text when the last piece is.
+        flags = [0] + [1 if spans else 0 for _, spans in parts] + [1 if parts[-1][1] else 0]
         lengths = [len(tokenizer.prefix)] + [len(ids) for ids in texts_ids] + [len(eot)]
         ids = tokenizer.prefix + [i for piece in texts_ids for i in piece] + eot
         yield (np.array(ids, dtype=np.int64), np.repeat(np.array(flags, dtype=np.uint8), lengths),
-               sum(len(text.encode("utf-8")) for text, _ in record))
+               sum(len(text.encode("utf-8")) for text, _ in parts))
 
 
 def encoded_texts(tokenizer: Tokenizer, texts: list[list[str]], wheres: list[str]) -> list[list[int]]:
