@@ -131,16 +131,16 @@ class TextStream:
     character (an emoji is often split over two tokens), so the bytes go through an incremental
     decoder, which holds back an incomplete character until the next token completes it. A Hugging
     Face tokenizer decodes whole sequences (its decoder may join tokens), so it decodes all the ids so
-    far and gives what is new, holding back a trailing incomplete character (U+FFFD) the same way."""
+    far and gives what is new, holding back a trailing incomplete character (U+FFFD) the same way.
+    ChatML's markers, in a char or BPE model trained on conversations, are given as their text."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids, self.shown = [], ""  # hf: every id so far, and the text already given
+        self.marker_ids = set(tokenizer.markers.values())
 
     def feed(self, token: int) -> str:
-        if self.tokenizer.kind == "char":
-            return self.tokenizer.chars[token]
         if self.tokenizer.kind == "hf":
             self.ids.append(token)
             text = self.tokenizer.decode(self.ids)
@@ -148,6 +148,10 @@ class TextStream:
                 return ""
             new, self.shown = text[len(self.shown):], text
             return new
+        if token in self.marker_ids:  # ChatML's (char, bpe): ids of their own, after the text's, shown as text
+            return self.flush() + self.tokenizer.decode([token])
+        if self.tokenizer.kind == "char":
+            return self.tokenizer.chars[token]
         return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token))
 
     def flush(self) -> str:

@@ -339,11 +339,13 @@ def summarize(run: Run) -> dict:
         else:
             best_line = f"best val loss {best:.4f} at step {state.best_step}" + \
                 (f" ({best - start:+.4f} from {start:.4f} at the start)" if start is not None else "")
+        conversations = run.data.meta.get("records", {}).get("kind") == "messages"
+        talk = "chat.py" if conversations else "sample.py"  # a model trained on conversations answers turns
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
               f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
               f"  {best_line}\n"
               f"  {checkpoint_list(out_dir)}; log: {out_dir}/train_log.json\n"
-              f"next:\n  python sample.py --ckpt {out_dir}\n"
+              f"next:\n  python {talk} --ckpt {out_dir}\n"
               f"  python plot.py {out_dir}/train_log.json")
     return summary_of(run, run.log["run"]["status"])
 

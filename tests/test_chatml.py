@@ -76,6 +76,7 @@ def test_a_gpt2_bpe_export_tokenizes_conversations_as_transformers_and_chat_answ
     assert meta["vocab_size"] == 50259 and meta["markers"] == list(MARKERS)
     assert train.cli(["--config", str(ROOT / "configs/cpu/smoke.toml"), "--data.processed_dir", str(tmp_path / "p"),
                       "--training.out_dir", str(tmp_path / "run"), "--max-iters", "3", "--device", "cpu"]) == 0
+    assert f"next:\n  python chat.py --ckpt {tmp_path / 'run'}\n" in capsys.readouterr().out
     export.export(tmp_path / "run", tmp_path / "hf", "hf")
     theirs, tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf"), tokenizer_from_meta(meta)
     for messages, prompt in ((PLAIN, False), (PLAIN[:3], True), (FORGING[:1], True)):
@@ -98,6 +99,7 @@ def test_chat_with_a_char_model_answers_as_transformers_generates(tmp_path, monk
     meta, _, _ = prepared(tmp_path, "char")
     assert train.cli(["--config", str(ROOT / "configs/cpu/smoke.toml"), "--data.processed_dir", str(tmp_path / "p"),
                       "--training.out_dir", str(tmp_path / "run"), "--max-iters", "3", "--device", "cpu"]) == 0
+    assert f"next:\n  python chat.py --ckpt {tmp_path / 'run'}\n" in capsys.readouterr().out
     export.export(tmp_path / "run", tmp_path / "hf", "hf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     chars, end = meta["chars"], len(meta["chars"]) + 1

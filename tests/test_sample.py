@@ -17,6 +17,7 @@ from options import load_config
 from conftest import CORPUS, ROOT, prepare_text
 from generate import TextStream, generate
 from model import GPT
+from tokenizer import MARKERS
 
 FEW = ["--num-samples", "2", "--max-new-tokens", "40"]
 
@@ -184,6 +185,39 @@ def test_bpe_model_streams_the_same_text(tmp_path, capsys, gpt2_tokenizer):
     stream = TextStream(gpt2_tokenizer)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "naïve café 🙂 日本" and "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_model_trained_on_conversations_samples_its_markers_as_text(tmp_path, capsys, kind, gpt2_tokenizer):
+    """ChatML's markers are ids of their own after the text's (char and GPT-2 BPE prepared from
+    conversations): sample.py prints them as their text, as decoding the whole token list does."""
+    cfg = Config()
+    if kind == "char":
+        meta = {"tokenizer": "char", "chars": "ab\n", "vocab_size": 5, "markers": list(MARKERS)}
+        vocab, markers, likely = 5, [3, 4], [0, 1, 2]
+    else:  # a model over GPT-2's first 256 tokens and the two markers, which sit after all 50,257
+        meta = {"tokenizer": "bpe", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50259,
+                "markers": list(MARKERS)}
+        vocab, markers, likely = 50259, [50257, 50258], [97, 98, 10]  # a, b, newline
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.0, vocab_size=vocab)
+    for key, value in settings.items():
+        setattr(cfg.model, key, value)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():  # logits 30 for the markers and a few tokens, 0 for the rest: samples of markers
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()[0] = 30.0  # every position's final vector: (30, 0, 0, ...)
+        model.lm_head.weight.zero_()[markers + likely, 0] = 1.0
+    save_checkpoint(tmp_path / "ckpt.pt", {"version": 1, "model": model.state_dict(), "config": cfg.to_dict(),
+                                           "meta": meta, "step": 0})
+    code, out, err = run(capsys, "--ckpt", tmp_path / "ckpt.pt", "--start", "a", *FEW, "--temperature", "2")
+    assert code == 0, err
+    model, tokenizer, _ = sample.load_for_sampling(tmp_path / "ckpt.pt")
+    generator = torch.Generator().manual_seed(1337)
+    prompt = torch.tensor([tokenizer.encode("a")])
+    ids = [generate(model, prompt, 40, 2.0, generator=generator)[0, 1:].tolist() for _ in range(2)]
+    assert all(set(markers) & set(i) for i in ids)
+    assert samples(out) == ["a" + tokenizer.decode(i) + "\n" for i in ids] and MARKERS[1] in out
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 1e-45, 1e-300])
