@@ -263,13 +263,20 @@ def weights_to_save(state: dict[str, torch.Tensor], lora: LoraConfig, base: dict
 
 # ----------------------------------------------------------------------------- one loader
 
-def find_weights(path: str | Path) -> Path:
+def find_weights(path: str | Path, setting: str = "") -> Path:
     """`path` itself (a checkpoint file or an export folder), or the checkpoint in a run folder:
-    ckpt_best.pt, else ckpt_last.pt."""
+    ckpt_best.pt, else ckpt_last.pt. `setting`: the config field that gave the path (it may be a preset's)."""
     folder = Path(path)
     if not folder.exists():
-        raise CheckpointError(f"{path} does not exist; pass a checkpoint (ckpt_*.pt), a run folder or an "
-                              "export folder")
+        named, made = (f"{setting} = {str(path)!r}", " (a preset that names it says at its top how to make it)") \
+            if setting else (str(path), "")
+        raise CheckpointError(f"{named} does not exist; give a checkpoint (ckpt_*.pt), a run folder, an export or "
+                              f"Hugging Face folder, or a GGUF file{made}")
+    if folder.is_file() and folder.suffix == ".json":  # e.g. ckpt_best.json, the readable record beside a checkpoint
+        weights = folder.with_suffix(".pt")
+        raise CheckpointError(f"{path} is JSON, not weights; give " +
+                              (f"the checkpoint beside it, {weights}" if weights.is_file() else "a checkpoint") +
+                              f", or the run folder {folder.parent}")
     if folder.is_file() or is_export(folder):
         return folder
     if best := best_checkpoint(folder):

@@ -164,7 +164,7 @@ def load_start(cfg: Config, proc: Process) -> Weights | None:
     if training.resuming:
         start = newest_checkpoint(Path(training.out_dir), proc)
     elif training.init_from:
-        start = load_weights(announce_size(find_weights(training.init_from), proc), proc.device)
+        start = load_weights(announce_size(find_weights(training.init_from, "training.init_from"), proc), proc.device)
     else:
         return None
     if training.resuming and training.init_from:
