@@ -73,7 +73,7 @@ class EvalOptions:
 
     def problems(self) -> list[str]:
         if not self.text and not self.task:
-            return ["--text is missing: give the text file to score, e.g. --text notes.txt"]
+            return ["nothing to do: give --text FILE (a text or records to score) or --task FILE (prompts whose answers to check)"]
         return ["give --text (to score) or --task (to check answers), not both"] if self.text and self.task else []
 
 

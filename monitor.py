@@ -337,7 +337,7 @@ def announce_speed(max_iters: int, step: int, proc: Process, seconds_per_step: f
         hint += (f"; this machine is busy (load {load:.1f} on {cores} cores): if other work keeps running, "
                  f"fewer threads may be much faster (--training.threads {max(1, proc.threads // 2)})")
     print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
-          f"{max_iters - step} steps left, evaluations not included{hint}", flush=True)
+          f"{max_iters - step} step{'s' if max_iters - step != 1 else ''} left, evaluations not included{hint}", flush=True)
 
 
 def flops_per_token(model: GPT) -> int:

@@ -46,12 +46,15 @@ def parse(argv: list[str] | None, options=None, sections: tuple[str, ...] = tupl
     """
     argv = sys.argv[1:] if argv is None else argv
     opts = options() if options else None
-    problems, cli_values, overrides = [], {}, []
+    problems, cli_values, overrides, chosen = [], {}, [], None
     for kind, key, value in scan(argv, options, sections, program, problems):
         if kind == "help":
             raise HelpRequested(help_text(program, about, options, sections, preset))
         if kind == "preset":
-            preset = value
+            if chosen is not None:  # presets do not layer: the second would silently replace the first
+                problems.append(f"command line: --config given twice ({chosen}, {value}); give one preset, and "
+                                "change its settings with --section.key VALUE")
+            preset = chosen = value
         elif kind == "config":
             cli_values.setdefault(key[0], {})[key[1]] = value
             overrides += [key[2], value]
@@ -159,7 +162,12 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
     for section, keys in values.items():
         if section in SECTIONS and section not in sections:
             continue  # a preset's settings for other scripts (prepare.py reads only [data])
-        if section not in fields or not isinstance(keys, dict):
+        if not isinstance(keys, dict):  # a key above every [section] header
+            homes = [f"[{s}]" for s in fields if section in fields[s]]
+            problems.append(f"{origin}: {section} is outside any section; put it under "
+                            f"{' or '.join(homes) or 'its section'} (see --help)")
+            continue
+        if section not in fields:
             problems.append(f"{origin}: unknown section [{section}]{suggest(section, list(fields))}; "
                             f"valid: {', '.join(fields)}")
             continue
@@ -201,7 +209,7 @@ def convert(name: str, f: dataclasses.Field, value, from_text: bool):
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # TOML: an int where a float is expected
     elif type(value) is not typ:
-        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
+        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a{'n' if typ is int else ''} {typ.__name__}")
     if typ is float and not math.isfinite(value):
         raise ConfigError(f"{name} = {value} is not a finite number")
     if typ is str and not value.isascii():

@@ -251,7 +251,7 @@ def plot_logs(logs: dict[str, dict], out: Path | str | None, x: str = "step",
 @dataclass
 class PlotOptions:
     logs: list[str] = doc(f"{LOG_NAME} files or the run folders holding them", [], positional=True)
-    out: str = doc("PNG to write; empty: curves.png next to the first log", "")
+    out: str = doc("picture to write (.png, .svg, .pdf, .eps or .ps); empty: curves.png next to the first log", "")
     x: str = doc("x axis", "step", choices=X_CHOICES)
     show: bool = doc("also open a window with the figure", False)
     title: str = doc("figure title; empty: training curves", "")

@@ -72,7 +72,7 @@ def test_type_and_range_errors_name_field_value_and_rule(tmp_path):
                       "--training.compile", "yes", "--model.n_embd", "100", "--model.n_head", "3",
                       "--training.eval_batches", "0", "--model.dropout", "1.0"])
     text = "\n".join(found)
-    assert "training.batch_size = '64' is a str, expected a int" in text
+    assert "training.batch_size = '64' is a str, expected an int" in text
     assert "training.max_iters = '1.5' is not an int" in text
     assert "model.attention = 'fast' is not one of: eager, sdpa, flex" in text
     assert "training.compile = 'yes' is not a boolean: use true or false" in text

@@ -167,8 +167,8 @@ def test_bad_input_is_a_one_line_error(char_model, tmp_path, capsys, content, ar
 def test_missing_text_option_and_script_run(char_model, tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(char_model[0])], cwd=ROOT, capture_output=True,
                        text=True)
-    assert r.returncode == 2 and r.stderr == "error: --text is missing: give the text file to score, e.g. " \
-                                             "--text notes.txt\n"
+    assert r.returncode == 2 and r.stderr == "error: nothing to do: give --text FILE (a text or records to score) or " \
+                                             "--task FILE (prompts whose answers to check)\n"
     # As a user runs it: the result on stdout, the progress (more than 50 windows) on stderr.
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(char_model[0]), "--text", str(write(tmp_path, LONG)),
                         "--stride", "2"], cwd=ROOT, capture_output=True, text=True)

@@ -227,7 +227,7 @@ def test_an_export_whose_config_does_not_fit_its_weights_fails_before_building_a
         load_weights(out)
     config["model"] |= {"n_layer": 2, "n_embd": "32"}
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="model.n_embd = '32' is a str, expected a int"):
+    with pytest.raises(CheckpointError, match="model.n_embd = '32' is a str, expected an int"):
         load_weights(out)
     config["model"] |= {"n_embd": 32, "n_heads": 2}
     (out / "config.json").write_text(json.dumps(config))
