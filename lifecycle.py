@@ -71,13 +71,16 @@ class Run:
 def held(cfg: Config, proc: Process) -> Iterator[None]:
     """The run's out_dir, locked for this run alone (rank 0 holds the lock until the process ends,
     however it ends); on the way out, the processes of a torchrun job end together."""
-    finished = False
+    finished, made = False, proc.is_main and not Path(cfg.training.out_dir).exists()
     try:
         with lock(make_folder(cfg.training.out_dir, "training.out_dir") / ".lock",
                   f"training.out_dir = {cfg.training.out_dir!r}") if proc.is_main else contextlib.nullcontext():
             yield
         finished = True
     finally:
+        if made:  # a run that failed before writing anything leaves no empty folder behind (rmdir: only if empty)
+            with contextlib.suppress(OSError):
+                Path(cfg.training.out_dir).rmdir()
         end_process(proc, finished)
 
 

@@ -81,6 +81,18 @@ def test_a_run_that_fails_at_its_start_writes_no_checkpoint(tmp_path, char_data)
     assert train.main(tiny(tmp_path, char_data, "--max-iters", "2"))["step"] == 2  # not "holds a run"
 
 
+def test_a_run_refused_at_its_start_leaves_no_folder_it_made(tmp_path, char_data, capsys):
+    """A mistake found before anything is written (here a missing input) leaves no empty out_dir behind; an
+    out_dir that was there before stays."""
+    argv = ["--config", str(ROOT / "configs/cpu/smoke.toml"), "--data.input", str(tmp_path / "missing.txt"),
+            "--data.processed_dir", str(tmp_path / "p"), "--device", "cpu"]
+    assert train.cli([*argv, "--training.out_dir", str(tmp_path / "new" / "run")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err and not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    assert train.cli([*argv, "--training.out_dir", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
 def test_two_trainings_into_one_folder_one_refuses_and_sigterm_saves(tmp_path, char_data):
     argv = [sys.executable, "-u", "train.py", *tiny_argv(tmp_path, char_data, "--max-iters", "100000",
                                                           "--training.log_interval", "50")]
