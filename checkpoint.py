@@ -13,11 +13,9 @@ A LoRA run (lora.py) saves only its adapters as `model` (lora.save = "adapters";
 weights): the base weights are read again from their path, and their digest must match.
 Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
 
-`load_weights(path)` reads a checkpoint file, a run folder (its ckpt_best.pt, else ckpt_last.pt), a
-native export or a Hugging Face folder (ours, or one saved by transformers: hf.py converts it) into
-`Weights`. train.py (resume, init_from: lifecycle.load_start), sample.py, eval.py and export.py
-all read through it (`load_model` builds the GPT from it). Nothing here runs pickled code:
-checkpoints load with torch.load(weights_only=True), exports are safetensors.
+`load_weights(path)` reads a checkpoint, a run folder (its ckpt_best.pt, else ckpt_last.pt), a native export, a
+Hugging Face folder (ours or transformers': hf.py) or a GGUF file into `Weights`, for every script (`load_model`
+builds the GPT). Nothing here runs pickled code: torch.load(weights_only=True), and safetensors.
 """
 
 from __future__ import annotations
@@ -133,8 +131,9 @@ def read_checkpoint(path: Path, device: str | torch.device) -> Weights:
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         if out_of_memory(e):
             raise
-        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt "
-                                "or not a checkpoint: use another one, e.g. ckpt_best.pt") from None
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged, or not a "
+                                "checkpoint (a ckpt_*.json is the readable record beside one): use another, e.g. "
+                                "ckpt_best.pt") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise DamagedCheckpoint(f"{path} is not a checkpoint written by train.py")
     if ckpt.get("meta") is not None and (problems := meta_problems(ckpt["meta"])):
@@ -268,15 +267,10 @@ def find_weights(path: str | Path, setting: str = "") -> Path:
     ckpt_best.pt, else ckpt_last.pt. `setting`: the config field that gave the path (it may be a preset's)."""
     folder = Path(path)
     if not folder.exists():
-        named, made = (f"{setting} = {str(path)!r}", " (a preset that names it says at its top how to make it)") \
-            if setting else (str(path), "")
+        named = f"{setting} = {str(path)!r}" if setting else str(path)
         raise CheckpointError(f"{named} does not exist; give a checkpoint (ckpt_*.pt), a run folder, an export or "
-                              f"Hugging Face folder, or a GGUF file{made}")
-    if folder.is_file() and folder.suffix == ".json":  # e.g. ckpt_best.json, the readable record beside a checkpoint
-        weights = folder.with_suffix(".pt")
-        raise CheckpointError(f"{path} is JSON, not weights; give " +
-                              (f"the checkpoint beside it, {weights}" if weights.is_file() else "a checkpoint") +
-                              f", or the run folder {folder.parent}")
+                              "Hugging Face folder, or a GGUF file" +
+                              (setting and " (a preset that names it says how to make it)"))
     if folder.is_file() or is_export(folder):
         return folder
     if best := best_checkpoint(folder):

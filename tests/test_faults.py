@@ -193,7 +193,7 @@ def cases(w: Path) -> list[Case]:
         Case("train-init-from-missing", "train", tiny(d / "o", data, "--training.init_from", str(d / "nope.pt")),
              "training.init_from = '{d}/nope.pt' does not exist"),
         Case("sample-a-checkpoints-json", "sample", ["--ckpt", str(run / "ckpt_best.json")],
-             f"give the checkpoint beside it, {run / 'ckpt_best.pt'}, or the run folder {run}"),
+             "(a ckpt_*.json is the readable record beside one)"),
         Case("train-init-from-corrupt", "train", tiny(d / "o", data, "--training.init_from", str(d / "bad.pt")),
              "bad.pt", lambda w, d: write(d / "bad.pt", b"not a checkpoint")),
         Case("train-init-from-not-a-checkpoint", "train", tiny(d / "o", data, "--training.init_from", str(d / "t.pt")),
