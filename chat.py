@@ -19,6 +19,7 @@ from __future__ import annotations
 # Before torch, which takes seconds to load: a Ctrl-C meanwhile ends in one line (errors.py).
 from errors import DataError, command
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class ChatOptions:
     system: str = doc("the system message to start with; empty: none (the template's default, if it has one)", "")
     max_new_tokens: int = doc("the longest answer, in tokens", 256, within="[1, inf)")
     temperature: float = doc("0: greedy (the same answer every time); < 1 safer, > 1 wilder", 0.7)
-    top_k: int = doc("sample among the k most likely tokens; 0: all", 0)
+    top_k: int = doc("sample among the k most likely tokens; 0: all", 0, within="[0, inf)")
     top_p: float = doc("sample among the most likely tokens whose probabilities add up to p; 1: all", 1.0)
     seed: int = doc("the same seed and messages give the same answers", 1337)
     device: str = doc("auto: a GPU if there is one, else the CPU", "auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -97,7 +98,7 @@ class ChatOptions:
 
     def problems(self) -> list[str]:
         try:
-            check_sampling_args(self.temperature, self.top_k or None, self.top_p)
+            check_sampling_args(self.temperature, self.top_k if self.top_k > 0 else None, self.top_p)  # < 0: the schema
         except ConfigError as e:
             return [f"--{p.replace('_', '-')}" for p in e.problems]
         return []
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("(a new conversation)", file=sys.stderr)
             except DataError as e:
                 print(f"notice: /system: {e}", file=sys.stderr)
+            continue
+        if re.fullmatch(r"/[a-z]+", word := line.split()[0]):  # /help, /exit, /system alone: not for the model
+            print(f"notice: {word}: the commands are /reset, /system TEXT and /quit; nothing was sent", file=sys.stderr)
             continue
         conversation.messages.append({"role": "user", "content": line})
         if interactive:

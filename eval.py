@@ -56,7 +56,7 @@ from runtime import pick_device, use_threads
 
 @dataclass
 class EvalOptions:
-    ckpt: str = doc("checkpoint file, run folder or export folder", "checkpoints/small")
+    ckpt: str = doc("run folder, checkpoint, export, Hugging Face folder or GGUF file", "checkpoints/small")
     text: str = doc("the UTF-8 text file to score, or records (a file, folder or glob, as data.input)", "")
     task: str = doc("records of prompts and answers: report the share answered exactly right", "")
     loss_on: str = doc("records: answers scores the completions and the assistant's turns, all every token",
@@ -73,7 +73,8 @@ class EvalOptions:
 
     def problems(self) -> list[str]:
         if not self.text and not self.task:
-            return ["nothing to do: give --text FILE (a text or records to score) or --task FILE (prompts whose answers to check)"]
+            return ["nothing to do: give --text FILE (a text or records to score) or --task FILE (prompts whose "
+                    "answers to check)"]
         return ["give --text (to score) or --task (to check answers), not both"] if self.text and self.task else []
 
 
@@ -245,7 +246,8 @@ def report(result: dict, opts: EvalOptions, block_size: int) -> None:
                 if "records" in result else
                 f"{result['tokens']:,} tokens, {result['characters']:,} characters, {result['bytes']:,} bytes")
         bpb = "" if result["bits_per_byte"] is None else f" | {result['bits_per_byte']:.4f} bits per byte"
-        print(f"{what}; context {block_size}, stride {opts.stride}: {result['windows']:,} windows\n"
+        windows = f"{result['windows']:,} window{'s' * (result['windows'] != 1)}"
+        print(f"{what}; context {block_size}, stride {opts.stride}: {windows}\n"
               f"mean loss {result['mean_loss']:.4f} nats/token | perplexity {result['perplexity']:.2f}{bpb}")
 
 

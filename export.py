@@ -161,6 +161,14 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
     """export() of weights already read. The files are written to a staging folder that is renamed into
     place: a kill never leaves a half-written export behind."""
     out = Path(out)
+    if out.resolve() == Path(src.path).resolve():  # --force would replace the weights being read
+        raise ExportError(f"--out {out} is the --ckpt being exported; write the export to another --out")
+    if adapters_only and fmt == "gguf":
+        raise ExportError("--adapters-only writes PEFT's adapter folder, which has no GGUF form; export the whole "
+                          "model as GGUF without --adapters-only, or the adapters without --format gguf")
+    if fmt != "gguf" and out.suffix == ".gguf":
+        raise ExportError(f"--out {out} ends in .gguf, but --format is {fmt} (a folder); add --format gguf, or "
+                          "give --out a folder name")
     if adapters_only and src.lora is None:
         raise ExportError(f"--adapters-only: {src.path} is not a LoRA run, it has no adapters; export the "
                           "whole model without --adapters-only")
@@ -279,7 +287,8 @@ def export_gguf(src: Weights, out: Path, dtype: str, force: bool) -> Path:
 
 @dataclass
 class ExportOptions:
-    ckpt: str = doc("checkpoint file, run folder or export folder to export", "checkpoints/small")
+    ckpt: str = doc("what to export: run folder, checkpoint, export, Hugging Face folder or GGUF file",
+                    "checkpoints/small")
     out: str = doc("folder to create (required)", "")
     format: str = doc("native: for this code; hf: for transformers (its GPT-2, Llama, Qwen2 or Qwen3 class); gguf: "
                       "one file for llama.cpp and Ollama (--out NAME.gguf)", "native", choices=("native", "hf", "gguf"))

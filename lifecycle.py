@@ -345,7 +345,8 @@ def summarize(run: Run) -> dict:
         conversations = run.data.meta.get("records", {}).get("kind") == "messages"
         talk = "chat.py" if conversations else "sample.py"  # a model trained on conversations answers turns
         print(f"\ndone: {run.log['run']['stop_reason']}\n"
-              f"  {state.step} steps, {state.tokens:,} tokens, {format_duration(state.elapsed_s)} wall time\n"
+              f"  {state.step} step{'s' * (state.step != 1)}, {state.tokens:,} tokens, "
+              f"{format_duration(state.elapsed_s)} wall time\n"
               f"  {best_line}\n"
               f"  {checkpoint_list(out_dir)}; log: {out_dir}/train_log.json\n"
               f"next:\n  python {talk} --ckpt {out_dir}\n"

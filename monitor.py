@@ -285,7 +285,7 @@ class StepMeter:
         if t.grad_clip > 0:
             self.clipped += grad_norm > t.grad_clip
         step = state.step
-        if step == self.first_step + 2 and t.log_interval > 2:  # before the first log line
+        if step == self.first_step + 2 and t.log_interval > 2 and step < t.max_iters:  # before the first log line
             self.clear()
             announce_speed(t.max_iters, step, self.proc, (time.time() - self.interval_start) / 2)
         if step % t.log_interval:
@@ -328,7 +328,8 @@ class StepMeter:
 def announce_speed(max_iters: int, step: int, proc: Process, seconds_per_step: float) -> None:
     """After the first steps: how long the whole run will take, with a hint when that is hours on a CPU,
     and one when other work keeps the cores busy (the load average counts this run's threads too)."""
-    left = (max_iters - step) * seconds_per_step
+    steps = max_iters - step
+    left = steps * seconds_per_step
     hint = ("; on a CPU these settings take hours: they are sized for a GPU (--device cuda), or try "
             "configs/cpu/small.toml" if proc.device_type == "cpu" and left > 3600 else "")
     load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, usable_cores()
@@ -337,7 +338,7 @@ def announce_speed(max_iters: int, step: int, proc: Process, seconds_per_step: f
         hint += (f"; this machine is busy (load {load:.1f} on {cores} cores): if other work keeps running, "
                  f"fewer threads may be much faster (--training.threads {max(1, proc.threads // 2)})")
     print(f"first steps: {seconds_per_step:.2f} s/step, so about {format_duration(left)} for the "
-          f"{max_iters - step} step{'s' if max_iters - step != 1 else ''} left, evaluations not included{hint}", flush=True)
+          f"{steps} step{'s' * (steps != 1)} left, evaluations not included{hint}", flush=True)
 
 
 def flops_per_token(model: GPT) -> int:

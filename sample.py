@@ -85,12 +85,12 @@ def sample(model: GPT, tokenizer: Tokenizer, prompt: str, ids: list[int], opts: 
 
 @dataclass
 class SampleOptions:
-    ckpt: str = doc("checkpoint file, run folder or export folder", "checkpoints/small")
+    ckpt: str = doc("run folder, checkpoint, export, Hugging Face folder or GGUF file", "checkpoints/small")
     start: str = doc("prompt text, or FILE:path to read it from a file; empty: the start of a text", "")
     num_samples: int = doc("samples to draw", 3, within="[1, inf)")
     max_new_tokens: int = doc("tokens per sample", 500, within="[0, inf)")
     temperature: float = doc("0: greedy; < 1 safer, > 1 wilder", 0.8)
-    top_k: int = doc("sample among the k most likely tokens; 0: all", 0)
+    top_k: int = doc("sample among the k most likely tokens; 0: all", 0, within="[0, inf)")
     top_p: float = doc("sample among the most likely tokens whose probabilities add up to p; 1: all", 1.0)
     seed: int = doc("the same seed gives the same text", 1337)
     device: str = doc("auto: a GPU if there is one, else the CPU", "auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -100,7 +100,7 @@ class SampleOptions:
 
     def problems(self) -> list[str]:
         try:
-            check_sampling_args(self.temperature, self.top_k or None, self.top_p)
+            check_sampling_args(self.temperature, self.top_k if self.top_k > 0 else None, self.top_p)  # < 0: the schema
         except ConfigError as e:  # the model's own rules, reported with the other options' problems
             return [f"--{p.replace('_', '-')}" for p in e.problems]
         return []

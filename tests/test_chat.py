@@ -69,8 +69,11 @@ def test_the_oldest_turns_go_when_the_context_is_full_and_commands(tmp_path, mon
     conversation.system, conversation.messages = "Be brief.", [{"role": "user", "content": "hi"}]
     text = tokenizer.decode(conversation.prompt_ids()[0])
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    lines, err = scripted(monkeypatch, capsys, argv, ["hi", "/system Be brief.", "hi", "", "/reset", "hi", "/quit", "never"])
+    lines, err = scripted(monkeypatch, capsys, argv, ["hi", "/system Be brief.", "hi", "", "/reset", "/help", "/system",
+                                                      "hi", "/quit", "never"])
     assert len(lines) == 4 and lines[0] == lines[3] and lines[2] == "" and err.count("(a new conversation)") == 2
+    # An unknown command, or /system without its text, is not sent to the model: a notice, no answer line.
+    assert err.count("the commands are /reset, /system TEXT and /quit; nothing was sent") == 2
 
 
 def test_a_model_without_a_chat_template_is_refused(tmp_path, monkeypatch, capsys):

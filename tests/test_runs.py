@@ -363,6 +363,12 @@ def test_progress_and_the_first_speed_estimate(tmp_path, char_data, capsys):
     monitor.announce_speed(5000, 0, runtime.Process(threads=1), 4.0)  # a CPU run of a preset sized for a GPU
     hint = capsys.readouterr().out
     assert "about 5h33m for the 5000 steps left" in hint and "sized for a GPU (--device cuda)" in hint
+    monitor.announce_speed(3, 2, runtime.Process(threads=1), 4.0)
+    assert "about 0m04s for the 1 step left" in capsys.readouterr().out
+    # A run of two steps has none left after the first two: no estimate; its summary counts 2 steps.
+    train.main(tiny(tmp_path / "two", char_data, "--training.log_interval", "10", "--max-iters", "2"))
+    out = capsys.readouterr().out
+    assert "first steps: " not in out and "\n  2 steps, " in out
 
 
 def test_threads_are_set_named_in_the_header_and_a_busy_machine_is_told(tmp_path, char_data, capsys, monkeypatch):

@@ -100,7 +100,7 @@ def test_long_prompt_is_cropped_with_a_notice(run_dir, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--temperature", "-1", "--temperature = -1.0 must be >= 0"),
-    ("--top-k", "-1", "--top-k = -1 must be at least 1"),
+    ("--top-k", "-1", "--top-k = -1 must be at least 0"),  # 0: all tokens
     ("--temperature", "nan", "--temperature = nan is not a finite number"),
     ("--top-p", "0", "--top-p = 0.0 must be in (0, 1]"),
     ("--top-p", "1.5", "--top-p = 1.5 must be in (0, 1]"),
