@@ -9,9 +9,10 @@ here on conversations) and tokenized; the answer
 streams token by token until the end of the assistant's turn, the end of the sequence or
 --max-new-tokens. The answer joins the conversation too. When the conversation no longer fits the
 model's context, its oldest turns are dropped (and it says so). `/reset` starts again, `/system TEXT`
-starts again with that system message, `/quit` (or the end of the input) leaves. With stdin not a
-terminal, it reads one message per line and writes one answer per line (a newline in an answer written
-as \\n; an empty line gets an empty line, a command none), so that it can be scripted.
+starts again with that system message, `/quit` (or the end of the input) leaves; another `/word` line
+gets a notice and is not sent. With stdin not a terminal, it reads one message per line and writes one
+answer per line (a newline in an answer written as \\n; an empty line gets an empty line, a command
+none), so that it can be scripted.
 """
 
 from __future__ import annotations

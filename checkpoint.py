@@ -336,9 +336,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     The weights must carry their tokenizer: the callers (sample.py, eval.py) turn text into tokens."""
     src = load_weights(path)
     if src.meta is None:
-        raise CheckpointError(f"{src.path} has no tokenizer ({META_FILE} is missing), so its tokens cannot be "
-                              "turned into text; export it again from its checkpoint, or, for weights from "
-                              "elsewhere, fine-tune them on your data first (training.init_from), which adds ours")
+        raise CheckpointError(f"{src.path} has no tokenizer (neither tokenizer.json nor {META_FILE}), so its tokens "
+                              "cannot be turned into text; put the model's tokenizer.json beside its weights, "
+                              "fine-tune it on your data first (training.init_from: that adds one), or export it again")
     model = GPT.from_state_dict(src.model, src.state_dict)
     if src.meta["vocab_size"] < src.model.vocab_size:
         # Weights from elsewhere can score more tokens than the tokenizer has (e.g. a Llama's vocabulary

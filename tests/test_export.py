@@ -375,7 +375,7 @@ def test_a_llama_from_transformers_fine_tunes_and_samples(tmp_path, char_data, c
 
     hf = transformers_llama(tmp_path / "hf", tie=True, vocab_size=80)  # more ids than the 65 characters
     assert sample.main(["--ckpt", str(tmp_path / "hf"), "--max-new-tokens", "5"]) == 2
-    assert "has no tokenizer (tokenizer_meta.json is missing)" in capsys.readouterr().err
+    assert "has no tokenizer (neither tokenizer.json nor tokenizer_meta.json)" in capsys.readouterr().err
     cfg = load_config(["--data.processed_dir", char_data, "--training.out_dir", str(tmp_path / "run"), "--device",
                        "cpu", "--max-iters", "4", "--training.eval_interval", "10", "--training.eval_batches", "2",
                        "--training.batch_size", "4", "--model.block_size", "16", "--model.dropout", "0",
