@@ -190,8 +190,9 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
             if not force:
                 raise ExportError(f"{out} exists and is not empty; choose another --out, or add --force "
                                   "to replace an earlier export")
-            if not (is_export(out) or (out / ADAPTER_CONFIG).is_file()):
-                raise ExportError(f"{out} is not an export, so --force will not delete it; choose another --out")
+            if not exported_here(out):
+                raise ExportError(f"{out} is not an export of tinygpt's, so --force will not delete it; choose "
+                                  "another --out")
             check_not_a_lora_base(out, src, dtype)
         staging = staging_folder(out)  # this process's own: cleaning up never touches anything else
         try:
@@ -214,6 +215,18 @@ def export_weights(src: Weights, out: str | Path, fmt: str, dtype: str, force: b
             os.replace(staging, out)
         sync_folder(parent)  # the rename survives a power cut
     return out
+
+
+def exported_here(folder: Path) -> bool:
+    """What --force may replace: a folder this script wrote (its config.json says so), or adapters for PEFT.
+    Not a model downloaded from elsewhere, though it looks the same."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if is_export(folder) else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("format") == NATIVE or isinstance(config.get("tinygpt"), dict))
 
 
 RUNS = Path("checkpoints")  # where train.py puts runs by default (training.out_dir): LoRA runs are looked for there
