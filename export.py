@@ -282,8 +282,9 @@ def export_gguf(src: Weights, out: Path, dtype: str, force: bool) -> Path:
     with lock(parent / f".{out.name}.lock", f"--out {out}"):
         if out.exists() and not force:
             raise ExportError(f"{out} exists; choose another --out, or add --force to replace an earlier export")
-        if out.exists() and (out.is_dir() or not gguf_format.is_gguf_file(out)):
-            raise ExportError(f"{out} is not a GGUF file, so --force will not replace it; choose another --out")
+        if out.exists() and (out.is_dir() or not gguf_format.exported_here(out)):
+            raise ExportError(f"{out} is not a GGUF file exported by tinygpt, so --force will not replace it; "
+                              "choose another --out")
         if out.exists():
             check_not_a_lora_base(out, src, dtype)
         tensors = hf.to_hf(src.state_dict, src.model)

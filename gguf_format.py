@@ -29,6 +29,7 @@ from tokenizer import hf_meta
 
 # GGUF's general.architecture -> the Hugging Face model_type it reads as (hf.ARCHITECTURES).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+EXPORT_NAME = "tinygpt export"  # general.name of the files written here
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 # llama.cpp's tensor names -> Hugging Face's ({i}: the layer).
 TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -225,7 +226,7 @@ def write_gguf(path: Path, tensors: dict[str, torch.Tensor], config: dict, meta:
     arch = {v: k for k, v in ARCHITECTURES.items()}[config["model_type"]]
     file_type, matrix_type = FILE_TYPES[dtype]
     writer = GGUFWriter(path, arch)
-    writer.add_string("general.name", "tinygpt export")
+    writer.add_string("general.name", EXPORT_NAME)
     writer.add_uint32("general.file_type", file_type)
     for key, theirs in CONFIG.items():
         value = config[theirs]
@@ -337,7 +338,16 @@ def tokenizer_prefix(meta: dict) -> list[int]:
     return tokenizer_from_meta(meta).prefix
 
 
-def is_gguf_file(path: Path) -> bool:
-    """Whether `path` starts as a GGUF file does (its magic bytes)."""
+def exported_here(path: Path) -> bool:
+    """Whether `path` is a GGUF file that write_gguf wrote (its general.name), which export --force may replace:
+    not a model downloaded from elsewhere."""
+    from gguf import GGUFReader
+
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        if f.read(4) != b"GGUF":
+            return False
+    try:
+        name = GGUFReader(path).fields.get("general.name")
+    except (ValueError, OSError, IndexError, KeyError):  # cut short or damaged
+        return False
+    return name is not None and name.contents() == EXPORT_NAME

@@ -130,6 +130,18 @@ def write_gguf(path, arch: str = "llama", tensor_type: str = "F32", block_count:
     w.close()
 
 
+def test_force_replaces_only_a_gguf_file_exported_here(tmp_path):
+    """export --force replaces a GGUF file of ours (its general.name), never one from elsewhere."""
+    with_tokenizer(tmp_path / "hf", "smollm2")
+    first = export.export(tmp_path / "hf", tmp_path / "a.gguf", "gguf", "fp16")
+    assert export.export(tmp_path / "hf", first, "gguf", "q8_0", force=True) == first
+    write_gguf(tmp_path / "m.gguf")  # written by the gguf library alone: a model from elsewhere
+    before = (tmp_path / "m.gguf").read_bytes()
+    with pytest.raises(export.ExportError, match="m.gguf is not a GGUF file exported by tinygpt, so --force"):
+        export.export(tmp_path / "hf", tmp_path / "m.gguf", "gguf", force=True)
+    assert (tmp_path / "m.gguf").read_bytes() == before
+
+
 def test_a_small_gguf_reads(tmp_path):
     write_gguf(tmp_path / "m.gguf")
     src = load_weights(tmp_path / "m.gguf")
