@@ -96,6 +96,8 @@ FIXES = {
     "export-no-out": lambda a, w, d: [("export", [*a, "--out", str(d / "exports" / "small")])],
     "export-force-on-a-user-folder": lambda a, w, d: [("export", swap(a, "--out", d / "other"))],
     "export-over-an-export": lambda a, w, d: [("export", [*a, "--force"])],
+    "export-force-over-a-downloaded-model": lambda a, w, d: [("export", swap(a, "--out", d / "other"))],
+    "export-gguf-name-for-a-folder": lambda a, w, d: [("export", [*a, "--format", "gguf"])],
     "llama-hf-export-of-a-switch": lambda a, w, d: [("export", swap(a, "--format", "native"))],
     "sample-prompt-not-utf8": lambda a, w, d: [("sample", swap(a, "--start", "cafe"))],
     "plot-out-not-a-picture": lambda a, w, d: [("plot", swap(a, "--out", d / "curves.png"))],
