@@ -343,11 +343,11 @@ def exported_here(path: Path) -> bool:
     not a model downloaded from elsewhere."""
     from gguf import GGUFReader
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            return False
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
         name = GGUFReader(path).fields.get("general.name")
-    except (ValueError, OSError, IndexError, KeyError):  # cut short or damaged
+    except (ValueError, OSError, IndexError, KeyError):  # unreadable, cut short or damaged: not one to replace
         return False
     return name is not None and name.contents() == EXPORT_NAME

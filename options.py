@@ -209,7 +209,8 @@ def convert(name: str, f: dataclasses.Field, value, from_text: bool):
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # TOML: an int where a float is expected
     elif type(value) is not typ:
-        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected a{'n' if typ is int else ''} {typ.__name__}")
+        article = "an" if typ is int else "a"
+        raise ConfigError(f"{name} = {value!r} is a {type(value).__name__}, expected {article} {typ.__name__}")
     if typ is float and not math.isfinite(value):
         raise ConfigError(f"{name} = {value} is not a finite number")
     if typ is str and not value.isascii():
