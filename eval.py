@@ -75,7 +75,11 @@ class EvalOptions:
         if not self.text and not self.task:
             return ["nothing to do: give --text FILE (a text or records to score) or --task FILE (prompts whose "
                     "answers to check)"]
-        return ["give --text (to score) or --task (to check answers), not both"] if self.text and self.task else []
+        if self.text and self.task:
+            return ["give --text (to score) or --task (to check answers), not both"]
+        if self.text and (self.limit or self.max_new_tokens != MAX_NEW_TOKENS):  # silently unused otherwise
+            return ["--limit and --max-new-tokens are for --task; --text scores the whole text"]
+        return []
 
 
 def read_scored_text(path: str) -> tuple[str, int]:

@@ -338,15 +338,23 @@ def tokenizer_prefix(meta: dict) -> list[int]:
     return tokenizer_from_meta(meta).prefix
 
 
+def is_gguf_file(path: Path) -> bool:
+    """Whether `path` starts as a GGUF file does (its magic bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # unreadable: whoever reads it next says why
+        return False
+
+
 def exported_here(path: Path) -> bool:
     """Whether `path` is a GGUF file that write_gguf wrote (its general.name), which export --force may replace:
     not a model downloaded from elsewhere."""
     from gguf import GGUFReader
 
+    if not is_gguf_file(path):
+        return False
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
         name = GGUFReader(path).fields.get("general.name")
     except (ValueError, OSError, IndexError, KeyError):  # unreadable, cut short or damaged: not one to replace
         return False

@@ -346,6 +346,8 @@ def cases(w: Path) -> list[Case]:
         Case("plot-watch-and-show", "plot", [str(run), "--watch", "--show"], "--watch"),
         # eval.py
         Case("eval-no-text", "eval", ["--ckpt", str(run)], "--text"),
+        Case("eval-task-options-with-text", "eval", ["--ckpt", str(run), "--text", str(text), "--limit", "3"],
+             "--limit and --max-new-tokens are for --task"),
         Case("eval-task-of-texts", "eval", ["--ckpt", str(run), "--task", str(d / "t.jsonl")], "--task",
              lambda w, d: write(d / "t.jsonl", '{"text": "First Citizen"}\n')),
         Case("eval-task-without-the-answer", "eval", ["--ckpt", str(d / "hf"), "--task", str(d / "q.jsonl")],

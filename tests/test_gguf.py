@@ -146,6 +146,8 @@ def test_a_small_gguf_reads(tmp_path):
     write_gguf(tmp_path / "m.gguf")
     src = load_weights(tmp_path / "m.gguf")
     assert (src.model.n_layer, src.model.n_embd, src.model.vocab_size, src.meta) == (1, 32, 64, None)
+    shutil.copy(tmp_path / "m.gguf", tmp_path / "model.bin")  # renamed: known by its first bytes
+    assert load_weights(tmp_path / "model.bin").model == src.model
 
 
 @pytest.mark.parametrize("spoil, message", [
