@@ -10,8 +10,8 @@ A checkpoint `ckpt_last.pt` (or `ckpt_best.pt`) is a dict of tensors and plain v
     lora_base                  LoRA runs only: {"path", "digest"} of the base weights under the adapters
 
 A LoRA run (lora.py) saves only its adapters as `model` (lora.save = "adapters"; "full" adds the base
-weights): the base weights are read again from their path, and their digest must match.
-Beside it, `ckpt_last.json` holds the readable part (everything but tensors).
+weights): the base weights are read again from their path, and their digest must match. Beside it,
+`ckpt_last.json` holds the readable part (everything but tensors).
 
 `load_weights(path)` reads a checkpoint, a run folder (its ckpt_best.pt, else ckpt_last.pt), a native export, a
 Hugging Face folder (ours or transformers': hf.py) or a GGUF file into `Weights`, for every script (`load_model`
@@ -54,6 +54,7 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "block_siz
 NATIVE = "tinygpt-native"  # config.json "format" of a native export
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of its shards
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}  # safetensors' names -> ours
+READ = "a checkpoint (ckpt_*.pt), a run folder, an export or Hugging Face folder, or a GGUF file"  # load_weights
 META_FILE = "tokenizer_meta.json"  # not tokenizer.json: transformers reads that name as its own format
 
 
@@ -263,22 +264,21 @@ def weights_to_save(state: dict[str, torch.Tensor], lora: LoraConfig, base: dict
 # ----------------------------------------------------------------------------- one loader
 
 def find_weights(path: str | Path, setting: str = "") -> Path:
-    """`path` itself (a checkpoint file or an export folder), or the checkpoint in a run folder:
-    ckpt_best.pt, else ckpt_last.pt. `setting`: the config field that gave the path (it may be a preset's)."""
+    """`path` itself, or a run folder's ckpt_best.pt, else ckpt_last.pt. `setting`: the field that gave it."""
     folder = Path(path)
     if not folder.exists():
         named = f"{setting} = {str(path)!r}" if setting else str(path)
-        raise CheckpointError(f"{named} does not exist; give a checkpoint (ckpt_*.pt), a run folder, an export or "
-                              "Hugging Face folder, or a GGUF file" +
-                              (setting and " (a preset that names it says how to make it)"))
+        raise CheckpointError(f"{named} does not exist; give {READ}" + (setting and " (a preset says how to make it)"))
     if folder.is_file() or is_export(folder):
         return folder
     if best := best_checkpoint(folder):
         return best
     runs = sorted({str(p.parent) for p in folder.glob("*/ckpt_*.pt")})
     hint = f" (runs found: {', '.join(runs)})" if runs else ""
-    raise CheckpointError(f"no checkpoint in {folder}/: no ckpt_best.pt or ckpt_last.pt; train first, or "
-                          f"pass a checkpoint, run folder or export folder{hint}")
+    if any((folder / name).is_file() for name in ("config.json", *WEIGHT_FILES)):  # a model folder cut short
+        hint = " (a model folder needs both config.json and model.safetensors, or its index: copy it again)"
+    raise CheckpointError(f"no checkpoint in {folder}/: no ckpt_best.pt or ckpt_last.pt; train first, or give {READ}"
+                          f"{hint}")
 
 
 def best_checkpoint(folder: Path) -> Path | None:

@@ -296,6 +296,8 @@ def cases(w: Path) -> list[Case]:
         Case("export-force-over-a-downloaded-model", "export", ["--ckpt", str(run), "--out", str(d / "dl"), "--force"],
              "is not an export of tinygpt's", lambda w, d: edit_json(copy(hf, d / "dl") / "config.json",
                                                                      lambda c: c.pop("tinygpt"))),
+        Case("sample-a-model-folder-without-config", "sample", ["--ckpt", str(d / "m")], "needs both config.json",
+             lambda w, d: (copy(hf, d / "m") / "config.json").unlink()),
         Case("export-over-its-own-input", "export", ["--ckpt", str(d / "n"), "--out", str(d / "n"), "--force"],
              "is the --ckpt being exported", lambda w, d: copy(native, d / "n")),
         Case("export-adapters-as-gguf", "export", ["--ckpt", str(run), "--out", str(d / "a.gguf"), "--format", "gguf",
