@@ -118,7 +118,10 @@ def shortened(argv: list[str], max_iters: int) -> list[str]:
     if script == "chat.py":
         return [*argv, "--max-new-tokens", "8"]
     if script == "bench.py":
-        return [*argv, *BENCH_SHORT[next((k for k in ("speedrun", "ablation", "lora", "peft") if k in argv), "other")]]
+        short = BENCH_SHORT[next((k for k in ("speedrun", "ablation", "lora", "peft") if k in argv), "other")]
+        if "--config" in short and "--config" in argv:  # one preset only (two are refused): the short one
+            argv = argv[:argv.index("--config")] + argv[argv.index("--config") + 2:]
+        return [*argv, *short]
     return argv
 
 
