@@ -205,7 +205,7 @@ def read_adapters(ckpt: dict, cfg: ModelConfig, path: Path, device: str | torch.
 
 def base_weights(base: dict, path: Path, device: str | torch.device) -> dict:
     """The base weights of a LoRA checkpoint, refused when they are gone or are not the same any more."""
-    where = Path(base["path"])  # as training.init_from gave it: a relative path is from the current folder
+    where = Path(base["path"])  # absolute (older checkpoints: as init_from gave it, from the current folder)
     if not where.exists():
         shown = where if where.is_absolute() else f"{where} (from {Path.cwd()})"
         raise CheckpointError(f"{path} holds LoRA adapters for the base weights {where}, which are gone "
@@ -248,7 +248,7 @@ def base_reference(start: Weights, resume: bool) -> dict:
     keeps its own; a new one takes them from the weights it starts from (training.init_from)."""
     if resume:
         return start.lora.base
-    return {"path": str(start.path), "digest": digest(start.state_dict, start.model)}
+    return {"path": str(start.path.resolve()), "digest": digest(start.state_dict, start.model)}  # from any folder
 
 
 def weights_to_save(state: dict[str, torch.Tensor], lora: LoraConfig, base: dict | None) -> dict:

@@ -244,6 +244,18 @@ def test_gradient_accumulation_and_bf16(base, tmp_path, char_data):
 
 # ----------------------------------------------------------------------------- the base weights
 
+def test_a_relative_base_path_is_found_from_any_folder(tmp_path, char_data, base, capsys, monkeypatch):
+    """training.init_from given relative to the folder train.py ran in: the run records where that is, so
+    sample.py finds the base from anywhere else."""
+    shutil.copytree(base, tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    train.main(with_lora(tmp_path / "run", char_data, "base", "--max-iters", "2"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(tmp_path / "run"), *FEW]) == 0
+    assert load_weights(tmp_path / "run").lora.base["path"] == str(tmp_path / "work" / "base" / "ckpt_best.pt")
+
+
 def test_the_base_must_be_there_and_unchanged(tmp_path, char_data, base, capsys):
     shutil.copytree(base, tmp_path / "base")  # our own copy, to move and to change
     train.main(with_lora(tmp_path / "run", char_data, tmp_path / "base", "--max-iters", "10"))
