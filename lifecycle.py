@@ -33,8 +33,8 @@ from files import atomic_write_text, lock, make_folder, others
 from model import GPT
 from monitor import Board, print_header, tensorboard_writer, write_log
 from options import resume_command, to_toml
-from runtime import (Process, Stopped, all_reduce, available_memory, end_process, format_duration, load_optimizer_state,
-                     message_stream, parallel_problems, set_rng_state, step_memory)
+from runtime import (Process, Stopped, all_reduce, end_process, format_duration, load_optimizer_state, message_stream,
+                     parallel_problems, set_rng_state)
 from tasks import Task
 
 
@@ -125,7 +125,7 @@ def check_run(cfg: Config, proc: Process) -> None:
 
 def check_memory(run: Run) -> None:
     """Refuse a run that will not fit in memory, before its first step, in one line naming the settings
-    to lower. The estimate (runtime.step_memory) counts only what a step surely adds: it refuses runs
+    to lower. The estimate (step_memory) counts only what a step surely adds: it refuses runs
     that cannot fit, not every run that might not."""
     available = available_memory(run.proc.device)
     need = step_memory(run.model, run.cfg, run.precision, run.proc.world_size)
@@ -135,6 +135,34 @@ def check_memory(run: Run) -> None:
                          f"{size(available)} available: lower model.block_size ({m.block_size}) or "
                          f"training.batch_size ({t.batch_size}, with a larger training.grad_accum_steps to keep the "
                          "batch), or set training.activation_checkpointing = true")
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes the device can still give: a GPU's free memory, or the memory Linux can give without
+    swapping (MemAvailable); None where that is not known (MPS, other systems)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def step_memory(model: torch.nn.Module, cfg, precision: str, world_size: int) -> int:
+    """A lower bound of what a training step allocates beyond the weights (cfg: the run's Config): the
+    gradients and AdamW's two moments of the trained parameters (fp32; under FSDP each process holds its
+    share), the activations the backward pass keeps (at least the input of each block, its q, k, v and
+    the MLP's hidden layer per token, per block; with activation checkpointing the blocks' inputs and one
+    block's), and the logits of a micro-batch with their gradient (fp32: B * T * V each)."""
+    m, t = cfg.model, cfg.training
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = world_size if t.parallel == "fsdp" else 1
+    tokens, size = t.batch_size * m.block_size, 2 if precision in ("bf16", "fp16") else 4
+    block = model.transformer.h[0]  # its input and normed input, q k v, the MLP's hidden layer (2H for SwiGLU)
+    per_block = (2 * m.n_embd + block.attn.c_attn.out_features + block.mlp.c_fc.out_features) * tokens * size
+    blocks = m.n_layer * m.n_embd * tokens * size + per_block if t.activation_checkpointing else m.n_layer * per_block
+    return 3 * 4 * trained // share + blocks + 2 * 4 * tokens * m.vocab_size
 
 
 def size(n: int) -> str:

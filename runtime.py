@@ -312,34 +312,6 @@ def end_process(proc: Process, finished: bool) -> None:
         dist.destroy_process_group()
 
 
-def available_memory(device: str) -> int | None:
-    """Bytes the device can still give: a GPU's free memory, or the memory Linux can give without
-    swapping (MemAvailable); None where that is not known (MPS, other systems)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def step_memory(model: torch.nn.Module, cfg, precision: str, world_size: int) -> int:
-    """A lower bound of what a training step allocates beyond the weights (cfg: the run's Config): the
-    gradients and AdamW's two moments of the trained parameters (fp32; under FSDP each process holds its
-    share), the activations the backward pass keeps (at least the input of each block, its q, k, v and
-    the MLP's hidden layer per token, per block; with activation checkpointing the blocks' inputs and one
-    block's), and the logits of a micro-batch with their gradient (fp32: B * T * V each)."""
-    m, t = cfg.model, cfg.training
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    share = world_size if t.parallel == "fsdp" else 1
-    tokens, size = t.batch_size * m.block_size, 2 if precision in ("bf16", "fp16") else 4
-    block = model.transformer.h[0]  # its input and normed input, q k v, the MLP's hidden layer (2H for SwiGLU)
-    per_block = (2 * m.n_embd + block.attn.c_attn.out_features + block.mlp.c_fc.out_features) * tokens * size
-    blocks = m.n_layer * m.n_embd * tokens * size + per_block if t.activation_checkpointing else m.n_layer * per_block
-    return 3 * 4 * trained // share + blocks + 2 * 4 * tokens * m.vocab_size
-
-
 def rng_state(device: str) -> dict:
     """The RNG states that dropout draws from, as tensors (a checkpoint stores them)."""
     return {"cpu": torch.get_rng_state(),

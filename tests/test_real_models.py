@@ -248,12 +248,13 @@ def test_a_step_that_cannot_fit_is_refused_before_it_starts(tmp_path, char_data,
 
 
 def test_the_memory_estimate_is_a_lower_bound_of_a_step(tmp_path):
-    """What runtime.step_memory counts is allocated by a real step (forward, backward, optimizer), and it
+    """What lifecycle.step_memory counts is allocated by a real step (forward, backward, optimizer), and it
     is not a small part of it: measured with torch.profiler's record of every allocation."""
     from benchmarks.memory import peak_allocated_mb
     from config import Config
+    from lifecycle import step_memory
     from muon import make_optimizer
-    from runtime import profiler, step_memory
+    from runtime import profiler
 
     cfg = Config()
     cfg.model.__dict__.update(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512, dropout=0.0)
