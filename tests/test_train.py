@@ -329,6 +329,30 @@ def test_resume_is_bit_identical_with_muon(tmp_path, char_data, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+FAULTS = """
+import resource, sys, torch
+from runtime import start_process
+if sys.argv[1] == "trainer":
+    start_process("cpu")
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(2**25)  # 128 MiB, freed at once, as a step's logits are
+before = faults()
+torch.ones(2**25)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="runtime.reuse_freed_memory tunes Linux's C library only")
+def test_a_cpu_run_reuses_freed_memory_without_mapping_it_again():
+    """A tensor made again after one of its size was freed: by default the C library maps its pages afresh
+    from the kernel, one page fault per 4 KiB; in a training process (start_process on a CPU) it reuses them."""
+    def faults(how: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS, how], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout)
+    plain, trainer = faults("plain"), faults("trainer")
+    assert trainer * 10 < plain, (plain, trainer)
+
+
 def test_precision_on_cpu(tmp_path, char_data, capsys):
     # fp16 autocast is a GPU feature: on CPU the run says so and trains in fp32.
     train.main(tiny(tmp_path / "fp16", char_data, "--training.precision", "fp16", "--max-iters", "2"))
