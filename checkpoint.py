@@ -332,8 +332,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weight
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Weights]:
-    """A GPT in eval mode on `device`, built from any weights load_weights reads, and the Weights.
-    The weights must carry their tokenizer: the callers (sample.py, eval.py) turn text into tokens."""
+    """A GPT in eval mode on `device` (on a CPU, in GPT.decode_layout), built from any weights load_weights
+    reads, and the Weights. They must carry their tokenizer: the callers (sample.py, eval.py) turn text into tokens."""
     src = load_weights(path)
     if src.meta is None:
         raise CheckpointError(f"{src.path} has no tokenizer (neither tokenizer.json nor {META_FILE}), so its tokens "
@@ -344,7 +344,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         # Weights from elsewhere can score more tokens than the tokenizer has (e.g. a Llama's vocabulary
         # fine-tuned on char data): ids it cannot spell are cut off the logits, like padding rows.
         model.config.vocab_size = src.meta["vocab_size"]
-    return model.to(device).eval(), src  # eval: no dropout
+    return model.to(device).eval().decode_layout(), src  # eval: no dropout
 
 
 def model_config(values, where: Path, section: str = "model") -> ModelConfig | LoraConfig:

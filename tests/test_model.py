@@ -234,6 +234,27 @@ def test_kv_cache_logits_match_full_forward(variant):
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@ARCH_VARIANTS
+def test_decode_layout_keeps_the_matrices_and_their_results(variant):
+    """decode_layout stores each Linear weight transposed in memory: the same (out, in) matrices to
+    every reader, a tied lm_head still wte, and the same logits and greedy tokens as before."""
+    m = tiny(**variant).eval()
+    idx, _ = batch(B=2, T=10)
+    state = {name: t.clone() for name, t in m.state_dict().items()}
+    with torch.no_grad():
+        before = m(idx)[0]
+    tokens = generate(m, idx[:, :3], 20, temperature=0)
+    assert m.decode_layout() is m
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[name]), name
+    weights = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert all(w.stride() == (1, w.size(0)) for w in weights)  # (out, in) read column by column
+    assert (m.lm_head.weight is m.transformer.wte.weight) == m.config.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx)[0], before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate(m, idx[:, :3], 20, temperature=0), tokens)
+
+
 def test_generate_stream_yields_each_token():
     m = tiny().eval()
     prompt, _ = batch(B=2, T=4)

@@ -96,6 +96,7 @@ def test_logits_and_greedy_continuation_equal_transformers(tmp_path, shape):
     prompt = x[:, :4]
     expected = theirs.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert torch.equal(generate(ours(src), prompt, 30, temperature=0), expected)
+    assert torch.equal(generate(ours(src).decode_layout(), prompt, 30, temperature=0), expected)  # as sample.py
 
 
 def test_folder_to_tinygpt_to_folder_keeps_every_tensor(tmp_path, shape):
