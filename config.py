@@ -54,8 +54,8 @@ class DataConfig:
                          "char", choices=("char", "bpe", "hf", "train-bpe"))
     vocab_size: int = doc("tokenizer = train-bpe: the vocabulary to learn (the 256 bytes, an end-of-text token, "
                           "ChatML's two markers, and merges)", 4096, within="[259, inf)")
-    tokenizer_path: str = doc("tokenizer = hf: the folder holding tokenizer.json (training.init_from's, when it is "
-                              "a Hugging Face folder, goes without saying)", "")
+    tokenizer_path: str = doc("tokenizer = hf: the folder holding tokenizer.json, or a GGUF file (training.init_from's "
+                              "goes without saying)", "")
     bpe_encoding: str = doc("tiktoken encoding name used when tokenizer = bpe", "gpt2")
     val_fraction: float = doc("fraction of the corpus held out for validation", 0.1, within="(0, 1)")
     format: str = doc("bin: memory-mapped token files; txt: text splits, tokenized when loaded", "bin",

@@ -36,6 +36,7 @@ from data import (FOLDER_SETTINGS, META_VERSION, READ_BYTES, RECORD_SUFFIXES, Pr
                   input_groups, list_documents, load_meta, longer_split, resolve_bin_dir, text_chunks, token_dtype)
 from records import (read_records, record_texts, records_meta, records_summary, records_template, scan_records,
                      with_markers, write_record_splits)
+import gguf_format
 from files import FileError, lock, make_folder, others, publish, write_json
 from tokenizer import (encode_chunks, hf_tokenizer_meta, learn_bpe, safe_cut, split_safely, tokenizer_differences,
                        tokenizer_from_meta)
@@ -69,10 +70,14 @@ def wanted_tokenizer(d: DataConfig, model_meta: dict | None) -> dict | None:
     if not d.tokenizer_path:
         raise DataError("data.tokenizer = hf needs data.tokenizer_path: the folder of a Hugging Face model, which "
                         "holds its tokenizer.json")
-    meta = hf_tokenizer_meta(d.tokenizer_path)
+    path = Path(d.tokenizer_path)
+    if path.is_file() and gguf_format.is_gguf_file(path):  # a GGUF file carries its tokenizer in its metadata
+        meta = gguf_format.read_gguf(path, "cpu")[3]
+    else:
+        meta = hf_tokenizer_meta(path)
     if meta is None:
         raise DataError(f"data.tokenizer_path = {d.tokenizer_path!r} holds no tokenizer.json; give the folder of a "
-                        "Hugging Face model, which has one")
+                        "Hugging Face model, which has one, or a GGUF file with its tokenizer")
     return meta
 
 

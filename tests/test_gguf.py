@@ -101,6 +101,25 @@ def test_q8_0_is_a_quarter_of_fp32_and_close(tmp_path):
     assert (a - b).abs().mean() < 0.05 * b.abs().mean()  # 8-bit blocks: within a few percent
 
 
+def test_prepare_takes_a_gguf_files_tokenizer(tmp_path):
+    """prepare.py --tokenizer hf --data.tokenizer_path FILE.gguf: the tokenizer inside the file, which
+    tokenizes the text as the folder's tokenizer.json (AutoTokenizer's) does."""
+    import prepare
+    from config import DataConfig
+
+    with_tokenizer(tmp_path / "hf", "smollm2")
+    gguf_file = export.export(tmp_path / "hf", tmp_path / "model.gguf", "gguf")
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    tokens = {}
+    for name, path in (("folder", tmp_path / "hf"), ("gguf", gguf_file)):
+        d = DataConfig(input=str(tmp_path / "t.txt"), processed_dir=str(tmp_path / name), tokenizer="hf",
+                       tokenizer_path=str(path), val_fraction=0.5)
+        meta = prepare.prepare(d, progress=False)
+        tokens[name] = [np.fromfile(tmp_path / name / f"{split}.bin", dtype=meta["dtype"]).tolist()
+                        for split in ("train", "val")]
+    assert tokens["gguf"] == tokens["folder"] and len(tokens["gguf"][0]) > 20
+
+
 # ----------------------------------------------------------------------------- files we refuse
 
 def write_gguf(path, arch: str = "llama", tensor_type: str = "F32", block_count: int = 1) -> None:
