@@ -176,7 +176,7 @@ def begin(run: Run, start: Weights | None) -> None:
         return
     if run.cfg.training.overwrite:  # what train.py wrote there, and nothing else
         for old in [*run_checkpoints(run.out_dir), *run.out_dir.glob("tensorboard/events.out.tfevents.*"),
-                    run.out_dir / "train_log.json"]:
+                    run.out_dir / "train_log.json", *run.out_dir.glob("curves.*")]:  # plot.py's pictures of it
             old.unlink(missing_ok=True)
             if old.suffix == ".pt":
                 old.with_suffix(".json").unlink(missing_ok=True)

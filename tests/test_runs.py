@@ -65,12 +65,15 @@ def test_a_finished_run_is_never_replaced_by_a_fresh_one(tmp_path, char_data):
                         "training.out_dir\n")
     assert digest(tmp_path / "ckpt_best.pt") == best and digest(tmp_path / "ckpt_last.pt") == last
     assert (tmp_path / "train_log.json").read_text() == log
-    # --training.overwrite replaces it, including an old ckpt_best.pt the new run does not beat.
+    (tmp_path / "curves.png").write_bytes(b"plot.py's picture of the old run")
+    # --training.overwrite replaces it, including an old ckpt_best.pt the new run does not beat, and the
+    # old run's curves (a picture of a run that is gone).
     summary = train.main(tiny(tmp_path, char_data, "--training.overwrite", "--max-iters", "10",
                               "--training.learning_rate", "1e-9", "--training.min_lr", "0",
                               "--training.warmup_iters", "0"))
     assert summary["step"] == 10 and digest(tmp_path / "ckpt_last.pt") != last
     assert not (tmp_path / "ckpt_best.pt").exists() or digest(tmp_path / "ckpt_best.pt") != best
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_a_run_that_fails_at_its_start_writes_no_checkpoint(tmp_path, char_data):
