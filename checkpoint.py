@@ -322,7 +322,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weight
     """Weights from a checkpoint file, a run folder, a native export, a Hugging Face folder or a GGUF
     file, checked to fit their model config before anything is built from them."""
     path = find_weights(path)
-    if path.is_file() and (path.suffix == ".gguf" or gguf_format.is_gguf_file(path)):  # its name or first bytes
+    if gguf_format.read_as_gguf(path):
         weights = read_gguf(path, device)
     else:
         weights = read_checkpoint(path, device) if path.is_file() else read_export(path, device)

@@ -347,6 +347,12 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
+def read_as_gguf(path: Path) -> bool:
+    """Whether `path` is a file to read as GGUF: its name ends in .gguf, or it starts with GGUF's magic bytes
+    whatever its name (a file named .gguf that is not one is then named as damaged, not as a missing folder)."""
+    return path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path))
+
+
 def exported_here(path: Path) -> bool:
     """Whether `path` is a GGUF file that write_gguf wrote (its general.name), which export --force may replace:
     not a model downloaded from elsewhere."""

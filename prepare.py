@@ -71,7 +71,7 @@ def wanted_tokenizer(d: DataConfig, model_meta: dict | None) -> dict | None:
         raise DataError("data.tokenizer = hf needs data.tokenizer_path: the folder of a Hugging Face model, which "
                         "holds its tokenizer.json, or a GGUF file")
     path = Path(d.tokenizer_path)
-    if path.is_file() and gguf_format.is_gguf_file(path):  # a GGUF file carries its tokenizer in its metadata
+    if gguf_format.read_as_gguf(path):  # a GGUF file carries its tokenizer in its metadata
         meta = gguf_format.read_gguf(path, "cpu")[3]
     else:
         meta = hf_tokenizer_meta(path)
