@@ -247,12 +247,35 @@ def test_decode_layout_keeps_the_matrices_and_their_results(variant):
     assert m.decode_layout() is m
     for name, t in m.state_dict().items():
         assert torch.equal(t, state[name]), name
-    weights = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-    assert all(w.stride() == (1, w.size(0)) for w in weights)  # (out, in) read column by column
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert all(type(mod) is model_module.DecodeLinear for mod in linears)
+    assert all(mod.weight.stride() == (1, mod.weight.size(0)) for mod in linears)  # (out, in) read column by column
     assert (m.lm_head.weight is m.transformer.wte.weight) == m.config.tie_embeddings
     with torch.no_grad():
         torch.testing.assert_close(m(idx)[0], before, atol=1e-5, rtol=1e-5)
     assert torch.equal(generate(m, idx[:, :3], 20, temperature=0), tokens)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_splits_one_row_over_the_threads(threads, bias, monkeypatch):
+    """After decode_layout, a one-row product is cut into one block of input channels per thread (one bmm
+    over `threads` blocks) and gives what F.linear gives; more rows, one thread, or a width the threads
+    do not divide (20 by 3) go to F.linear as they are."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    batch_sizes, real_bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: batch_sizes.append(a.size(0)) or real_bmm(a, b))
+    for in_features in (24, 20):
+        layer = torch.nn.Linear(in_features, 40, bias=bias)
+        w, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+        GPT.decode_layout(torch.nn.Sequential(layer))
+        assert type(layer) is model_module.DecodeLinear
+        for x in (torch.randn(1, 1, in_features), torch.randn(1, in_features), torch.randn(2, 3, in_features)):
+            batch_sizes.clear()
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+            split = x.numel() == in_features and threads > 1 and in_features % threads == 0
+            assert batch_sizes == ([threads] if split else [])
 
 
 def test_generate_stream_yields_each_token():
