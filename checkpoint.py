@@ -293,8 +293,8 @@ def is_export(folder: Path) -> bool:
 
 class SafetensorsFolder:
     """A folder's safetensors weights, one model.safetensors or shards named by model.safetensors.index.json,
-    memory-mapped: `shapes` costs no reading, and get(name) reads one tensor, as fp32 on `device`, so
-    that converting a model holds one copy of it (its own dtype, bf16 say, is `dtype`)."""
+    memory-mapped: `shapes` costs no reading, and get(name) copies one tensor out, as fp32 on `device` (an fp32
+    view of the file would keep its pages resident beside the model). Its own dtype, bf16 say, is `dtype`."""
 
     def __init__(self, folder: Path, device: str | torch.device):
         self.device, index = device, folder / WEIGHT_FILES[1]
@@ -315,7 +315,7 @@ class SafetensorsFolder:
         self.dtype = str(self.files[self.where[first]].get_slice(first).get_dtype()) if first else "F32"
 
     def get(self, name: str) -> torch.Tensor:
-        return self.files[self.where[name]].get_tensor(name).to(self.device, torch.float32)
+        return self.files[self.where[name]].get_tensor(name).to(self.device, torch.float32, copy=True)
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Weights:

@@ -6,7 +6,9 @@ read by AutoTokenizer). tests/test_smollm2.py runs the same checks on the real S
 
 from __future__ import annotations
 
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +295,16 @@ def test_bf16_folders_are_read_as_stored(tmp_path):
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         stored = f.get_tensor("model.layers.0.self_attn.k_proj.weight")
     assert torch.equal(src.state_dict["transformer.h.0.attn.c_attn.weight"][48:64], stored.float())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_loaded_weights_leave_the_file_unmapped(tmp_path):
+    """The weights read from a folder are copies: once read, no tensor keeps the memory-mapped file (and its
+    pages, resident beside the model's own copy) alive."""
+    saved_by_transformers(tmp_path / "hf", "smollm2")
+    src = load_weights(tmp_path / "hf")
+    gc.collect()
+    assert src.state_dict and str(tmp_path / "hf" / "model.safetensors") not in Path("/proc/self/maps").read_text()
 
 
 def test_weights_that_disagree_with_config_json_are_named(tmp_path):
