@@ -19,6 +19,7 @@ our c_attn) gets one adapter per projection, as PEFT gives theirs (hf.lora_parts
 A matrices stacked, its B their B matrices, so that PEFT loads them onto the original model.
 
     add_adapters(model, cfg.lora)  # wrap the chosen linear layers of every block; freeze the rest
+    store_base_in(model, torch.bfloat16)  # optional: the frozen weights as autocast uses them
     merge(model)                   # W <- W + (alpha / r) B A: plain nn.Linear again, no extra cost
     remove(model)                  # drop the adapters: the base model again
 """
@@ -60,7 +61,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., P r) -> (..., out): thin matmuls, never the (out, in) matrix B A.
         h = F.linear(self.dropout(x), self.lora_A)
-        y = F.linear(x, self.weight, self.bias)  # (..., out): the frozen layer
+        # A base stored in bf16 (store_base_in) meets fp32 inputs outside autocast (a task's answers in training).
+        weight = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
+        y = F.linear(x, weight, self.bias)  # (..., out): the frozen layer
         # addmm adds h (scale B)^T to y inside the one matmul: no separate passes over the (..., out)
         # output to scale the update and add it (the scale multiplies B's out x P r numbers instead).
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.scaled_B().t()).view(y.shape)
@@ -112,6 +115,18 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
             parent, _, attr = name.rpartition(".")
             owner = block.get_submodule(parent)
             setattr(owner, attr, LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout, parts.get(name)))
+
+
+@torch.no_grad()
+def store_base_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the adapted layers' frozen weights in `dtype`, autocast's (bf16, fp16), instead of fp32. autocast
+    would cast them at every use anyway, and keep the copies for the backward pass: stored that way, they
+    take half the memory and no casting. The forward pass sees the same numbers; the adapters, embeddings
+    and norms stay in fp32. Only for runs that save the adapters alone: the base saved by lora.save = "full"
+    stays the fp32 it was read as."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.weight.data = module.weight.data.to(dtype)
 
 
 def plain_linear(layer: LoRALinear) -> nn.Linear:

@@ -96,7 +96,12 @@ def autocast(device_type: str, precision: str):
     """Matmuls in bf16/fp16 where that is safe, the rest in fp32; nothing at all for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device_type, dtype=autocast_dtype(precision))
+
+
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The dtype autocast computes in at a half precision ("bf16" or "fp16")."""
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def peak_flops(device: str) -> float | None:

@@ -38,13 +38,14 @@ from checkpoint import (CHECKPOINT_VERSION, Weights, base_reference, numbered_pa
 from config import Config, ConfigError, TrainingConfig
 from data import Data, check_split_lengths, load_mask, load_starts, load_tokens
 from lifecycle import Run
-from lora import add_adapters, load_adapters
+from lora import add_adapters, load_adapters, store_base_in
 from model import GPT
 from muon import make_optimizer
 from options import parse
 from tasks import MAX_NEW_TOKENS, load_task
-from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce, autocast, checkpoint_activations,
-                     full_state, pick_device, pick_precision, rng_state, set_rng_state, shard, start_process, whole)
+from runtime import (Process, ProfileWindow, StopSignals, all_finite, all_reduce, autocast, autocast_dtype,
+                     checkpoint_activations, full_state, pick_device, pick_precision, rng_state, set_rng_state, shard,
+                     start_process, whole)
 
 
 def main(cfg: Config) -> dict:
@@ -313,6 +314,7 @@ def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict)
     """Make `model` ready to train, in place, and return what a step calls. The order matters:
     1. LoRA freezes every weight and adds the adapters (a resumed run's own come back): before the
        optimizer, which takes the trainable parameters, and before FSDP, which shards those that exist.
+       Under autocast, the adapted layers' frozen weights are kept in its dtype (lora.store_base_in).
     2. Activation checkpointing wraps each block's forward, inside FSDP's gathering of its weights, so
        that the replay in the backward pass finds them gathered.
     3. FSDP shards the parameters in place: after the starting weights are in, so that each process
@@ -324,6 +326,8 @@ def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict)
     if cfg.lora.rank:
         add_adapters(model, cfg.lora)
         load_adapters(model, adapters)
+        if precision != "fp32" and cfg.lora.save == "adapters" and t.parallel != "fsdp":
+            store_base_in(model, autocast_dtype(precision))
     if t.activation_checkpointing:
         checkpoint_activations(model)
     if t.parallel == "fsdp":

@@ -1,5 +1,6 @@
 """LoRA (lora.py): adapters start as the base model, train alone, resume exactly, merge, and load in PEFT."""
 
+import copy
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import lora  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CheckpointError, load_weights, save_checkpoint  # noqa: E402
-from config import ConfigError, LoraConfig, ModelConfig, TrainingConfig  # noqa: E402
+from config import ARCHS, ConfigError, LoraConfig, ModelConfig, TrainingConfig  # noqa: E402
 from options import load_config  # noqa: E402
 from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
 from test_train import tiny  # noqa: E402
@@ -102,6 +103,38 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
     loss.backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
     assert model.transformer.h[0].attn.c_attn.lora_B.grad.abs().sum() > 0  # A random: B learns at once
+
+
+def test_a_base_stored_in_bf16_trains_as_autocast_casts_it():
+    """store_base_in keeps the adapted layers' frozen weights in bf16 (embeddings, norms, adapters stay fp32).
+    Under bf16 autocast the loss and every adapter's gradient are exactly those of the fp32 base, which
+    autocast casts to the same numbers; outside autocast (a task's answers in training) it runs, on them."""
+    torch.manual_seed(0)
+    fp32 = GPT(ModelConfig(**TINY, arch="llama", **ARCHS["llama"], qkv_bias=True))
+    lora.add_adapters(fp32, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in lora.adapter_state(fp32).values():
+            p.normal_(0.0, 0.3)  # B != 0: A gets gradients too
+    half = copy.deepcopy(fp32)
+    lora.store_base_in(half, torch.bfloat16)
+    layers = [m for m in half.modules() if isinstance(m, lora.LoRALinear)]
+    assert layers and all(m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32 for m in layers)
+    assert half.transformer.wte.weight.dtype == torch.float32
+    idx = torch.randint(37, (2, 16))
+    losses = []
+    for model in (fp32, half):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(model(idx, idx)[1])
+        losses[-1].backward()
+    assert torch.equal(*losses)
+    grads = [{n: p.grad for n, p in model.named_parameters() if p.requires_grad} for model in (fp32, half)]
+    assert len(grads[0]) == 4 * 4 and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    rounded = copy.deepcopy(fp32)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.weight.copy_(m.weight.bfloat16())  # fp32, with the bf16 numbers
+    assert torch.equal(logits(half.eval(), idx), logits(rounded.eval(), idx))
 
 
 def test_layer_computes_w_x_plus_scaled_b_a_x_and_merges_into_w():
@@ -229,17 +262,24 @@ def test_resume_is_bit_identical(base, tmp_path, char_data, monkeypatch):
         train.main(tiny(tmp_path / "cut", char_data, "--lora.rank", "8", "--resume"))
 
 
-def test_gradient_accumulation_and_bf16(base, tmp_path, char_data):
+def test_gradient_accumulation_and_bf16(base, tmp_path, char_data, monkeypatch):
     one_step = ("--training.max_iters", "1")
     train.main(with_lora(tmp_path / "a", char_data, base, *one_step, "--training.batch_size", "8"))
     train.main(with_lora(tmp_path / "b", char_data, base, *one_step, "--training.grad_accum_steps", "2"))
     a, b = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"] for run in "ab")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))  # the step did something
+    stored_in = []  # the dtype the adapted layers' base is kept in, for each run that keeps it in another
+    monkeypatch.setattr(train, "store_base_in", lambda model, dtype: stored_in.append(dtype))
     train.main(with_lora(tmp_path / "bf16", char_data, base, "--training.precision", "bf16"))
     log = json.loads((tmp_path / "bf16" / "train_log.json").read_text())
-    assert log["run"]["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert log["run"]["precision"] == ("bf16" if bf16 else "fp32")
     assert log["evals"][-1]["val_loss"] < log["evals"][0]["val_loss"]
+    assert stored_in == ([torch.bfloat16] if bf16 else [])
+    train.main(with_lora(tmp_path / "full", char_data, base, *one_step, "--training.precision", "bf16",
+                         "--lora.save", "full"))
+    assert stored_in == ([torch.bfloat16] if bf16 else [])  # a full save keeps the base it read, in fp32
 
 
 # ----------------------------------------------------------------------------- the base weights
