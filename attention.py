@@ -55,7 +55,13 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    dropout_p: float) -> torch.Tensor:
-    """The same math as eager_attention, in PyTorch's fused kernel (flash/memory-efficient)."""
+    """The same math as eager_attention, in PyTorch's fused kernel (flash/memory-efficient). On a CPU it
+    computes in fp32 under autocast too: there the kernel's backward pass is slower in bf16 than in fp32
+    (docs/benchmarks.md, SmolLM2's LoRA steps), and fp32 is the more exact."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        with torch.autocast("cpu", enabled=False):  # which would cast the fp32 inputs back
+            y = sdpa_attention(q.float(), k.float(), v.float(), mask, dropout_p)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
 

@@ -225,7 +225,7 @@ class DecodeLinear(nn.Linear):
     vector by every matrix, which reads the whole matrix for little arithmetic, so memory is the limit;
     MKL runs such a product on one core. Here W^T's rows are cut into one block per thread (n of them,
     each contiguous in memory), x into the matching slices, and bmm multiplies the n pairs in parallel:
-    y = x W^T = sum over blocks of x_i W^T_i. SmolLM2-135M on 2 cores: 42 -> 30 ms a token."""
+    y = x W^T = sum over blocks of x_i W^T_i. docs/benchmarks.md has what it gains."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = torch.get_num_threads()
@@ -298,9 +298,8 @@ class GPT(nn.Module):
         """In place, for generation on a CPU (checkpoint.load_model does it): each Linear weight (the tied wte
         too) is stored transposed in memory, and is still the same (out, in) matrix to F.linear, as a strided
         view; each Linear becomes a DecodeLinear, which splits a one-token product over the CPU's threads.
-        MKL reads this layout faster, and the split uses both cores (52 -> 30 ms a token for SmolLM2-135M
-        on a 2-core CPU: docs/benchmarks.md). The same numbers, in another order in memory; training keeps
-        the usual layout."""
+        MKL reads this layout faster, and the split uses every core (docs/benchmarks.md has the figures for
+        SmolLM2-135M). The same numbers, in another order in memory; training keeps the usual layout."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
                 module.weight.data = module.weight.t().contiguous().t()  # (out, in), with strides (1, out)

@@ -2,7 +2,8 @@
 they share the model (DDP, or FSDP's shards), activation checkpointing, stop signals, and a profiler.
 
     device = pick_device("auto")                  # "cuda", "mps" or "cpu"
-    proc = start_process(device)                  # this process: rank 0 of 1, or its rank under torchrun
+    proc = start_process(device)                  # this process: rank 0 of 1, or its rank under torchrun;
+                                                  # on a CPU it keeps the memory it frees (reuse_freed_memory)
     with autocast("cuda", "bf16"): loss = ...     # mixed precision, or nothing for fp32
     shard(model, proc, "bf16")                    # FSDP: each process keeps a part of every weight
     all_reduce(loss, proc)                        # the mean over the processes (no-op for one)

@@ -121,6 +121,22 @@ def assert_same_grads(a: dict, b: dict):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sdpa_on_a_cpu_computes_in_fp32(autocast):
+    """sdpa_attention's bf16 inputs on a CPU go through the fp32 kernel (faster there, and more exact),
+    under autocast too: the fp32 kernel's result rounded to bf16; the gradients reach the inputs."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)  # grouped-query
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                                enable_gqa=True).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = attention.sdpa_attention(q, k, v, None, 0.0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    y.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
 @ARCH_VARIANTS
 @pytest.mark.parametrize("use_docs", [False, True])
 def test_eager_and_sdpa_agree_on_gradients(use_docs, variant):
