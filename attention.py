@@ -58,7 +58,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """The same math as eager_attention, in PyTorch's fused kernel (flash/memory-efficient). On a CPU it
     computes in fp32 under autocast too: there the kernel's backward pass is slower in bf16 than in fp32
     (docs/benchmarks.md, SmolLM2's LoRA steps), and fp32 is the more exact."""
-    if q.device.type == "cpu" and q.dtype != torch.float32:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # which would cast the fp32 inputs back
             y = sdpa_attention(q.float(), k.float(), v.float(), mask, dropout_p)
         return y.to(q.dtype)

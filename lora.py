@@ -59,11 +59,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # A base kept in bf16 by store_base_in, outside autocast (a run's samples and task answers):
+            # computed as in the run's steps, under autocast, rather than casting the weights at every call.
+            with torch.autocast(x.device.type, dtype=self.weight.dtype):
+                return self.forward(x).to(x.dtype)
         # (..., in) -> (..., P r) -> (..., out): thin matmuls, never the (out, in) matrix B A.
         h = F.linear(self.dropout(x), self.lora_A)
-        # A base stored in bf16 (store_base_in) meets fp32 inputs outside autocast (a task's answers in training).
-        weight = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
-        y = F.linear(x, weight, self.bias)  # (..., out): the frozen layer
+        y = F.linear(x, self.weight, self.bias)  # (..., out): the frozen layer
         # addmm adds h (scale B)^T to y inside the one matmul: no separate passes over the (..., out)
         # output to scale the update and add it (the scale multiplies B's out x P r numbers instead).
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.scaled_B().t()).view(y.shape)
@@ -122,8 +125,8 @@ def store_base_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Keep the adapted layers' frozen weights in `dtype`, autocast's (bf16, fp16), instead of fp32. autocast
     would cast them at every use anyway, and keep the copies for the backward pass: stored that way, they
     take half the memory and no casting. The forward pass sees the same numbers; the adapters, embeddings
-    and norms stay in fp32. Only for runs that save the adapters alone: the base saved by lora.save = "full"
-    stays the fp32 it was read as."""
+    and norms stay in fp32. For training only (merge and remove expect an fp32 base), and not where the
+    base is saved (lora.save = "full": the fp32 it was read as) or sharded (FSDP: one dtype per shard)."""
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.weight.data = module.weight.data.to(dtype)

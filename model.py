@@ -229,8 +229,9 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = torch.get_num_threads()
-        if x.numel() != self.in_features or n == 1 or self.in_features % n or not self.weight.t().is_contiguous():
-            return super().forward(x)  # more than one row (prefill, eval), or no even cut: MKL does well
+        one_row = x.numel() == self.in_features and not torch.is_autocast_enabled(x.device.type)
+        if not one_row or n == 1 or self.in_features % n or not self.weight.t().is_contiguous():
+            return super().forward(x)  # more rows (prefill, eval), autocast's casts, or no even cut: as usual
         blocks = self.weight.t().view(n, self.in_features // n, self.out_features)  # (n, in / n, out)
         y = torch.bmm(x.reshape(n, 1, -1), blocks).sum(dim=0)  # (n, 1, out) partial sums -> (1, out)
         y = y.view(*x.shape[:-1], self.out_features)

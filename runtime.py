@@ -102,7 +102,7 @@ def autocast(device_type: str, precision: str):
 
 def autocast_dtype(precision: str) -> torch.dtype:
     """The dtype autocast computes in at a half precision ("bf16" or "fp16")."""
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def peak_flops(device: str) -> float | None:

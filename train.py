@@ -314,7 +314,8 @@ def wrap(model: GPT, cfg: Config, proc: Process, precision: str, adapters: dict)
     """Make `model` ready to train, in place, and return what a step calls. The order matters:
     1. LoRA freezes every weight and adds the adapters (a resumed run's own come back): before the
        optimizer, which takes the trainable parameters, and before FSDP, which shards those that exist.
-       Under autocast, the adapted layers' frozen weights are kept in its dtype (lora.store_base_in).
+       Under autocast, the adapted layers' frozen weights are kept in its dtype (lora.store_base_in),
+       unless the checkpoints save them (lora.save = "full") or FSDP shards them.
     2. Activation checkpointing wraps each block's forward, inside FSDP's gathering of its weights, so
        that the replay in the backward pass finds them gathered.
     3. FSDP shards the parameters in place: after the starting weights are in, so that each process

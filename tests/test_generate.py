@@ -9,7 +9,8 @@ import model as model_module
 from config import ConfigError
 from generate import generate, generate_stream
 from model import GPT
-from tiny_models import ARCH_VARIANTS, BACKENDS, batch, one_thread, tiny  # noqa: F401 (one_thread: autouse)
+from tiny_models import ARCH_VARIANTS, BACKENDS, batch, tiny
+from tiny_models import one_thread  # noqa: F401 (this module's autouse fixture)
 
 
 @ARCH_VARIANTS
@@ -84,6 +85,10 @@ def test_decode_linear_splits_one_row_over_the_threads(threads, bias, monkeypatc
                 torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
             split = x.numel() == in_features and threads > 1 and in_features % threads == 0
             assert batch_sizes == ([threads] if split else [])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts as for F.linear
+            x = torch.randn(1, in_features)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), atol=0, rtol=0)
+        assert batch_sizes == ([threads] if split else [])  # no new bmm
 
 
 def test_generate_stream_yields_each_token():

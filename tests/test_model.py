@@ -12,7 +12,8 @@ from model import GPT
 from monitor import estimate_mfu, flops_per_token
 from muon import make_optimizer
 from runtime import checkpoint_activations
-from tiny_models import ARCH_VARIANTS, BACKENDS, EVERY_SWITCH, LLAMA, TINY, batch, one_thread, tiny  # noqa: F401 (one_thread: autouse)
+from tiny_models import ARCH_VARIANTS, BACKENDS, EVERY_SWITCH, LLAMA, TINY, batch, tiny
+from tiny_models import one_thread  # noqa: F401 (this module's autouse fixture)
 
 # Uncompiled flex_attention warns that it is unfused (slow); expected on CPU, irrelevant here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")

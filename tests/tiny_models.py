@@ -33,5 +33,3 @@ def tiny(**overrides) -> GPT:
 def batch(B=3, T=16, V=37, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
-
-
