@@ -27,6 +27,7 @@ A matrices stacked, its B their B matrices, so that PEFT loads them onto the ori
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable
 
 import torch
@@ -64,12 +65,17 @@ class LoRALinear(nn.Module):
             # computed as in the run's steps, under autocast, rather than casting the weights at every call.
             with torch.autocast(x.device.type, dtype=self.weight.dtype):
                 return self.forward(x).to(x.dtype)
-        # (..., in) -> (..., P r) -> (..., out): thin matmuls, never the (out, in) matrix B A.
-        h = F.linear(self.dropout(x), self.lora_A)
-        y = F.linear(x, self.weight, self.bias)  # (..., out): the frozen layer
-        # addmm adds h (scale B)^T to y inside the one matmul: no separate passes over the (..., out)
-        # output to scale the update and add it (the scale multiplies B's out x P r numbers instead).
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.scaled_B().t()).view(y.shape)
+        dx = self.dropout(x)
+        flat = x.flatten(0, -2)  # (M, in), M = B T
+        if by_hand(x):
+            y = LoRAProduct.apply(flat, None if dx is x else dx.flatten(0, -2), self.weight, self.bias,
+                                  self.lora_A, self.scaled_B())
+        else:
+            # (M, in) -> (M, P r) -> (M, out): thin matmuls, never the (out, in) matrix B A. addmm adds
+            # h (scale B)^T to the frozen layer's output inside the one matmul.
+            h = F.linear(dx.flatten(0, -2), self.lora_A)
+            y = torch.addmm(F.linear(flat, self.weight, self.bias), h, self.scaled_B().t())
+        return y.view(*x.shape[:-1], self.out_features)
 
     def scaled_B(self) -> torch.Tensor:
         """(alpha / r) B as one (out, P r) matrix: projection i's rows hold its B_i in its r columns and zeros
@@ -80,6 +86,80 @@ class LoRALinear(nn.Module):
     def delta(self) -> torch.Tensor:
         """The update as a matrix, (alpha / r) B A (out, in): each projection's B_i A_i, stacked."""
         return self.scaled_B() @ self.lora_A
+
+
+class FrozenLinear(nn.Linear):
+    """An nn.Linear whose weights do not train (add_adapters makes the lm_head and the blocks' layers
+    that get no adapters these): its product by hand, as LoRALinear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenProduct.apply(x, self.weight, self.bias) if by_hand(x) else super().forward(x)
+
+
+def by_hand(x: torch.Tensor) -> bool:
+    """Whether the products below run, not autograd's own: not under autocast (it casts each product's
+    inputs) nor in torch.compile (it writes its own kernels)."""
+    return not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+
+
+# On an x86 CPU, torch's fp32 matmuls go to MKL. oneDNN, which torch also ships (its bf16 matmuls go there), does
+# the products of a LoRA step faster, in fp32 as well (docs/benchmarks.md, "Against transformers and PEFT").
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b: x (..., in), W (out, in) or a transposed view of an (in, out) matrix. No autograd."""
+    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class FrozenProduct(torch.autograd.Function):
+    """y = x W^T + b with W and b frozen: the backward pass computes only x's gradient, gy W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        assert not any(ctx.needs_input_grad[1:]), "add_adapters froze the weights"
+        (weight,) = ctx.saved_tensors
+        return linear(gy, weight.t()), None, None
+
+
+class LoRAProduct(torch.autograd.Function):
+    """y = x W^T + b + (d(x) A^T) S^T: a LoRALinear's output, x (M, in), with W and b frozen, A (P r, in) and
+    S (out, P r), the scaled B, trained; d(x) is dropout's x (dx), or x itself (dx None). Its backward pass is
+    written out rather than left to autograd, whose choice of products for these thin matrices (P r is 8
+    to 24 columns) is up to 3x slower on a CPU, and which adds x's two gradients in a separate pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        xa = x if dx is None else dx
+        h = linear(xa, A)  # (M, P r)
+        y = linear(x, weight, bias).addmm_(h, S.t())  # (M, out): += h S^T in place, no copy of y
+        ctx.save_for_backward(xa, weight, A, S, h)
+        ctx.dropout = dx is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # gy (M, out)
+        assert not any(ctx.needs_input_grad[2:4]), "add_adapters froze the weights"
+        xa, weight, A, S, h = ctx.saved_tensors
+        gh = linear(gy, S.t())  # (M, P r) = gy S
+        gS = h.t().mm(gy).t()  # (out, P r) = gy^T h, as (h^T gy)^T: the faster layout of the two
+        gA = gh.t().mm(xa)  # (P r, in) = gh^T d(x)
+        gx = gdx = None
+        if ctx.needs_input_grad[0]:
+            gx = linear(gy, weight.t())  # (M, in) = gy W
+            if ctx.dropout:
+                gdx = gh.mm(A)  # dropout's backward pass takes it on
+            else:
+                gx.addmm_(gh, A)  # x's gradient through the adapters, added inside the matmul
+        return gx, gdx, None, None, gA, gS
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
@@ -118,6 +198,9 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
             parent, _, attr = name.rpartition(".")
             owner = block.get_submodule(parent)
             setattr(owner, attr, LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout, parts.get(name)))
+    for module in model.modules():
+        if type(module) is nn.Linear:  # the lm_head, the layers without adapters
+            module.__class__ = FrozenLinear
 
 
 @torch.no_grad()
