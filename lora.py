@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 from config import ConfigError, LoraConfig
 from hf import lora_parts
@@ -65,15 +66,15 @@ class LoRALinear(nn.Module):
             # computed as in the run's steps, under autocast, rather than casting the weights at every call.
             with torch.autocast(x.device.type, dtype=self.weight.dtype):
                 return self.forward(x).to(x.dtype)
-        dx = self.dropout(x)
+        dropped = self.dropout(x)
         flat = x.flatten(0, -2)  # (M, in), M = B T
-        if by_hand(x):
-            y = LoRAProduct.apply(flat, None if dx is x else dx.flatten(0, -2), self.weight, self.bias,
+        if by_hand(x, self.weight, self.bias):
+            y = LoRAProduct.apply(flat, None if dropped is x else dropped.flatten(0, -2), self.weight, self.bias,
                                   self.lora_A, self.scaled_B())
         else:
             # (M, in) -> (M, P r) -> (M, out): thin matmuls, never the (out, in) matrix B A. addmm adds
             # h (scale B)^T to the frozen layer's output inside the one matmul.
-            h = F.linear(dx.flatten(0, -2), self.lora_A)
+            h = F.linear(dropped.flatten(0, -2), self.lora_A)
             y = torch.addmm(F.linear(flat, self.weight, self.bias), h, self.scaled_B().t())
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -89,27 +90,34 @@ class LoRALinear(nn.Module):
 
 
 class FrozenLinear(nn.Linear):
-    """An nn.Linear whose weights do not train (add_adapters makes the lm_head and the blocks' layers
-    that get no adapters these): its product by hand, as LoRALinear's."""
+    """An nn.Linear of a LoRA model that gets no adapters (the lm_head, the blocks' untargeted layers:
+    add_adapters makes them these; merge and remove make them nn.Linear again): its product by hand, as
+    LoRALinear's, while its weights are frozen."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FrozenProduct.apply(x, self.weight, self.bias) if by_hand(x) else super().forward(x)
+        if not by_hand(x, self.weight, self.bias):
+            return super().forward(x)
+        return FrozenProduct.apply(x.flatten(0, -2), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
-def by_hand(x: torch.Tensor) -> bool:
-    """Whether the products below run, not autograd's own: not under autocast (it casts each product's
-    inputs) nor in torch.compile (it writes its own kernels)."""
-    return not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+def by_hand(x: torch.Tensor, *frozen: torch.Tensor | None) -> bool:
+    """Whether the products below run, not autograd's own: for frozen weights (they compute no gradient
+    for them), not under autocast (it casts each product's inputs) nor in torch.compile (it writes its own
+    kernels)."""
+    return (not any(p is not None and p.requires_grad for p in frozen)
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
-# On an x86 CPU, torch's fp32 matmuls go to MKL. oneDNN, which torch also ships (its bf16 matmuls go there), does
-# the products of a LoRA step faster, in fp32 as well (docs/benchmarks.md, "Against transformers and PEFT").
+# On an x86 CPU, torch's fp32 matmuls go to MKL. oneDNN, which torch also ships (its bf16 matmuls go there), did
+# the products of a LoRA step faster, in fp32 too, on the AVX-512 CPU measured (docs/benchmarks.md, "Against
+# transformers and PEFT"). torch.backends.mkldnn.flags(enabled=False) turns it off.
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b: x (..., in), W (out, in) or a transposed view of an (in, out) matrix. No autograd."""
-    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+    if ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and \
+            x.dtype == weight.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -118,48 +126,48 @@ class FrozenProduct(torch.autograd.Function):
     """y = x W^T + b with W and b frozen: the backward pass computes only x's gradient, gy W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
         return linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        assert not any(ctx.needs_input_grad[1:]), "add_adapters froze the weights"
+    def backward(ctx: FunctionCtx, gy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        assert not any(ctx.needs_input_grad[1:]), "by_hand sends only frozen weights here"
         (weight,) = ctx.saved_tensors
         return linear(gy, weight.t()), None, None
 
 
 class LoRAProduct(torch.autograd.Function):
     """y = x W^T + b + (d(x) A^T) S^T: a LoRALinear's output, x (M, in), with W and b frozen, A (P r, in) and
-    S (out, P r), the scaled B, trained; d(x) is dropout's x (dx), or x itself (dx None). Its backward pass is
-    written out rather than left to autograd, whose choice of products for these thin matrices (P r is 8
-    to 24 columns) is up to 3x slower on a CPU, and which adds x's two gradients in a separate pass."""
+    S (out, P r), the scaled B, trained; d(x) is dropout's x (`dropped`), or x itself (`dropped` None). Its
+    backward pass is written out rather than left to autograd, whose layouts for the products of these thin
+    matrices (P r columns) were the slower ones on a CPU, and which adds x's two gradients in a separate pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        xa = x if dx is None else dx
+    def forward(ctx: FunctionCtx, x: torch.Tensor, dropped: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor | None, A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        xa = x if dropped is None else dropped
         h = linear(xa, A)  # (M, P r)
         y = linear(x, weight, bias).addmm_(h, S.t())  # (M, out): += h S^T in place, no copy of y
         ctx.save_for_backward(xa, weight, A, S, h)
-        ctx.dropout = dx is not None
+        ctx.dropout = dropped is not None
         return y
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # gy (M, out)
-        assert not any(ctx.needs_input_grad[2:4]), "add_adapters froze the weights"
+    def backward(ctx: FunctionCtx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # gy (M, out)
+        assert not any(ctx.needs_input_grad[2:4]), "by_hand sends only frozen weights here"
         xa, weight, A, S, h = ctx.saved_tensors
         gh = linear(gy, S.t())  # (M, P r) = gy S
         gS = h.t().mm(gy).t()  # (out, P r) = gy^T h, as (h^T gy)^T: the faster layout of the two
         gA = gh.t().mm(xa)  # (P r, in) = gh^T d(x)
-        gx = gdx = None
+        gx = g_dropped = None
         if ctx.needs_input_grad[0]:
             gx = linear(gy, weight.t())  # (M, in) = gy W
             if ctx.dropout:
-                gdx = gh.mm(A)  # dropout's backward pass takes it on
+                g_dropped = gh.mm(A)  # dropout's backward pass takes it on
             else:
                 gx.addmm_(gh, A)  # x's gradient through the adapters, added inside the matmul
-        return gx, gdx, None, None, gA, gS
+        return gx, g_dropped, None, None, gA, gS
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
@@ -185,7 +193,8 @@ def target_problems(cfg: LoraConfig, block: nn.Module, parts: dict[str, list[int
 
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
     """Freeze every weight of `model` (a GPT) and wrap the target layers of each block in a LoRALinear,
-    with one adapter per projection the Hugging Face model has in it (hf.lora_parts)."""
+    with one adapter per projection the Hugging Face model has in it (hf.lora_parts); the other linear
+    layers (the lm_head too) become FrozenLinear."""
     blocks, parts = model.transformer.h, lora_parts(model.config)
     problems = target_problems(cfg, blocks[0], parts)
     if problems:
@@ -223,11 +232,13 @@ def plain_linear(layer: LoRALinear) -> nn.Linear:
 
 
 def replace_adapted(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> None:
-    """Replace every LoRALinear in `model` by make(that layer)."""
+    """Replace every LoRALinear in `model` by make(that layer), and make each FrozenLinear an nn.Linear again."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, make(module))
+        elif type(module) is FrozenLinear:
+            module.__class__ = nn.Linear
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ def test_adapters_start_as_the_base_model_and_only_they_train():
     idx = torch.randint(37, (2, 16))
     before = logits(model, idx)
     lora.add_adapters(model, LoraConfig(rank=4, dropout=0.1))
-    assert torch.equal(logits(model.eval(), idx), before)  # B = 0: exactly the base model at step 0
+    # B = 0: the base model at step 0 (up to the rounding of other kernels for its products: lora.linear)
+    torch.testing.assert_close(logits(model.eval(), idx), before, rtol=0, atol=1e-6)
     layers = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
     assert layers == [f"transformer.h.{i}.{name}" for i in range(2)
                       for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]

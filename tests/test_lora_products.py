@@ -3,6 +3,7 @@ x86 CPU. Against transformers + PEFT on real model shapes: tests/test_real_model
 
 import pytest
 import torch
+import torch.nn as nn
 
 import lora
 from config import ARCHS, LoraConfig, ModelConfig
@@ -10,11 +11,14 @@ from model import GPT
 from test_lora import TINY
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_the_written_out_backward_passes_give_autograds_gradients(dropout, monkeypatch):
-    """LoRAProduct and FrozenProduct (the products by hand) give the loss and gradients of F.linear and addmm
-    under autograd: with biases, a layer stacking three projections, layers without adapters between
-    adapted ones (FrozenLinear, as the lm_head), and dropout's own masks (the same seed)."""
+def test_the_written_out_backward_passes_give_autograds_gradients(dropout, onednn, monkeypatch):
+    """LoRAProduct and FrozenProduct (the products by hand, oneDNN's on an x86 CPU or F.linear's) give the
+    loss and gradients of F.linear and addmm under autograd: with biases, a layer stacking three
+    projections, layers without adapters between adapted ones (FrozenLinear, as the lm_head), and
+    dropout's own masks (the same seed)."""
+    monkeypatch.setattr(lora, "ONEDNN", lora.ONEDNN and onednn)
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TINY, arch="llama", **ARCHS["llama"], qkv_bias=True))
     lora.add_adapters(model, LoraConfig(rank=4, dropout=dropout, targets="attn.c_attn, mlp.c_proj"))
@@ -25,7 +29,7 @@ def test_the_written_out_backward_passes_give_autograds_gradients(dropout, monke
     idx = torch.randint(37, (2, 16))
     runs = []
     for written_out in (True, False):
-        monkeypatch.setattr(lora, "by_hand", lambda x: written_out)
+        monkeypatch.setattr(lora, "by_hand", lambda x, *frozen: written_out)
         torch.manual_seed(1)
         _, loss = model.train()(idx, idx)
         loss.backward()
@@ -61,3 +65,21 @@ def test_on_an_x86_cpu_the_frozen_weights_are_multiplied_by_onednn():
         model(idx, idx)[1].backward()
     products = [c for c in calls if c.endswith(("mm", "mm_", "linear", "matmul", "_linear_pointwise"))]
     assert len(products) > 10 and set(products) == {"mkldnn._linear_pointwise"}, calls
+
+
+def test_autograd_computes_under_autocast_and_for_weights_that_train():
+    """The products by hand are for frozen weights outside autocast; merge and remove leave plain nn.Linear
+    layers, which compute as any nn.Linear again."""
+    model = GPT(ModelConfig(**TINY))
+    lora.add_adapters(model, LoraConfig(rank=4, targets="attn.c_attn"))
+    layer, x = model.transformer.h[0].attn.c_attn, torch.randn(3, 16)
+    assert lora.by_hand(x, layer.weight, layer.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lora.by_hand(x, layer.weight, layer.bias)
+    layer.bias.requires_grad_(True)
+    assert not lora.by_hand(x, layer.weight, layer.bias)
+    lora.merge(model)
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
+    model.lm_head.weight.requires_grad_(True)  # a weight that trains again gets its gradient
+    model(torch.randint(37, (2, 16)), torch.randint(37, (2, 16)))[1].backward()
+    assert model.lm_head.weight.grad is not None
