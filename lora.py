@@ -12,7 +12,11 @@ The update B A has rank at most r and costs r * (in + out) parameters instead of
 - alpha / r keeps the update's size about the same when r changes, so a learning rate found for one
   rank carries over to another.
 - Only A and B have requires_grad: only they get gradients and optimizer state (AdamW keeps two
-  numbers per trained parameter), which is where the memory goes, and checkpoints hold only them (unless lora.save = "full").
+  numbers per trained parameter), which is where the memory goes, and checkpoints hold only them
+  (unless lora.save = "full").
+- Outside autocast, the layers' backward passes are written out (LoRAProduct, FrozenProduct): the
+  frozen weights' products on the faster kernels (oneDNN's on an x86 CPU), the thin ones in the faster
+  layouts.
 
 A layer of ours that stacks several projections of the Hugging Face model (Llama's q, k and v are
 our c_attn) gets one adapter per projection, as PEFT gives theirs (hf.lora_parts): its A holds their
