@@ -198,15 +198,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_at_random_moments(command: list[str], out_dir, seed: int, env=None) -> int:
+def kill_at_random_moments(command: list[str], out_dir, seed: int, env=None, delays=(2.0, 5.0)) -> int:
     """Start `command` again and again, each time killed with SIGKILL (with every process it started: a
-    machine that goes down) after a random delay, until a run ends on its own; returns the number of kills."""
+    machine that goes down) after a random delay in `delays` (seconds), until a run ends on its own;
+    returns the number of kills."""
     rng, kills = random.Random(seed), 0
     while True:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, env=env)
         try:
-            proc.wait(timeout=rng.uniform(2.0, 5.0) if kills < 6 else 300)  # torch's import takes about 1.5 s
+            proc.wait(timeout=rng.uniform(*delays) if kills < 6 else 300)  # torch's import takes about 1.5 s
             assert proc.returncode == 0, proc.stderr.read()
             return kills
         except subprocess.TimeoutExpired:
@@ -221,9 +222,13 @@ def kill_at_random_moments(command: list[str], out_dir, seed: int, env=None) -> 
 def test_kill_9_at_random_moments_and_a_plain_rerun_equal_an_uninterrupted_run(tmp_path, char_data):
     extra = ("--training.max_iters", "1500", "--training.eval_interval", "500", "--training.save_interval", "50",
              "--training.log_interval", "100", "--model.dropout", "0.1", "--training.grad_accum_steps", "2")
+    start = time.perf_counter()
     train.main(tiny(tmp_path / "full", char_data, *extra))
+    seconds = time.perf_counter() - start
+    # Each kill comes after torch's import (~1.5 s) and at most a quarter of the run's training, on a
+    # machine of any speed: at least 3 kills before a run can end on its own.
     kills = kill_at_random_moments([sys.executable, "train.py", *tiny_argv(tmp_path / "cut", char_data, *extra)],
-                                   tmp_path / "cut", seed=0)
+                                   tmp_path / "cut", seed=0, delays=(1.5, 1.5 + seconds / 4))
     assert kills >= 3
     same_training(tmp_path / "full" / "ckpt_last.pt", tmp_path / "cut" / "ckpt_last.pt")
     assert [e["val_loss"] for e in read_log(tmp_path / "cut")["evals"]] == \
