@@ -27,8 +27,8 @@ from conftest import ROOT, run_killed_after_checkpoint  # noqa: E402
 from test_train import tiny  # noqa: E402
 from model import GPT  # noqa: E402
 from muon import make_optimizer  # noqa: E402
+from tiny_models import TINY  # noqa: E402
 
-TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0, vocab_size=37)
 FEW = ["--num-samples", "1", "--max-new-tokens", "30"]
 
 

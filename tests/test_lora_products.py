@@ -8,7 +8,7 @@ import torch.nn as nn
 import lora
 from config import ARCHS, LoraConfig, ModelConfig
 from model import GPT
-from test_lora import TINY
+from tiny_models import TINY
 
 
 @pytest.mark.parametrize("onednn", [True, False])
