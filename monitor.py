@@ -158,10 +158,12 @@ def write_log(out_dir: Path, log: dict) -> None:
 
 # ----------------------------------------------------------------------------- each evaluation
 
-def eval_estimate(seconds: float) -> None:
-    """Before the first evaluation's result: how long it will take, when that is more than a moment."""
+def eval_estimate(seconds: float, task: Task | None = None) -> None:
+    """Before the first evaluation's result: how long its losses will take, when that is more than a moment,
+    and that training.task's answers come after them (their time depends on how long the answers get)."""
     if seconds > ESTIMATE_EVAL_ABOVE_S:
-        print(f"(about {format_duration(seconds)}) ", end="", flush=True)
+        then = f", then training.task's {len(task.examples)} examples" if task else ""
+        print(f"(about {format_duration(seconds)}{then}) ", end="", flush=True)
 
 
 def record_eval(log: dict, board: Board | None, state: LoopState, losses: dict[str, float], lr: float, meta: dict,

@@ -203,7 +203,7 @@ def evaluate(run: Run, signals: StopSignals | None = None, estimate: bool = Fals
                 total += loss.float()
             if estimate and proc.is_main and k == 0:  # every batch takes about as long as the first
                 loss.item()  # on a GPU, wait for it to finish
-                monitor.eval_estimate((time.time() - began) * math.ceil(n / proc.world_size) * 2)
+                monitor.eval_estimate((time.time() - began) * math.ceil(n / proc.world_size) * 2, run.task)
                 estimate = False
         out[split] = all_reduce(total, proc, "sum").item() / n
     run.wrapped.train()

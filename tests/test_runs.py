@@ -402,6 +402,11 @@ def test_a_long_first_evaluation_says_how_long_before_it_ends(tmp_path, char_dat
     out = capsys.readouterr().out
     assert re.search(r"^eval step 0: \(about \d+m\d\ds\) train \d\.\d{4}, val ", out, re.M), out
     assert re.search(r"^eval step 10: train ", out, re.M)
+    task = tmp_path / "task.jsonl"  # answers after the losses, for a time the estimate cannot know: it says so
+    task.write_text('{"prompt": "ROMEO:", "completion": " ay"}\n' * 3, encoding="utf-8")
+    train.main(tiny(tmp_path / "with_task", char_data, "--training.task", str(task)))
+    out = capsys.readouterr().out
+    assert re.search(r"^eval step 0: \(about \d+m\d\ds, then training.task's 3 examples\) train ", out, re.M), out
 
 
 def test_resume_keeps_the_init_from_the_run_started_with_and_refuses_another(tmp_path, char_data):
