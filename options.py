@@ -158,10 +158,8 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
     The names set are recorded in cfg.explicit, so that a setting the user chose can be
     told apart from a default (a checkpoint's model shape replaces defaults, not choices).
     """
-    fields = {s: fields_of(SECTIONS[s]) for s in sections}
+    fields = {s: fields_of(SECTIONS[s]) for s in SECTIONS}  # every section checked, `sections` alone set
     for section, keys in values.items():
-        if section in SECTIONS and section not in sections:
-            continue  # a preset's settings for other scripts (prepare.py reads only [data])
         if not isinstance(keys, dict):  # a key above every [section] header
             homes = [f"[{s}]" for s in fields if section in fields[s]]
             problems.append(f"{origin}: {section} is outside any section; put it under "
@@ -183,8 +181,9 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
             except ConfigError as e:
                 problems.append(f"{origin}: {e}")
                 continue
-            setattr(getattr(cfg, section), key, value)
-            cfg.explicit.add(name)
+            if section in sections:  # a preset's settings for other scripts are checked, not used (prepare.py: [data])
+                setattr(getattr(cfg, section), key, value)
+                cfg.explicit.add(name)
 
 
 def takes_bool(f: dataclasses.Field) -> bool:

@@ -6,13 +6,13 @@
     python prepare.py --config configs/bpe/shakespeare_bpe.toml  # the data that preset trains on
     python prepare.py --data.input pairs.jsonl --data.tokenizer train-bpe  # records, a BPE learned from them
 
-It takes the [data] settings of train.py, spelt the same way. It writes into data.processed_dir
-the train/val splits (`train.bin`/`val.bin`: flat token arrays, or `train.txt`/`val.txt`: the raw
-text) and `meta.json`, which says how to read them and how they were made: the settings and a
-fingerprint of the input. The last val_fraction of the text is the validation split. For a folder,
-each `*.txt` file (sorted by path) is one document; BPE puts its end-of-text token after each. The
-input streams in chunks, so memory stays bounded for any size. train.py prepares data through
-`ensure_prepared`, which never trains on a split the config does not describe.
+It takes the [data] settings of train.py, spelt the same way (a preset's other sections are checked,
+not used). It writes into data.processed_dir the train/val splits (`train.bin`/`val.bin`: flat token
+arrays, or `train.txt`/`val.txt`: the raw text) and `meta.json`, which says how to read them and how
+they were made: the settings and a fingerprint of the input. The last val_fraction of the text is the
+validation split. For a folder, each `*.txt` file (sorted by path) is one document; BPE puts its end-of-text
+token after each. The input streams in chunks, so memory stays bounded for any size. train.py
+prepares data through `ensure_prepared`, which never trains on a split the config does not describe.
 """
 
 from __future__ import annotations

@@ -281,13 +281,20 @@ def test_cli_default_run_and_help(tmp_path):
 
 
 def test_a_preset_prepares_the_data_it_trains_on(tmp_path):
-    """prepare.py takes train.py's [data] settings, from a preset too (its other sections are ignored)."""
+    """prepare.py takes train.py's [data] settings, from a preset too; its other sections are checked (a typo
+    there is reported now, not after the data is prepared), not used."""
     preset = tmp_path / "p.toml"
     preset.write_text(f'[data]\nprocessed_dir = "{tmp_path / "d"}"\nval_fraction = 0.25\n[model]\nn_layer = 2\n')
     r = subprocess.run([sys.executable, "prepare.py", "--config", str(preset)], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     assert data.load_meta(tmp_path / "d")["val_fraction"] == 0.25
+    preset.write_text(f'[data]\nprocessed_dir = "{tmp_path / "e"}"\n[model]\nn_layr = 2\n[trianing]\nmax_iters = 9\n')
+    r = subprocess.run([sys.executable, "prepare.py", "--config", str(preset)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "e").exists()
+    assert "unknown key model.n_layr (did you mean model.n_layer?)" in r.stderr
+    assert "unknown section [trianing] (did you mean training?); valid: data, model, training, lora" in r.stderr
 
 
 def test_ensure_prepared_never_uses_a_split_the_config_does_not_describe(tmp_path, monkeypatch, capsys):
