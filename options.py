@@ -153,12 +153,13 @@ def resolve(flag: str, own: dict, sections: tuple[str, ...]) -> tuple[str | None
 
 def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: list[str],
           sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """Set {section: {key: value}} on a Config, appending every problem found to `problems`.
+    """Set {section: {key: value}} on a Config, appending every problem found to `problems`. Every section is
+    checked; only `sections` are set (a preset's others are for other scripts: prepare.py uses its [data]).
 
     The names set are recorded in cfg.explicit, so that a setting the user chose can be
     told apart from a default (a checkpoint's model shape replaces defaults, not choices).
     """
-    fields = {s: fields_of(SECTIONS[s]) for s in SECTIONS}  # every section checked, `sections` alone set
+    fields = {s: fields_of(SECTIONS[s]) for s in SECTIONS}
     for section, keys in values.items():
         if not isinstance(keys, dict):  # a key above every [section] header
             homes = [f"[{s}]" for s in fields if section in fields[s]]
@@ -181,7 +182,7 @@ def apply(cfg: Config, values: dict, from_text: bool, origin: str, problems: lis
             except ConfigError as e:
                 problems.append(f"{origin}: {e}")
                 continue
-            if section in sections:  # a preset's settings for other scripts are checked, not used (prepare.py: [data])
+            if section in sections:
                 setattr(getattr(cfg, section), key, value)
                 cfg.explicit.add(name)
 
