@@ -158,7 +158,7 @@ def write_log(out_dir: Path, log: dict) -> None:
 
 # ----------------------------------------------------------------------------- each evaluation
 
-def eval_estimate(seconds: float, task: Task | None = None) -> None:
+def eval_estimate(seconds: float, task: Task | None) -> None:
     """Before the first evaluation's result: how long its losses will take, when that is more than a moment,
     and that training.task's answers come after them (their time depends on how long the answers get)."""
     if seconds > ESTIMATE_EVAL_ABOVE_S:
